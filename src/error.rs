@@ -1,0 +1,117 @@
+//! The crate's error type.
+//!
+//! Authentication failures of every kind (a chunk tag, the key commitment, the
+//! header tag, a wrong key, a wrong encryption context, a wrapped key that a
+//! provider could not unwrap) are reported as the single opaque
+//! [`Error::Decrypt`]: a caller, and an attacker probing with modified
+//! messages, learns nothing about which check failed. Structural problems
+//! (bad magic, an unknown version or suite, an oversized field, a truncated
+//! message) and operational failures (I/O, a provider that is down, a policy
+//! denial) are specific, carry their source and say what to do.
+
+use std::io;
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in phi-envelope.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Authentication failed: the key, the encryption context or the data is
+    /// wrong. Deliberately says no more.
+    #[error("decryption failed: wrong key, wrong encryption context, or the data was modified")]
+    Decrypt,
+
+    /// The message ends before its final chunk (or inside its header): it was
+    /// cut short in storage or in transit.
+    #[error("message is truncated: it ends before its final chunk; the file is incomplete")]
+    Truncated,
+
+    /// The input does not start with the phi-envelope magic bytes.
+    #[error("not a phi-envelope message (unknown magic bytes)")]
+    NotEnvelope,
+
+    /// The message was written by a format version this build does not know.
+    #[error("unsupported phi-envelope format version {0}; a newer phi-envelope may read it")]
+    UnsupportedVersion(u8),
+
+    /// The message uses an algorithm suite this build does not know.
+    #[error("unsupported algorithm suite {0:#04x}")]
+    UnsupportedSuite(u8),
+
+    /// A header field is malformed or exceeds its bound.
+    #[error("malformed header: {0}")]
+    Malformed(&'static str),
+
+    /// The encryption context is invalid (duplicate key, empty key, too large).
+    #[error("invalid encryption context: {0}")]
+    InvalidContext(&'static str),
+
+    /// A key reference could not be parsed.
+    #[error("invalid key reference {reference:?}: {reason}")]
+    InvalidKeyRef {
+        /// The reference as given.
+        reference: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A key was given with the wrong length.
+    #[error("invalid key length: expected {expected} bytes")]
+    InvalidKeyLength {
+        /// The length the algorithm requires.
+        expected: usize,
+    },
+
+    /// The message would exceed the 2^38 chunk limit of the body format.
+    #[error("message too long: the chunk counter limit (2^38 chunks, 4 PiB) was reached")]
+    MessageTooLong,
+
+    /// The operating system's random number generator failed.
+    #[error("the system random number generator failed")]
+    Rng,
+
+    /// An I/O error from the underlying reader, writer or file system.
+    #[error("I/O error: {0}")]
+    Io(#[source] io::Error),
+}
+
+impl Error {
+    /// True for the opaque authentication failure.
+    pub fn is_decrypt(&self) -> bool {
+        matches!(self, Error::Decrypt)
+    }
+}
+
+/// Wraps our error in an `io::Error` so that `Read`/`Write` adapters can
+/// return it; [`From<io::Error>`] unwraps it again.
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        match e {
+            Error::Io(inner) => inner,
+            other => {
+                let kind = match other {
+                    Error::Truncated => io::ErrorKind::UnexpectedEof,
+                    _ => io::ErrorKind::InvalidData,
+                };
+                io::Error::new(kind, other)
+            }
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            match e.into_inner().map(|b| b.downcast::<Error>()) {
+                Some(Ok(inner)) => *inner,
+                // Unreachable in practice (checked above); keep the I/O error.
+                Some(Err(other)) => Error::Io(io::Error::other(other)),
+                None => Error::Io(io::Error::other("unknown I/O error")),
+            }
+        } else {
+            Error::Io(e)
+        }
+    }
+}
