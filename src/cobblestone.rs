@@ -120,19 +120,24 @@ impl Drop for BodyKeys {
 impl BodyKeys {
     /// Derives key, base nonce and commitment from the input key, salt and
     /// context.
-    fn derive(prk: &Prk, salt: &[u8; SALT_LEN], context: &[u8]) -> (BodyKeys, [u8; COMMITMENT_LEN]) {
+    fn derive(
+        prk: &Prk,
+        salt: &[u8; SALT_LEN],
+        context: &[u8],
+    ) -> (BodyKeys, [u8; COMMITMENT_LEN]) {
         let mut okm: SecretBytes<OKM_LEN> = Zeroizing::new([0u8; OKM_LEN]);
-        hkdf_expand_sha512(prk, &[LABEL, AEAD_NAME, &[0u8], salt, context], &mut okm[..])
-            .expect("76 bytes is far below the HKDF-Expand limit");
+        hkdf_expand_sha512(
+            prk,
+            &[LABEL, AEAD_NAME, &[0u8], salt, context],
+            &mut okm[..],
+        )
+        .expect("76 bytes is far below the HKDF-Expand limit");
         let aead = Aes256Gcm::new(&okm[..KEY_LEN]).expect("AES-256 key length is fixed");
         let mut base_nonce = [0u8; NONCE_LEN];
         base_nonce.copy_from_slice(&okm[KEY_LEN..KEY_LEN + NONCE_LEN]);
         let mut commitment = [0u8; COMMITMENT_LEN];
         commitment.copy_from_slice(&okm[KEY_LEN + NONCE_LEN..]);
-        (
-            BodyKeys { aead, base_nonce },
-            commitment,
-        )
+        (BodyKeys { aead, base_nonce }, commitment)
     }
 
     /// Reads the prefix, derives the keys and checks the commitment in
@@ -284,9 +289,7 @@ impl Sticky {
                 kind,
                 "an earlier I/O error stopped this stream",
             )),
-            Sticky::Poisoned => Error::Io(io::Error::other(
-                "an earlier error stopped this stream",
-            )),
+            Sticky::Poisoned => Error::Io(io::Error::other("an earlier error stopped this stream")),
         }
     }
 }
@@ -347,7 +350,11 @@ impl<W: Write> Encryptor<W> {
 
     /// Seals the buffered `len` bytes as chunk `counter` and writes it.
     fn emit(&mut self, final_chunk: bool) -> Result<()> {
-        let limit = if final_chunk { MAX_CHUNKS } else { MAX_CHUNKS - 1 };
+        let limit = if final_chunk {
+            MAX_CHUNKS
+        } else {
+            MAX_CHUNKS - 1
+        };
         if self.counter >= limit {
             return Err(Error::MessageTooLong);
         }
@@ -473,7 +480,11 @@ impl<R: Read> Decryptor<R> {
             return Err(Error::Truncated);
         }
         let final_chunk = n < CHUNK_CT_SIZE;
-        let limit = if final_chunk { MAX_CHUNKS } else { MAX_CHUNKS - 1 };
+        let limit = if final_chunk {
+            MAX_CHUNKS
+        } else {
+            MAX_CHUNKS - 1
+        };
         if self.counter >= limit {
             return Err(Error::MessageTooLong);
         }
@@ -670,7 +681,10 @@ mod tests {
         assert!(matches!(plaintext_len(55), Err(Error::Truncated)));
         assert!(matches!(plaintext_len(56 + 15), Err(Error::Truncated)));
         assert!(matches!(plaintext_len(56 + 16400), Err(Error::Truncated)));
-        assert!(matches!(plaintext_len(56 + 16400 + 15), Err(Error::Truncated)));
+        assert!(matches!(
+            plaintext_len(56 + 16400 + 15),
+            Err(Error::Truncated)
+        ));
     }
 
     #[test]
@@ -686,6 +700,52 @@ mod tests {
         expect[10] ^= 0x04;
         expect[11] ^= 0x05;
         assert_eq!(n, expect);
+    }
+
+    /// The derivation step on its own: Wycheproof gives `aeadKey` and
+    /// `baseNonce` for every vector that gets past the header.
+    #[test]
+    fn wycheproof_derivation() {
+        use std::io::Read as _;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/vectors/wycheproof/c2sp_chunked_encryption_aes_256_gcm_test.json"
+        );
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let hex = |v: &serde_json::Value| ::hex::decode(v.as_str().unwrap()).unwrap();
+        let mut checked = 0;
+        for t in doc["testGroups"][0]["tests"].as_array().unwrap() {
+            let Some(aead_key) = t.get("aeadKey") else {
+                continue;
+            };
+            let mut ct = Vec::new();
+            flate2::read::ZlibDecoder::new(&hex(&t["ct"])[..])
+                .read_to_end(&mut ct)
+                .unwrap();
+            let salt: [u8; SALT_LEN] = ct[..SALT_LEN].try_into().unwrap();
+            let prk = input_key(&hex(&t["key"])).unwrap();
+            let mut okm = [0u8; OKM_LEN];
+            hkdf_expand_sha512(
+                &prk,
+                &[LABEL, AEAD_NAME, &[0], &salt, &hex(&t["ctx"])],
+                &mut okm,
+            )
+            .unwrap();
+            assert_eq!(okm[..KEY_LEN], hex(aead_key)[..], "tcId {}", t["tcId"]);
+            let (keys, _) = BodyKeys::derive(&prk, &salt, &hex(&t["ctx"]));
+            assert_eq!(
+                keys.base_nonce[..],
+                hex(&t["baseNonce"])[..],
+                "tcId {}",
+                t["tcId"]
+            );
+            checked += 1;
+        }
+        assert!(
+            checked >= 25,
+            "only {checked} vectors carried derived values"
+        );
     }
 
     #[test]

@@ -75,7 +75,11 @@ impl SealingKey {
 
     /// Writes the header to `inner` and returns a writer that encrypts the
     /// body; call [`Encryptor::finish`] at the end.
-    pub fn encryptor<W: Write>(&self, inner: W, context: &EncryptionContext) -> Result<Encryptor<W>> {
+    pub fn encryptor<W: Write>(
+        &self,
+        inner: W,
+        context: &EncryptionContext,
+    ) -> Result<Encryptor<W>> {
         self.encryptor_with_salt(inner, context, None)
     }
 
@@ -126,7 +130,11 @@ impl OpeningKey {
 
     /// A reader that decrypts the body from `inner`, positioned just after
     /// the header.
-    pub fn decryptor<R: Read>(&self, inner: R, context: &EncryptionContext) -> Result<Decryptor<R>> {
+    pub fn decryptor<R: Read>(
+        &self,
+        inner: R,
+        context: &EncryptionContext,
+    ) -> Result<Decryptor<R>> {
         Decryptor::with_prk(&self.prk, &body_context(self.suite, context), inner)
     }
 
@@ -181,5 +189,152 @@ impl MessageInfo {
             chunks: plaintext_len.map(|n| n / cobblestone::CHUNK_SIZE as u64 + 1),
             plaintext_len,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Known-answer vectors for the whole v1 format. The fixed salt is a
+    //! test-only seam: `seal_with_salt` is crate-private and only tests pass
+    //! `Some(salt)`.
+    use super::*;
+
+    const VECTORS: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/vectors/phi-envelope-v1.json"
+    );
+
+    struct Case {
+        name: &'static str,
+        dek: [u8; 32],
+        salt: [u8; 24],
+        context: Vec<(&'static str, &'static str)>,
+        recipients: Vec<WrappedKey>,
+        plaintext: Vec<u8>,
+    }
+
+    fn entry(provider: &str, key_ref: &str, version: u32, wrapped: &[u8]) -> WrappedKey {
+        WrappedKey {
+            provider: provider.into(),
+            key_ref: key_ref.into(),
+            key_version: version,
+            wrapped: wrapped.to_vec(),
+        }
+    }
+
+    fn cases() -> Vec<Case> {
+        let seq = |n: usize| (0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+        vec![
+            Case {
+                name: "record, one local recipient, context",
+                dek: [0x11; 32],
+                salt: [0x22; 24],
+                context: vec![("tenant", "st-mary"), ("record_type", "lab-result")],
+                recipients: vec![entry("local", "local:records", 1, &[0xAA; 60])],
+                plaintext: b"{\"mrn\":\"000123\",\"result\":\"negative\"}".to_vec(),
+            },
+            Case {
+                name: "empty message, empty context",
+                dek: [0x33; 32],
+                salt: [0x44; 24],
+                context: vec![],
+                recipients: vec![entry("local", "local:k", 7, &[0x01])],
+                plaintext: vec![],
+            },
+            Case {
+                name: "two recipients, exactly one full chunk",
+                dek: [0x55; 32],
+                salt: [0x66; 24],
+                context: vec![("backup", "2026-11-25")],
+                recipients: vec![
+                    entry("pkcs11", "pkcs11:token=phi;object=kek", 3, &[0xBB; 60]),
+                    entry(
+                        "aws-kms",
+                        "aws-kms:arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+                        1,
+                        &[0xCC; 184],
+                    ),
+                ],
+                plaintext: seq(16384),
+            },
+            Case {
+                name: "three chunks, last short",
+                dek: [0x77; 32],
+                salt: [0x88; 24],
+                context: vec![("a", ""), ("b", "x=y;z")],
+                recipients: vec![entry("local", "local:backups", 2, &[0xDD; 60])],
+                plaintext: seq(2 * 16384 + 1000),
+            },
+        ]
+    }
+
+    fn seal_case(c: &Case) -> Vec<u8> {
+        let dek = Dek::from_slice(&c.dek).unwrap();
+        let key = SealingKey::new(&dek, c.recipients.clone()).unwrap();
+        let ctx = EncryptionContext::from_pairs(c.context.iter().copied()).unwrap();
+        key.seal_with_salt(&c.plaintext, &ctx, Some(&c.salt))
+            .unwrap()
+    }
+
+    fn to_json(cases: &[Case]) -> String {
+        let mut out = String::from("{\n  \"description\": \"phi-envelope v1 known-answer vectors (docs/FORMAT.md). Each message is header || Cobblestone-256 body, sealed with the given DEK and salt.\",\n  \"vectors\": [\n");
+        for (i, c) in cases.iter().enumerate() {
+            let ctx: Vec<String> = c
+                .context
+                .iter()
+                .map(|(k, v)| format!("[{:?}, {:?}]", k, v))
+                .collect();
+            let recips: Vec<String> = c
+                .recipients
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{{\"provider\": {:?}, \"key_ref\": {:?}, \"key_version\": {}, \"wrapped\": \"{}\"}}",
+                        r.provider,
+                        r.key_ref,
+                        r.key_version,
+                        ::hex::encode(&r.wrapped)
+                    )
+                })
+                .collect();
+            out.push_str(&format!(
+                "    {{\n      \"name\": {:?},\n      \"dek\": \"{}\",\n      \"salt\": \"{}\",\n      \"context\": [{}],\n      \"recipients\": [{}],\n      \"plaintext\": \"{}\",\n      \"message\": \"{}\"\n    }}{}\n",
+                c.name,
+                ::hex::encode(c.dek),
+                ::hex::encode(c.salt),
+                ctx.join(", "),
+                recips.join(", "),
+                ::hex::encode(&c.plaintext),
+                ::hex::encode(seal_case(c)),
+                if i + 1 == cases.len() { "" } else { "," }
+            ));
+        }
+        out.push_str("  ]\n}\n");
+        out
+    }
+
+    /// Byte-for-byte check of the committed vectors. Set
+    /// `PHI_ENVELOPE_REGENERATE_VECTORS=1` to rewrite the file (only when the
+    /// format is deliberately changed, which v1 never is).
+    #[test]
+    fn known_answer_vectors() {
+        let want = to_json(&cases());
+        if std::env::var_os("PHI_ENVELOPE_REGENERATE_VECTORS").is_some() {
+            std::fs::write(VECTORS, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(VECTORS).expect("tests/vectors/phi-envelope-v1.json");
+        assert!(
+            have == want,
+            "v1 output differs from the committed known-answer vectors"
+        );
+    }
+
+    #[test]
+    fn sealing_key_header_is_computed_once_and_reused() {
+        let c = &cases()[0];
+        let a = seal_case(c);
+        let dek = Dek::from_slice(&c.dek).unwrap();
+        let key = SealingKey::new(&dek, c.recipients.clone()).unwrap();
+        assert!(a.starts_with(key.header().as_bytes()));
     }
 }

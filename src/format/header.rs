@@ -116,7 +116,9 @@ fn validate_provider_id(id: &[u8]) -> Result<()> {
 
 fn validate_key_ref(r: &[u8]) -> Result<()> {
     if r.is_empty() || r.len() > MAX_KEY_REF_LEN {
-        return Err(Error::Malformed("key reference length out of range 1..=1024"));
+        return Err(Error::Malformed(
+            "key reference length out of range 1..=1024",
+        ));
     }
     let s = std::str::from_utf8(r).map_err(|_| Error::Malformed("key reference is not UTF-8"))?;
     if s.chars().any(char::is_control) {
@@ -148,7 +150,8 @@ impl fmt::Debug for Header {
 /// The header-tag key: HKDF-Expand-SHA-512(DEK, "phi-envelope/v1 header tag", 32).
 pub(crate) fn header_tag_key(prk: &ring::hkdf::Prk) -> hmac::Key {
     let mut k: SecretBytes<32> = Default::default();
-    hkdf_expand_sha512(prk, &[HEADER_TAG_LABEL], &mut k[..]).expect("32 bytes is within the HKDF limit");
+    hkdf_expand_sha512(prk, &[HEADER_TAG_LABEL], &mut k[..])
+        .expect("32 bytes is within the HKDF limit");
     hmac::Key::new(hmac::HMAC_SHA256, &k[..])
 }
 
@@ -166,7 +169,10 @@ impl Header {
             r.validate()?;
         }
         let len = FIXED_PREFIX_LEN
-            + recipients.iter().map(WrappedKey::encoded_len).sum::<usize>()
+            + recipients
+                .iter()
+                .map(WrappedKey::encoded_len)
+                .sum::<usize>()
             + HEADER_TAG_LEN;
         let mut bytes = Vec::with_capacity(len);
         bytes.extend_from_slice(&MAGIC);
@@ -239,7 +245,9 @@ impl Header {
             validate_provider_id(&provider)?;
             let rlen = usize::from(u16::from_be_bytes(read_array(reader, &mut bytes)?));
             if rlen == 0 || rlen > MAX_KEY_REF_LEN {
-                return Err(Error::Malformed("key reference length out of range 1..=1024"));
+                return Err(Error::Malformed(
+                    "key reference length out of range 1..=1024",
+                ));
             }
             let key_ref = read_vec(reader, rlen, &mut bytes)?;
             validate_key_ref(&key_ref)?;
@@ -251,8 +259,10 @@ impl Header {
             let wrapped = read_vec(reader, wlen, &mut bytes)?;
             recipients.push(WrappedKey {
                 // Both validated above: ASCII and UTF-8 respectively.
-                provider: String::from_utf8(provider).map_err(|_| Error::Malformed("provider id"))?,
-                key_ref: String::from_utf8(key_ref).map_err(|_| Error::Malformed("key reference"))?,
+                provider: String::from_utf8(provider)
+                    .map_err(|_| Error::Malformed("provider id"))?,
+                key_ref: String::from_utf8(key_ref)
+                    .map_err(|_| Error::Malformed("key reference"))?,
                 key_version,
                 wrapped,
             });

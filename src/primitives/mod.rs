@@ -114,7 +114,12 @@ impl Aes256Gcm {
     /// Decrypts `buf` (ciphertext followed by the 16-byte tag) in place and
     /// returns the plaintext length. On failure `buf` is zeroized and the
     /// error is the opaque [`Error::Decrypt`].
-    pub(crate) fn open_in_place(&self, nonce: [u8; 12], aad: &[u8], buf: &mut [u8]) -> Result<usize> {
+    pub(crate) fn open_in_place(
+        &self,
+        nonce: [u8; 12],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<usize> {
         match self.0.open_in_place(
             ring::aead::Nonce::assume_unique_for_key(nonce),
             ring::aead::Aad::from(aad),
@@ -163,7 +168,10 @@ mod tests {
     }
 
     fn vectors(name: &str) -> serde_json::Value {
-        let path = format!("{}/tests/vectors/wycheproof/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/vectors/wycheproof/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
@@ -184,7 +192,12 @@ mod tests {
                 let id = &t["tcId"];
                 let key = Aes256Gcm::new(&hex(&t["key"])).unwrap();
                 let nonce: [u8; 12] = hex(&t["iv"]).try_into().unwrap();
-                let (aad, msg, ct, tag) = (hex(&t["aad"]), hex(&t["msg"]), hex(&t["ct"]), hex(&t["tag"]));
+                let (aad, msg, ct, tag) = (
+                    hex(&t["aad"]),
+                    hex(&t["msg"]),
+                    hex(&t["ct"]),
+                    hex(&t["tag"]),
+                );
                 let mut buf = [ct.clone(), tag.clone()].concat();
                 let opened = key.open_in_place(nonce, &aad, &mut buf);
                 if t["result"] == "valid" {
