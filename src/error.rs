@@ -72,6 +72,42 @@ pub enum Error {
     #[error("the system random number generator failed")]
     Rng,
 
+    /// A key provider failed (unavailable, access denied, key disabled or
+    /// destroyed, ...); the message says what to do.
+    #[error(transparent)]
+    Provider(crate::provider::ProviderError),
+
+    /// No configured provider holds any key that this message is wrapped to.
+    #[error("no configured key provider holds a key for this message (recipients: {0}); check the keystore or provider configuration")]
+    NoMatchingKey(String),
+
+    /// The policy hook denied the operation.
+    #[error("denied by policy: {0}")]
+    PolicyDenied(String),
+
+    /// The audit log could not be written and the operation was refused
+    /// (fail-closed).
+    #[error("audit log unavailable, operation refused: {0}")]
+    Audit(String),
+
+    /// A key-lifecycle rule refused the operation (cryptoperiod expired,
+    /// version below the minimum decryption version, ...).
+    #[error("key lifecycle: {0}")]
+    KeyLifecycle(String),
+
+    /// An argument is invalid (e.g. no recipients given).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The local keystore file is invalid or unusable.
+    #[error("keystore {path}: {reason}")]
+    Keystore {
+        /// The keystore file.
+        path: std::path::PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
     /// An I/O error from the underlying reader, writer or file system.
     #[error("I/O error: {0}")]
     Io(#[source] io::Error),

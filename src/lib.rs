@@ -5,11 +5,19 @@
 #![warn(missing_debug_implementations)]
 
 pub mod cobblestone;
+pub mod envelope;
 mod error;
+pub mod events;
 pub mod format;
+pub mod keyring;
 pub mod message;
+pub mod policy;
 pub mod primitives;
+pub mod provider;
 
 pub use error::{Error, Result};
 pub use format::{EncryptionContext, Header, WrappedKey};
 pub use primitives::Dek;
+pub use envelope::Envelope;
+pub use keyring::{Caller, Keyring};
+pub use provider::{KeyProvider, KeyRef};

@@ -1,0 +1,206 @@
+//! The envelope API: seal and open records, stream files, rewrap, inspect.
+//!
+//! An [`Envelope`] is cheap to clone (it shares its [`Keyring`]) and is
+//! `Send + Sync`: build one at start-up and share it between tasks.
+//!
+//! ```
+//! # async fn demo() -> phi_envelope::Result<()> {
+//! use std::sync::Arc;
+//! use phi_envelope::{EncryptionContext, Envelope, Keyring, KeyRef};
+//! use phi_envelope::provider::local::LocalKeystore;
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json"))?;
+//! let key: KeyRef = "local:records".parse()?;
+//! store.add_key(&key)?;
+//! let keyring = Keyring::builder()
+//!     .provider(Arc::new(store))
+//!     .recipient(key)
+//!     .build()?;
+//! let envelope = Envelope::new(keyring).as_caller("lab-service", "store-result");
+//!
+//! let ctx = EncryptionContext::new().with("tenant", "st-mary")?.with("record_id", "42")?;
+//! let sealed = envelope.seal(b"potassium 4.1 mmol/L", &ctx).await?;
+//! assert_eq!(envelope.open(&sealed, &ctx).await?, b"potassium 4.1 mmol/L");
+//!
+//! let other = EncryptionContext::new().with("tenant", "st-mary")?.with("record_id", "43")?;
+//! assert!(envelope.open(&sealed, &other).await.unwrap_err().is_decrypt());
+//! # Ok(()) }
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
+//! ```
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+
+use crate::cobblestone::{Decryptor, Encryptor, SeekableDecryptor};
+use crate::error::{Error, Result};
+use crate::format::{EncryptionContext, Header};
+use crate::keyring::{Caller, Keyring};
+use crate::message::{MessageInfo, SealingKey};
+use crate::provider::KeyRef;
+
+/// Seals and opens messages under the keys of a [`Keyring`].
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    keyring: Arc<Keyring>,
+    recipients: Option<Arc<[KeyRef]>>,
+    caller: Caller,
+}
+
+impl Envelope {
+    /// An envelope over `keyring`, sealing to its default recipients.
+    pub fn new(keyring: Keyring) -> Envelope {
+        Envelope::from_shared(Arc::new(keyring))
+    }
+
+    /// An envelope over a shared keyring.
+    pub fn from_shared(keyring: Arc<Keyring>) -> Envelope {
+        Envelope {
+            keyring,
+            recipients: None,
+            caller: Caller::default(),
+        }
+    }
+
+    /// The keyring.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// The same envelope acting for `actor` with `purpose`: both are
+    /// recorded in every event and shown to the policy hook.
+    pub fn as_caller(&self, actor: impl Into<String>, purpose: impl Into<String>) -> Envelope {
+        Envelope {
+            caller: Caller::new(actor, purpose),
+            ..self.clone()
+        }
+    }
+
+    /// The caller operations are attributed to.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The same envelope sealing to `recipients` instead of the keyring's
+    /// defaults.
+    pub fn to_recipients(&self, recipients: impl IntoIterator<Item = KeyRef>) -> Envelope {
+        Envelope {
+            recipients: Some(recipients.into_iter().collect()),
+            ..self.clone()
+        }
+    }
+
+    /// The recipients new messages are wrapped to.
+    pub fn recipients(&self) -> &[KeyRef] {
+        match &self.recipients {
+            Some(r) => r,
+            None => self.keyring.recipients(),
+        }
+    }
+
+    /// A fresh data key wrapped to the recipients.
+    pub(crate) async fn sealing_key(&self, context: &EncryptionContext) -> Result<SealingKey> {
+        self.keyring
+            .new_sealing_key(self.recipients(), context, &self.caller)
+            .await
+    }
+
+    /// Encrypts a record bound to `context`.
+    pub async fn seal(&self, plaintext: &[u8], context: &EncryptionContext) -> Result<Vec<u8>> {
+        self.sealing_key(context).await?.seal(plaintext, context)
+    }
+
+    /// Decrypts a record sealed under `context`. Any authentication failure
+    /// is the opaque [`Error::Decrypt`].
+    pub async fn open(&self, message: &[u8], context: &EncryptionContext) -> Result<Vec<u8>> {
+        let (header, used) = Header::parse(message)?;
+        let (_, key) = self
+            .keyring
+            .unwrap_header(&header, context, &self.caller)
+            .await?;
+        key.open(&message[used..], context)
+    }
+
+    /// Starts an encrypted stream into `inner`: writes the header and
+    /// returns the writer of the body. Call [`Encryptor::finish`] at the end:
+    /// a stream dropped without it does not decrypt.
+    pub async fn encryptor<W: Write>(
+        &self,
+        inner: W,
+        context: &EncryptionContext,
+    ) -> Result<Encryptor<W>> {
+        self.sealing_key(context).await?.encryptor(inner, context)
+    }
+
+    /// Reads the header from `inner`, unwraps the DEK, and returns a reader
+    /// of the plaintext that authenticates every chunk before releasing it.
+    pub async fn decryptor<R: Read>(
+        &self,
+        mut inner: R,
+        context: &EncryptionContext,
+    ) -> Result<Decryptor<R>> {
+        let header = Header::read_from(&mut inner)?;
+        let (_, key) = self
+            .keyring
+            .unwrap_header(&header, context, &self.caller)
+            .await?;
+        key.decryptor(inner, context)
+    }
+
+    /// Like [`decryptor`](Self::decryptor), for random access: the message
+    /// starts at `inner`'s current position; the final chunk is
+    /// authenticated before this returns.
+    pub async fn seekable_decryptor<R: Read + Seek>(
+        &self,
+        mut inner: R,
+        context: &EncryptionContext,
+    ) -> Result<SeekableDecryptor<R>> {
+        let header = Header::read_from(&mut inner)?;
+        let (_, key) = self
+            .keyring
+            .unwrap_header(&header, context, &self.caller)
+            .await?;
+        key.seekable_decryptor(inner, context)
+    }
+
+    /// Re-wraps a header to this envelope's recipients (the current primary
+    /// versions of their keys). The body is untouched: write the new header
+    /// followed by the old body.
+    pub async fn rewrap_header(&self, header: &Header, context: &EncryptionContext) -> Result<Header> {
+        self.keyring
+            .rewrap_header(header, self.recipients(), context, &self.caller)
+            .await
+    }
+
+    /// Re-wraps a record held in memory: new header, same body.
+    pub async fn rewrap(&self, message: &[u8], context: &EncryptionContext) -> Result<Vec<u8>> {
+        let (header, used) = Header::parse(message)?;
+        // Fail early on a body that cannot be valid, before any provider call.
+        crate::cobblestone::plaintext_len((message.len() - used) as u64)?;
+        let new_header = self.rewrap_header(&header, context).await?;
+        let mut out = Vec::with_capacity(new_header.len() + message.len() - used);
+        out.extend_from_slice(new_header.as_bytes());
+        out.extend_from_slice(&message[used..]);
+        Ok(out)
+    }
+}
+
+/// Reads what a message's header says, without any key: version, suite,
+/// recipients (provider, key reference, key version), and from the length
+/// the chunk count and plaintext length.
+pub fn inspect(message: &[u8]) -> Result<MessageInfo> {
+    let (header, used) = Header::parse(message)?;
+    MessageInfo::new(header, Some((message.len() - used) as u64))
+}
+
+/// [`inspect`] for a message in a seekable source (a file); reads only the
+/// header.
+pub fn inspect_reader<R: Read + Seek>(mut inner: R) -> Result<MessageInfo> {
+    let start = inner.stream_position()?;
+    let header = Header::read_from(&mut inner)?;
+    let end = inner.seek(SeekFrom::End(0))?;
+    let body = end
+        .checked_sub(start + header.len() as u64)
+        .ok_or(Error::Truncated)?;
+    MessageInfo::new(header, Some(body))
+}

@@ -1,0 +1,371 @@
+//! Key providers: where key-encryption keys (KEKs) live.
+//!
+//! A provider generates data-encryption keys (DEKs) and wraps and unwraps
+//! them under a named, versioned KEK that never leaves it. phi-envelope ships
+//! the [`local`] keystore (default feature `local`), a PKCS#11 HSM provider
+//! (feature `pkcs11`) and an AWS KMS provider (feature `aws-kms`);
+//! applications add their own (Vault, GCP, Azure) by implementing
+//! [`KeyProvider`] outside the crate.
+//!
+//! The trait is object-safe and held as `Arc<dyn KeyProvider>`. Its methods
+//! are async and return boxed `Send` futures; phi-envelope never owns a
+//! runtime and never blocks on a future. Capabilities beyond wrap and unwrap
+//! (rotation, state changes, destruction) are defaulted methods that answer
+//! [`ProviderErrorKind::Unsupported`], so adding one never breaks a provider.
+//!
+//! Every call receives the caller's [`EncryptionContext`]; a provider binds
+//! it to the wrapped key (as GCM AAD in the local keystore and the HSM, as the
+//! KMS encryption context in AWS KMS) so that a wrapped DEK unwraps only
+//! under the context it was made for.
+
+mod keyref;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+pub use keyref::{KeyRef, KeyRefKind, Pkcs11Uri};
+
+use crate::error::{Error, Result};
+use crate::format::{EncryptionContext, WrappedKey};
+use crate::primitives::Dek;
+
+/// A boxed, `Send` future: what every provider method returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A fresh DEK and its wrapped form under one KEK.
+#[derive(Debug)]
+pub struct GeneratedDek {
+    /// The plaintext DEK (zeroized on drop).
+    pub dek: Dek,
+    /// The DEK wrapped under the KEK's primary version.
+    pub wrapped: WrappedKey,
+}
+
+/// The answer of [`KeyProvider::unwrap`]: not my key, my key but it failed,
+/// or the key.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Unwrapped {
+    /// The entry names a key this provider does not hold.
+    NotMine,
+    /// The entry is for one of this provider's keys, but the wrapped DEK did
+    /// not authenticate (wrong context, tampered or foreign wrapped key). The
+    /// caller reports this only as the opaque [`Error::Decrypt`].
+    Rejected,
+    /// The unwrapped DEK.
+    Key(Dek),
+}
+
+/// The lifecycle state of one KEK version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum KeyState {
+    /// Usable for encryption and decryption; the primary version is enabled.
+    Enabled,
+    /// Usable for decryption only (a version that rotation superseded).
+    DecryptOnly,
+    /// Usable for nothing until re-enabled; the key material still exists.
+    Disabled,
+    /// The key material is gone: everything wrapped under this version is
+    /// unreadable for good (crypto-shredding).
+    Destroyed,
+}
+
+impl KeyState {
+    /// A stable lowercase name (`enabled`, `decrypt-only`, `disabled`,
+    /// `destroyed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "enabled",
+            KeyState::DecryptOnly => "decrypt-only",
+            KeyState::Disabled => "disabled",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+
+    /// True when a DEK wrapped under this version may be unwrapped.
+    pub fn can_decrypt(self) -> bool {
+        matches!(self, KeyState::Enabled | KeyState::DecryptOnly)
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One version of a KEK.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyVersionInfo {
+    /// The version number (1, 2, ...).
+    pub version: u32,
+    /// Its state.
+    pub state: KeyState,
+    /// When it was created, where the provider knows.
+    pub created_at: Option<SystemTime>,
+}
+
+impl KeyVersionInfo {
+    /// Describes a version.
+    pub fn new(version: u32, state: KeyState, created_at: Option<SystemTime>) -> Self {
+        KeyVersionInfo {
+            version,
+            state,
+            created_at,
+        }
+    }
+}
+
+/// What a provider knows of a KEK: its versions and which one is primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyInfo {
+    /// The key's canonical reference.
+    pub key_ref: KeyRef,
+    /// The version new DEKs are wrapped under, if any is enabled.
+    pub primary_version: Option<u32>,
+    /// Every version, ascending.
+    pub versions: Vec<KeyVersionInfo>,
+}
+
+impl KeyInfo {
+    /// Describes a key.
+    pub fn new(key_ref: KeyRef, primary_version: Option<u32>, versions: Vec<KeyVersionInfo>) -> Self {
+        KeyInfo {
+            key_ref,
+            primary_version,
+            versions,
+        }
+    }
+
+    /// The entry for `version`.
+    pub fn version(&self, version: u32) -> Option<&KeyVersionInfo> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    /// The primary version's entry.
+    pub fn primary(&self) -> Option<&KeyVersionInfo> {
+        self.primary_version.and_then(|v| self.version(v))
+    }
+}
+
+/// What went wrong in a provider, as a caller can act on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProviderErrorKind {
+    /// The provider cannot be reached or did not answer in time (network,
+    /// endpoint down, token removed, session lost). Retry later.
+    Unavailable,
+    /// The provider refused the caller's credentials or permissions
+    /// (AccessDenied, wrong PIN).
+    AccessDenied,
+    /// The provider is rate-limiting; back off and retry.
+    Throttled,
+    /// The key (or version) does not exist in the provider.
+    KeyNotFound,
+    /// The key version is disabled.
+    KeyDisabled,
+    /// The key version is destroyed, or scheduled for deletion: messages
+    /// under it can no longer be decrypted.
+    KeyDestroyed,
+    /// The requested lifecycle change is not allowed from the current state.
+    InvalidState,
+    /// The provider's configuration is wrong (module path, region, file).
+    Misconfigured,
+    /// The provider does not support this operation.
+    Unsupported,
+    /// A usage limit was reached (e.g. invocations per key for random GCM
+    /// nonces); rotate the key.
+    LimitReached,
+    /// Anything else the provider reported.
+    Other,
+}
+
+impl ProviderErrorKind {
+    /// A stable lowercase name for logs and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderErrorKind::Unavailable => "unavailable",
+            ProviderErrorKind::AccessDenied => "access-denied",
+            ProviderErrorKind::Throttled => "throttled",
+            ProviderErrorKind::KeyNotFound => "key-not-found",
+            ProviderErrorKind::KeyDisabled => "key-disabled",
+            ProviderErrorKind::KeyDestroyed => "key-destroyed",
+            ProviderErrorKind::InvalidState => "invalid-state",
+            ProviderErrorKind::Misconfigured => "misconfigured",
+            ProviderErrorKind::Unsupported => "unsupported",
+            ProviderErrorKind::LimitReached => "limit-reached",
+            ProviderErrorKind::Other => "other",
+        }
+    }
+}
+
+/// An operational failure of a key provider. Its message says what happened
+/// and what to do; it never contains key material or context values.
+#[derive(Debug)]
+pub struct ProviderError {
+    provider: String,
+    kind: ProviderErrorKind,
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl ProviderError {
+    /// A new error of `kind` from `provider` (its id).
+    pub fn new(provider: impl Into<String>, kind: ProviderErrorKind, message: impl Into<String>) -> Self {
+        ProviderError {
+            provider: provider.into(),
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// The provider's id.
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// What kind of failure it is.
+    pub fn kind(&self) -> ProviderErrorKind {
+        self.kind
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key provider {}: {}", self.provider, self.message)
+    }
+}
+
+impl std::error::Error for ProviderError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<ProviderError> for Error {
+    fn from(e: ProviderError) -> Error {
+        Error::Provider(e)
+    }
+}
+
+/// Shorthand for an [`Unsupported`](ProviderErrorKind::Unsupported) error.
+pub fn unsupported(provider: &str, operation: &str) -> Error {
+    ProviderError::new(
+        provider,
+        ProviderErrorKind::Unsupported,
+        format!("this provider does not support {operation}"),
+    )
+    .into()
+}
+
+/// A source of key-encryption keys.
+///
+/// Implement `id`, `wrap`, `unwrap` and `describe`; `generate` defaults to a
+/// fresh random DEK wrapped with `wrap`; the lifecycle verbs default to
+/// [`ProviderErrorKind::Unsupported`].
+///
+/// Rules every implementation follows:
+/// - Bind `context` to the wrapped key; an unwrap under another context is
+///   [`Unwrapped::Rejected`], never a key.
+/// - Copy plaintext key bytes into a [`Dek`] at once and zeroize any other
+///   buffer that held them.
+/// - Never put key bytes, PINs or context values into errors or logs.
+/// - Never block the calling thread: run blocking calls on a blocking pool
+///   (e.g. `tokio::task::spawn_blocking`) inside the returned future.
+pub trait KeyProvider: Send + Sync + fmt::Debug {
+    /// The provider's id: the scheme of its key references and the provider
+    /// field of the header entries it writes (`local`, `pkcs11`, `aws-kms`).
+    fn id(&self) -> &str;
+
+    /// Wraps `dek` under the primary version of `key`, bound to `context`.
+    fn wrap<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        dek: &'a Dek,
+        context: &'a EncryptionContext,
+    ) -> BoxFuture<'a, Result<WrappedKey>>;
+
+    /// Unwraps a header entry, bound to `context`.
+    fn unwrap<'a>(
+        &'a self,
+        entry: &'a WrappedKey,
+        context: &'a EncryptionContext,
+    ) -> BoxFuture<'a, Result<Unwrapped>>;
+
+    /// Describes `key`: versions, states, primary version.
+    fn describe<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>>;
+
+    /// Generates a fresh DEK wrapped under the primary version of `key`.
+    fn generate<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        context: &'a EncryptionContext,
+    ) -> BoxFuture<'a, Result<GeneratedDek>> {
+        Box::pin(async move {
+            let dek = Dek::generate()?;
+            let wrapped = self.wrap(key, &dek, context).await?;
+            Ok(GeneratedDek { dek, wrapped })
+        })
+    }
+
+    /// Re-wraps an entry under the primary version of `key` without
+    /// exposing the DEK to the caller, where the provider can (AWS KMS
+    /// ReEncrypt). `Ok(None)` means "not supported here": the caller then
+    /// unwraps and wraps.
+    fn rewrap<'a>(
+        &'a self,
+        _entry: &'a WrappedKey,
+        _key: &'a KeyRef,
+        _context: &'a EncryptionContext,
+    ) -> BoxFuture<'a, Result<Option<WrappedKey>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Creates a new key with version 1 enabled and primary.
+    fn create_key<'a>(&'a self, _key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
+        Box::pin(async move { Err(unsupported(self.id(), "creating keys")) })
+    }
+
+    /// Makes a new version primary; the old primary becomes decrypt-only. A
+    /// failure leaves the old primary in place.
+    fn rotate<'a>(&'a self, _key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
+        Box::pin(async move { Err(unsupported(self.id(), "rotation")) })
+    }
+
+    /// Moves `version` to `state` (`Enabled` only for the primary,
+    /// `DecryptOnly`, `Disabled`); see [`destroy`](Self::destroy) for
+    /// `Destroyed`.
+    fn set_state<'a>(
+        &'a self,
+        _key: &'a KeyRef,
+        _version: u32,
+        _state: KeyState,
+    ) -> BoxFuture<'a, Result<KeyInfo>> {
+        Box::pin(async move { Err(unsupported(self.id(), "key state changes")) })
+    }
+
+    /// Destroys `version` for good: everything wrapped under it becomes
+    /// unreadable.
+    fn destroy<'a>(&'a self, _key: &'a KeyRef, _version: u32) -> BoxFuture<'a, Result<KeyInfo>> {
+        Box::pin(async move { Err(unsupported(self.id(), "key destruction")) })
+    }
+}
