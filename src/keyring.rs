@@ -385,6 +385,30 @@ impl Keyring {
         .await
     }
 
+    async fn rewrap_one(
+        &self,
+        entry: &WrappedKey,
+        key: &KeyRef,
+        context: &EncryptionContext,
+        caller: &Caller,
+        fingerprint: &str,
+    ) -> Result<Option<WrappedKey>> {
+        let provider = self.provider_for(key)?;
+        self.call(
+            Call {
+                operation: Operation::Wrap,
+                provider: provider.id(),
+                key_ref: Some(key.as_str()),
+                key_version: None,
+                caller,
+                fingerprint: Some(fingerprint.to_owned()),
+            },
+            provider.rewrap(entry, key, context),
+            |w| (Outcome::Success, w.as_ref().map(|w| w.key_version)),
+        )
+        .await
+    }
+
     /// Unwraps the DEK of `header` with the first entry that a configured
     /// provider can unwrap and whose DEK verifies the header tag.
     ///
@@ -471,7 +495,20 @@ impl Keyring {
         let start = Instant::now();
         let mut entries = Vec::with_capacity(recipients.len());
         for key in recipients {
-            entries.push(self.wrap_one(key, &dek, context, caller, &fingerprint).await?);
+            // Where the provider can re-encrypt an old entry itself (AWS KMS
+            // ReEncrypt), the plaintext DEK is not sent to it again.
+            let old = header.recipients().iter().find(|e| e.provider == key.scheme());
+            let reused = match old {
+                Some(entry) if self.provider_for(key)?.supports_rewrap() => {
+                    self.rewrap_one(entry, key, context, caller, &fingerprint).await?
+                }
+                _ => None,
+            };
+            let entry = match reused {
+                Some(e) => e,
+                None => self.wrap_one(key, &dek, context, caller, &fingerprint).await?,
+            };
+            entries.push(entry);
         }
         let new_header = crate::message::rewrap_header(header, &dek, entries)?;
         let first = &recipients[0];

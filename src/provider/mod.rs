@@ -327,10 +327,17 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
         })
     }
 
-    /// Re-wraps an entry under the primary version of `key` without
-    /// exposing the DEK to the caller, where the provider can (AWS KMS
-    /// ReEncrypt). `Ok(None)` means "not supported here": the caller then
-    /// unwraps and wraps.
+    /// True when [`rewrap`](Self::rewrap) is implemented.
+    fn supports_rewrap(&self) -> bool {
+        false
+    }
+
+    /// Re-wraps an entry of this provider under the primary version of
+    /// `key` inside the provider (AWS KMS ReEncrypt), so the plaintext DEK is
+    /// not sent to it again. Called only when
+    /// [`supports_rewrap`](Self::supports_rewrap) is true; `Ok(None)` means
+    /// "not for this entry": the keyring then wraps the DEK itself. (The
+    /// keyring still unwraps the DEK once: it keys the header tag.)
     fn rewrap<'a>(
         &'a self,
         _entry: &'a WrappedKey,
