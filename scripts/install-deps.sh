@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Install the real components the integration tests use:
+#   - SoftHSM2 (Debian package `softhsm2`)      -> PKCS#11 provider tests
+#   - OpenSC's pkcs11-tool (Debian `opensc`)    -> debugging the token (optional)
+#   - moto[server] from PyPI (pinned)           -> local AWS KMS for the KMS provider tests
+#
+# Idempotent: anything already installed is skipped; `apt-get update` only runs when a
+# package has no install candidate or an install fails (stale lists).
+#
+# Usage: scripts/install-deps.sh
+# Env:   PHI_MOTO_VERSION   moto version to install (default below)
+#        PHI_SKIP_OPENSC=1  do not install opensc (pkcs11-tool)
+set -euo pipefail
+
+MOTO_VERSION="${PHI_MOTO_VERSION:-5.2.1}"
+APT_PACKAGES=(softhsm2)
+if [[ "${PHI_SKIP_OPENSC:-0}" != "1" ]]; then
+    APT_PACKAGES+=(opensc)
+fi
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+SUDO=()
+if [[ "$(id -u)" != "0" ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo -n)
+    else
+        log "not root and no sudo: cannot install Debian packages"
+        exit 1
+    fi
+fi
+
+apt_updated=0
+apt_update() {
+    if [[ "$apt_updated" == "0" ]]; then
+        log "apt-get update"
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+}
+
+is_installed() {
+    [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" == "installed" ]]
+}
+
+has_candidate() {
+    local cand
+    cand="$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2}')"
+    [[ -n "$cand" && "$cand" != "(none)" ]]
+}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    if is_installed "$pkg"; then
+        log "apt: $pkg already installed ($(dpkg-query -W -f='${Version}' "$pkg"))"
+    else
+        missing+=("$pkg")
+    fi
+done
+
+if ((${#missing[@]} > 0)); then
+    for pkg in "${missing[@]}"; do
+        if ! has_candidate "$pkg"; then
+            apt_update
+            break
+        fi
+    done
+    apt_install() {
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    }
+    log "apt-get install ${missing[*]}"
+    if ! apt_install; then
+        # Lists were probably stale (a package version vanished from the mirror).
+        log "apt-get install failed; refreshing package lists and retrying"
+        apt_updated=0
+        apt_update
+        apt_install
+    fi
+fi
+
+# --- moto[server] -----------------------------------------------------------
+PYTHON="${PYTHON:-python3}"
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    log "python3 not found"
+    exit 1
+fi
+
+moto_ok() {
+    # moto at the pinned version, plus the server extras (flask) importable.
+    "$PYTHON" - "$MOTO_VERSION" <<'EOF' >/dev/null 2>&1
+import sys
+from importlib.metadata import version
+assert version("moto") == sys.argv[1], version("moto")
+import boto3, flask, flask_cors  # noqa: F401  (moto[server] extras)
+import moto.server  # noqa: F401
+EOF
+}
+
+if moto_ok; then
+    log "pip: moto[server]==$MOTO_VERSION already installed"
+else
+    log "pip install moto[server]==$MOTO_VERSION"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q "moto[server]==$MOTO_VERSION"
+    moto_ok || { log "moto[server] still not importable after install"; exit 1; }
+fi
+
+# With pyenv, a newly installed console script needs its shim.
+if command -v pyenv >/dev/null 2>&1; then
+    pyenv rehash >/dev/null 2>&1 || true
+fi
+
+log "softhsm2-util: $(command -v softhsm2-util || echo missing) ($(softhsm2-util --version 2>/dev/null || echo '?'))"
+if command -v pkcs11-tool >/dev/null 2>&1; then
+    log "pkcs11-tool: $(command -v pkcs11-tool)"
+fi
+log "moto: $("$PYTHON" -c 'from importlib.metadata import version as v; print(v("moto"), "boto3", v("boto3"))')"
+log "done"
