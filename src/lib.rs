@@ -4,6 +4,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 #![warn(missing_debug_implementations)]
 
+pub mod atomic;
 pub mod cobblestone;
 pub mod envelope;
 mod error;
@@ -15,9 +16,9 @@ pub mod policy;
 pub mod primitives;
 pub mod provider;
 
+pub use envelope::Envelope;
 pub use error::{Error, Result};
 pub use format::{EncryptionContext, Header, WrappedKey};
-pub use primitives::Dek;
-pub use envelope::Envelope;
 pub use keyring::{Caller, Keyring};
+pub use primitives::Dek;
 pub use provider::{KeyProvider, KeyRef};
