@@ -215,7 +215,9 @@ fn parse_aws_kms(text: &str, rest: &str) -> Result<String> {
             && !parts[2].is_empty()
             && parts[3].len() == 12
             && parts[3].bytes().all(|b| b.is_ascii_digit())
-            && (parts[4].strip_prefix("key/").is_some_and(|id| ok_chars(id) && !id.contains('/'))
+            && (parts[4]
+                .strip_prefix("key/")
+                .is_some_and(|id| ok_chars(id) && !id.contains('/'))
                 || parts[4].strip_prefix("alias/").is_some_and(ok_chars))
     } else {
         ok_chars(rest) && !rest.contains('/') && !rest.contains(':')
@@ -303,12 +305,19 @@ fn parse_pkcs11(text: &str, rest: &str) -> Result<Pkcs11Uri> {
                     return Err(invalid(text, "attribute id given twice"));
                 }
             }
-            "library-manufacturer" | "library-description" | "library-version"
-            | "slot-description" | "slot-manufacturer" => {}
+            "library-manufacturer"
+            | "library-description"
+            | "library-version"
+            | "slot-description"
+            | "slot-manufacturer" => {}
             _ => return Err(invalid(text, format!("unknown path attribute {name:?}"))),
         }
     }
-    for attr in query.into_iter().flat_map(|q| q.split('&')).filter(|a| !a.is_empty()) {
+    for attr in query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|a| !a.is_empty())
+    {
         let (name, value) = attr
             .split_once('=')
             .ok_or_else(|| invalid(text, format!("query attribute {attr:?} has no '='")))?;
@@ -328,8 +337,15 @@ fn parse_pkcs11(text: &str, rest: &str) -> Result<Pkcs11Uri> {
     if uri.object.is_none() && uri.id.is_none() {
         return Err(invalid(text, "a pkcs11 key reference needs object= or id="));
     }
-    if uri.object_type.as_deref().is_some_and(|t| t != "secret-key") {
-        return Err(invalid(text, "type must be secret-key for a key-encryption key"));
+    if uri
+        .object_type
+        .as_deref()
+        .is_some_and(|t| t != "secret-key")
+    {
+        return Err(invalid(
+            text,
+            "type must be secret-key for a key-encryption key",
+        ));
     }
     Ok(uri)
 }
@@ -362,7 +378,10 @@ impl Pkcs11Uri {
             ("pin-source", &self.pin_source),
         ] {
             if let Some(v) = v {
-                query.push(format!("{name}={}", pct_encode(v.as_bytes(), false).replace("%2f", "/")));
+                query.push(format!(
+                    "{name}={}",
+                    pct_encode(v.as_bytes(), false).replace("%2f", "/")
+                ));
             }
         }
         let mut s = format!("pkcs11:{}", path.join(";"));
@@ -381,8 +400,20 @@ mod tests {
     #[test]
     fn local_refs() {
         let r = KeyRef::parse("local:phi-backups_2026.v1").unwrap();
-        assert_eq!(r.kind(), &KeyRefKind::Local { name: "phi-backups_2026.v1".into() });
-        for bad in ["local:", "local:a b", "local:a/b", "local:ä", "nocolon", ":x"] {
+        assert_eq!(
+            r.kind(),
+            &KeyRefKind::Local {
+                name: "phi-backups_2026.v1".into()
+            }
+        );
+        for bad in [
+            "local:",
+            "local:a b",
+            "local:a/b",
+            "local:ä",
+            "nocolon",
+            ":x",
+        ] {
             assert!(KeyRef::parse(bad).is_err(), "{bad}");
         }
         assert!(KeyRef::parse(&format!("local:{}", "a".repeat(65))).is_err());
@@ -391,11 +422,16 @@ mod tests {
     #[test]
     fn pkcs11_refs_round_trip() {
         let r = KeyRef::parse("pkcs11:token=My%20Token;object=kek;id=%01%02?module-path=/usr/lib/softhsm/libsofthsm2.so").unwrap();
-        let KeyRefKind::Pkcs11(u) = r.kind() else { panic!() };
+        let KeyRefKind::Pkcs11(u) = r.kind() else {
+            panic!()
+        };
         assert_eq!(u.token.as_deref(), Some("My Token"));
         assert_eq!(u.object.as_deref(), Some("kek"));
         assert_eq!(u.id.as_deref(), Some(&[1u8, 2][..]));
-        assert_eq!(u.module_path.as_deref(), Some("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(
+            u.module_path.as_deref(),
+            Some("/usr/lib/softhsm/libsofthsm2.so")
+        );
         let again = KeyRef::parse(r.as_str()).unwrap();
         assert_eq!(again, r);
         assert_eq!(
