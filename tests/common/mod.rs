@@ -303,3 +303,25 @@ pub fn header_layout(recipients: &[WrappedKey]) -> Vec<HeaderField> {
     push(Tag, 32);
     out
 }
+
+/// Writes `data` to `w` in slices whose sizes cycle through `sizes` (odd
+/// sizes exercise an encryptor's buffering across chunk boundaries).
+pub fn write_in_slices<W: std::io::Write>(w: &mut W, data: &[u8], sizes: &[usize]) {
+    let mut rest = data;
+    for &s in sizes.iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let n = s.clamp(1, rest.len());
+        w.write_all(&rest[..n]).unwrap();
+        rest = &rest[n..];
+    }
+}
+
+/// A decoder outcome for assertion messages, without the plaintext.
+pub fn describe(r: &Result<Vec<u8>, Error>) -> String {
+    match r {
+        Ok(v) => format!("Ok({} bytes)", v.len()),
+        Err(e) => format!("{e:?}"),
+    }
+}
