@@ -878,14 +878,9 @@ fn header_parsing_heap_is_bounded() {
 }
 
 /// Stricter: no single allocation while parsing exceeds `MAX_HEADER_LEN`.
-///
-/// Fails today: `Header::read_from` records the header bytes in a `Vec`
-/// that starts at 256 bytes and grows by amortized doubling
-/// (`max(2 * capacity, needed)`), so a maximal header of 24945 bytes makes
-/// it reallocate to 34176 bytes. Bounded, but beyond the documented maximum.
-/// Un-ignore once the record's growth is capped at `MAX_HEADER_LEN`.
+/// (Plain amortized doubling of the header record used to reach 34176 bytes
+/// for a maximal 24945-byte header; growth is now capped.)
 #[test]
-#[ignore = "src/format/header.rs: the header record grows to 34176 > MAX_HEADER_LEN (24945) bytes"]
 fn header_parsing_never_allocates_beyond_max_header_len() {
     let mut src = maximal_header_source();
     let (r, largest, peak) = measure(|| Header::read_from(&mut src).map(|h| h.len()));

@@ -335,8 +335,19 @@ fn read_array<const N: usize, R: Read + ?Sized>(
     if read_full(reader, &mut a)? < N {
         return Err(Error::Truncated);
     }
-    record.extend_from_slice(&a);
+    record_extend(record, &a);
     Ok(a)
+}
+
+/// Appends to the header record without ever growing its allocation past
+/// [`MAX_HEADER_LEN`] (plain doubling could overshoot it).
+fn record_extend(record: &mut Vec<u8>, data: &[u8]) {
+    let need = record.len() + data.len();
+    if need > record.capacity() {
+        let target = (record.capacity() * 2).min(MAX_HEADER_LEN).max(need);
+        record.reserve_exact(target - record.len());
+    }
+    record.extend_from_slice(data);
 }
 
 /// Reads `len` bytes (already bounded by the caller) into a new vector.
@@ -345,6 +356,6 @@ fn read_vec<R: Read + ?Sized>(reader: &mut R, len: usize, record: &mut Vec<u8>) 
     if read_full(reader, &mut v)? < len {
         return Err(Error::Truncated);
     }
-    record.extend_from_slice(&v);
+    record_extend(record, &v);
     Ok(v)
 }

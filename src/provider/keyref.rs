@@ -47,7 +47,7 @@ pub enum KeyRefKind {
         name: String,
     },
     /// A key object on a PKCS#11 token (RFC 7512 URI).
-    Pkcs11(Pkcs11Uri),
+    Pkcs11(Box<Pkcs11Uri>),
     /// An AWS KMS key.
     AwsKms {
         /// Key id, key ARN, alias name (`alias/...`) or alias ARN.
@@ -124,7 +124,7 @@ impl KeyRef {
                     name: rest.to_owned(),
                 }
             }
-            "pkcs11" => KeyRefKind::Pkcs11(parse_pkcs11(text, rest)?),
+            "pkcs11" => KeyRefKind::Pkcs11(Box::new(parse_pkcs11(text, rest)?)),
             "aws-kms" => KeyRefKind::AwsKms {
                 key_id: parse_aws_kms(text, rest)?,
             },
