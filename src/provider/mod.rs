@@ -18,6 +18,8 @@
 //! KMS encryption context in AWS KMS) so that a wrapped DEK unwraps only
 //! under the context it was made for.
 
+#[cfg(feature = "aws-kms")]
+pub mod aws_kms;
 mod keyref;
 
 use std::fmt;
