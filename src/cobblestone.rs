@@ -160,13 +160,13 @@ impl BodyKeys {
     }
 
     /// Seals `chunk` in place and returns its tag.
-    fn seal(&self, counter: u64, chunk: &mut [u8]) -> [u8; TAG_LEN] {
+    pub(crate) fn seal(&self, counter: u64, chunk: &mut [u8]) -> [u8; TAG_LEN] {
         self.aead.seal_in_place(self.nonce(counter), &[], chunk)
     }
 
     /// Opens `chunk` (ciphertext and tag) in place; returns the plaintext
     /// length. On failure the chunk is zeroized.
-    fn open(&self, counter: u64, chunk: &mut [u8]) -> Result<usize> {
+    pub(crate) fn open(&self, counter: u64, chunk: &mut [u8]) -> Result<usize> {
         self.aead.open_in_place(self.nonce(counter), &[], chunk)
     }
 }
@@ -395,6 +395,20 @@ impl<W: Write> Encryptor<W> {
         Ok(inner)
     }
 
+    /// Hands back the inner writer (with the prefix already written) and the
+    /// body keys, for an engine that seals the chunks itself from chunk 0
+    /// (the parallel file engine). Only valid before any plaintext was
+    /// written.
+    pub(crate) fn into_keys(self) -> Result<(W, BodyKeys)> {
+        if self.poisoned || self.counter != 0 || self.len != 0 {
+            return Err(Error::InvalidArgument(
+                "into_keys after plaintext was written".into(),
+            ));
+        }
+        let Encryptor { inner, keys, .. } = self;
+        Ok((inner, keys))
+    }
+
     /// Plaintext bytes accepted so far.
     pub fn plaintext_written(&self) -> u64 {
         self.counter * CHUNK_SIZE as u64 + self.len as u64
@@ -496,6 +510,20 @@ impl<R: Read> Decryptor<R> {
         self.end = len;
         self.done = final_chunk;
         Ok(())
+    }
+
+    /// Hands back the inner reader, positioned at chunk 0 (the prefix has
+    /// been read and the commitment checked), and the body keys, for an
+    /// engine that opens the chunks itself (the parallel file engine). Only
+    /// valid before any read.
+    pub(crate) fn into_keys(self) -> Result<(R, BodyKeys)> {
+        if self.counter != 0 || self.failed.is_some() {
+            return Err(Error::InvalidArgument(
+                "into_keys after the body was read".into(),
+            ));
+        }
+        let Decryptor { inner, keys, .. } = self;
+        Ok((inner, keys))
     }
 
     /// Returns the inner reader.

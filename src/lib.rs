@@ -9,6 +9,7 @@ pub mod cobblestone;
 pub mod envelope;
 mod error;
 pub mod events;
+pub mod file;
 pub mod format;
 pub mod keyring;
 pub mod message;

@@ -1,0 +1,316 @@
+//! Records: sealing and opening one message of 64 B, 1 KiB and 16 KiB, with
+//! a cached DEK and with a fresh one, against the floor of our design and
+//! the Rust envelope crates a user might pick instead (`envelopers`,
+//! `kms-aead`), in one run. `scripts/bench.sh` turns the results into the
+//! ratio table of `docs/PERFORMANCE.md`.
+//!
+//! Every function returns the sealed message as bytes (or the plaintext),
+//! so allocation of the output is included everywhere.
+//!
+//! `record-seal/SIZE`:
+//! - `raw-aead`: ring AES-256-GCM seal with a key set up once (the AEAD
+//!   alone, for reference).
+//! - `floor`: the floor of our design, by hand on ring: a 24-byte salt from
+//!   the OS RNG, HKDF-Expand-SHA-512 to 76 bytes (from an HMAC state made
+//!   once per DEK), AES-256 key setup, one seal.
+//! - `ours-cached`: `message::SealingKey::seal` with the key built once:
+//!   what the data-key cache holds (header and its tag, HKDF state).
+//! - `ours-fresh`: `Envelope::seal` through the keyring and a provider that
+//!   wraps with ring in memory (a fresh DEK, generated and wrapped, per
+//!   record; policy check and event included).
+//! - `envelopers-cached` / `envelopers-fresh`: `EnvelopeCipher` over
+//!   `CachingKeyWrapper<SimpleKeyProvider>` (limits set so the DEK stays
+//!   cached) / over `SimpleKeyProvider`, AES-256-GCM, record serialised to
+//!   bytes (`to_vec`).
+//! - `kms-aead-cached` / `kms-aead-fresh`: `KmsAeadRingEnvelopeEncryption`
+//!   with AES-256-GCM and a provider wrapping with ring in memory (the crate
+//!   ships no local KEK provider): `encrypt_value_with_dek` /
+//!   `encrypt_value` (a DEK generated and wrapped per record).
+//!
+//! `record-open/SIZE`: the same, opening: `raw-aead` (ring open of a copy),
+//! `ours-cached` (`message::open` with the DEK in hand: header parse and
+//! tag check, HKDF, commitment, open), `ours-fresh` (`Envelope::open`, one
+//! provider unwrap per record), and the peers' decrypt paths.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use envelopers::{
+    Aes256Gcm, CacheOptions, CachingKeyWrapper, EncryptedRecord, EnvelopeCipher, SimpleKeyProvider,
+};
+use kms_aead::ring_encryption::RingAeadEncryption;
+use kms_aead::{
+    CipherText, DataEncryptionKey, EncryptedDataEncryptionKey, KmsAeadEnvelopeEncryption,
+    KmsAeadResult, KmsAeadRingEncryptionProvider, KmsAeadRingEnvelopeEncryption,
+};
+use phi_envelope::message::{self, SealingKey};
+use phi_envelope::{Dek, WrappedKey};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::hkdf;
+use ring::rand::{SecureRandom, SystemRandom};
+use secret_vault_value::SecretValue;
+
+mod support;
+use support::{block_on, context, data};
+
+const SIZES: [usize; 3] = [64, 1024, 16 * 1024];
+
+/// The floor: salt, HKDF-Expand-SHA-512 to 76 bytes, AES key setup, seal.
+fn floor_seal(prk: &hkdf::Prk, rng: &SystemRandom, ctx: &[u8], pt: &[u8]) -> Vec<u8> {
+    struct Len76;
+    impl hkdf::KeyType for Len76 {
+        fn len(&self) -> usize {
+            76
+        }
+    }
+    let mut salt = [0u8; 24];
+    rng.fill(&mut salt).unwrap();
+    let mut okm = [0u8; 76];
+    prk.expand(
+        &[
+            b"c2sp.org/chunked-encryption@v1+",
+            b"AEAD_AES_256_GCM",
+            &[0],
+            &salt,
+            ctx,
+        ],
+        Len76,
+    )
+    .unwrap()
+    .fill(&mut okm)
+    .unwrap();
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &okm[..32]).unwrap());
+    let nonce: [u8; 12] = okm[32..44].try_into().unwrap();
+    let mut out = Vec::with_capacity(24 + 32 + pt.len() + 16);
+    out.extend_from_slice(&salt);
+    out.extend_from_slice(&okm[44..]);
+    let start = out.len();
+    out.extend_from_slice(pt);
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::empty(),
+            &mut out[start..],
+        )
+        .unwrap();
+    out.extend_from_slice(tag.as_ref());
+    out
+}
+
+/// kms-aead ships no local KEK provider; this one wraps DEKs with ring's
+/// AES-256-GCM in memory, like ours.
+struct KmsAeadLocal {
+    kek: LessSafeKey,
+    rng: SystemRandom,
+}
+
+#[async_trait]
+impl KmsAeadRingEncryptionProvider for KmsAeadLocal {
+    async fn encrypt_data_encryption_key(
+        &self,
+        key: &DataEncryptionKey,
+    ) -> KmsAeadResult<EncryptedDataEncryptionKey> {
+        let mut nonce = [0u8; 12];
+        self.rng.fill(&mut nonce).unwrap();
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(key.0.ref_sensitive_value());
+        let tag = self
+            .kek
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::empty(),
+                &mut out[12..],
+            )
+            .unwrap();
+        out.extend_from_slice(tag.as_ref());
+        Ok(EncryptedDataEncryptionKey::new(out, None))
+    }
+
+    async fn decrypt_data_encryption_key(
+        &self,
+        encrypted: &EncryptedDataEncryptionKey,
+    ) -> KmsAeadResult<DataEncryptionKey> {
+        let nonce: [u8; 12] = encrypted.wrapped()[..12].try_into().unwrap();
+        let mut buf = encrypted.wrapped()[12..].to_vec();
+        let dek = self
+            .kek
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
+            .unwrap();
+        Ok(DataEncryptionKey(SecretValue::new(dek.to_vec())))
+    }
+
+    async fn generate_encryption_key(
+        &self,
+        aead: &RingAeadEncryption,
+    ) -> KmsAeadResult<DataEncryptionKey> {
+        aead.generate_data_encryption_key()
+    }
+}
+
+fn records(c: &mut Criterion) {
+    let ctx = context();
+    let body_ctx = ctx.canonical_pairs();
+    let rng = SystemRandom::new();
+    let dek = Dek::from_slice(&[0x33; 32]).unwrap();
+    let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA512, dek.expose_secret());
+    let raw = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[0x44; 32]).unwrap());
+    let entry = WrappedKey {
+        provider: "bench".into(),
+        key_ref: "bench:records".into(),
+        key_version: 1,
+        wrapped: vec![0xAA; 60],
+    };
+    let cached = SealingKey::new(&dek, vec![entry]).unwrap();
+    let env = support::envelope();
+
+    let kek = [0x55u8; 16];
+    let envelopers_fresh: EnvelopeCipher<SimpleKeyProvider<Aes256Gcm>> =
+        EnvelopeCipher::init(SimpleKeyProvider::init(kek));
+    let big = CacheOptions::default()
+        .with_max_age(Duration::from_secs(3600))
+        .with_max_bytes(usize::MAX / 2)
+        .with_max_messages(usize::MAX / 2)
+        .with_max_entries(16);
+    let envelopers_cached: EnvelopeCipher<
+        CachingKeyWrapper<Aes256Gcm, SimpleKeyProvider<Aes256Gcm>>,
+    > = EnvelopeCipher::init(CachingKeyWrapper::new(SimpleKeyProvider::init(kek), big));
+
+    let kms = block_on(KmsAeadRingEnvelopeEncryption::with_algorithm(
+        KmsAeadLocal {
+            kek: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[0x66; 32]).unwrap()),
+            rng: SystemRandom::new(),
+        },
+        &AES_256_GCM,
+    ))
+    .unwrap();
+    let (kms_dek, _) =
+        block_on(KmsAeadEnvelopeEncryption::<String>::generate_new_dek(&kms)).unwrap();
+    let aad = String::from("tenant=st-mary;record_type=lab-result");
+
+    for size in SIZES {
+        let pt = data(size);
+        let id = |name: &str| BenchmarkId::new(name, size);
+
+        let mut g = c.benchmark_group("record-seal");
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(id("raw-aead"), |b| {
+            b.iter(|| {
+                let mut out = pt.clone();
+                let tag = raw
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key([7; 12]),
+                        Aad::empty(),
+                        &mut out,
+                    )
+                    .unwrap();
+                out.extend_from_slice(tag.as_ref());
+                out
+            })
+        });
+        g.bench_function(id("floor"), |b| {
+            b.iter(|| floor_seal(&prk, &rng, &body_ctx, black_box(&pt)))
+        });
+        g.bench_function(id("ours-cached"), |b| {
+            b.iter(|| cached.seal(black_box(&pt), &ctx).unwrap())
+        });
+        g.bench_function(id("ours-fresh"), |b| {
+            b.iter(|| block_on(env.seal(black_box(&pt), &ctx)).unwrap())
+        });
+        g.bench_function(id("envelopers-cached"), |b| {
+            b.iter(|| {
+                block_on(envelopers_cached.encrypt(black_box(&pt)))
+                    .unwrap()
+                    .to_vec()
+                    .unwrap()
+            })
+        });
+        g.bench_function(id("envelopers-fresh"), |b| {
+            b.iter(|| {
+                block_on(envelopers_fresh.encrypt(black_box(&pt)))
+                    .unwrap()
+                    .to_vec()
+                    .unwrap()
+            })
+        });
+        let secret = SecretValue::new(pt.clone());
+        g.bench_function(id("kms-aead-cached"), |b| {
+            b.iter(|| block_on(kms.encrypt_value_with_dek(&aad, &secret, &kms_dek)).unwrap())
+        });
+        g.bench_function(id("kms-aead-fresh"), |b| {
+            b.iter(|| block_on(kms.encrypt_value(&aad, &secret)).unwrap())
+        });
+        g.finish();
+
+        // Sealed forms for the open benches.
+        let mut raw_sealed = pt.clone();
+        let tag = raw
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key([7; 12]),
+                Aad::empty(),
+                &mut raw_sealed,
+            )
+            .unwrap();
+        raw_sealed.extend_from_slice(tag.as_ref());
+        let ours = cached.seal(&pt, &ctx).unwrap();
+        let ours_fresh = block_on(env.seal(&pt, &ctx)).unwrap();
+        let env_cached = block_on(envelopers_cached.encrypt(&pt))
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let env_fresh = block_on(envelopers_fresh.encrypt(&pt))
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let kms_cached: CipherText =
+            block_on(kms.encrypt_value_with_dek(&aad, &secret, &kms_dek)).unwrap();
+        let kms_fresh = block_on(kms.encrypt_value(&aad, &secret)).unwrap();
+
+        let mut g = c.benchmark_group("record-open");
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(id("raw-aead"), |b| {
+            b.iter(|| {
+                let mut buf = raw_sealed.clone();
+                let n = raw
+                    .open_in_place(
+                        Nonce::assume_unique_for_key([7; 12]),
+                        Aad::empty(),
+                        &mut buf,
+                    )
+                    .unwrap()
+                    .len();
+                buf.truncate(n);
+                buf
+            })
+        });
+        g.bench_function(id("ours-cached"), |b| {
+            b.iter(|| message::open(black_box(&ours), &dek, &ctx).unwrap())
+        });
+        g.bench_function(id("ours-fresh"), |b| {
+            b.iter(|| block_on(env.open(black_box(&ours_fresh), &ctx)).unwrap())
+        });
+        g.bench_function(id("envelopers-cached"), |b| {
+            b.iter(|| {
+                let rec = EncryptedRecord::from_vec(black_box(env_cached.clone())).unwrap();
+                block_on(envelopers_cached.decrypt(&rec)).unwrap()
+            })
+        });
+        g.bench_function(id("envelopers-fresh"), |b| {
+            b.iter(|| {
+                let rec = EncryptedRecord::from_vec(black_box(env_fresh.clone())).unwrap();
+                block_on(envelopers_fresh.decrypt(&rec)).unwrap()
+            })
+        });
+        g.bench_function(id("kms-aead-cached"), |b| {
+            b.iter(|| block_on(kms.decrypt_value_with_dek(&aad, &kms_cached, &kms_dek)).unwrap())
+        });
+        g.bench_function(id("kms-aead-fresh"), |b| {
+            b.iter(|| block_on(kms.decrypt_value(&aad, &kms_fresh)).unwrap())
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, records);
+criterion_main!(benches);

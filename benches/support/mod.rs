@@ -1,0 +1,145 @@
+//! Shared by the benches: test data, a no-runtime `block_on`, and a key
+//! provider kept in memory on `ring` (the bench's stand-in for a local
+//! keystore: one AES-256-GCM wrap or unwrap per DEK, as the local keystore
+//! does).
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use phi_envelope::provider::{BoxFuture, KeyInfo, KeyProvider, KeyRef, Unwrapped};
+use phi_envelope::{Dek, EncryptionContext, Envelope, Keyring, Result, WrappedKey};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// Pseudo-random bytes (xorshift), the same for every run.
+pub fn data(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Polls a future that never waits on I/O to completion, without a runtime,
+/// so that no executor cost is added to ours or to the peers'.
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// A provider holding one KEK in memory and wrapping with ring's
+/// AES-256-GCM, random nonce, the key reference as AAD.
+pub struct RingKms {
+    kek: LessSafeKey,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for RingKms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingKms")
+    }
+}
+
+impl RingKms {
+    pub fn new() -> RingKms {
+        let kek = UnboundKey::new(&AES_256_GCM, &[0x4b; 32]).unwrap();
+        RingKms {
+            kek: LessSafeKey::new(kek),
+            rng: SystemRandom::new(),
+        }
+    }
+}
+
+impl KeyProvider for RingKms {
+    fn id(&self) -> &str {
+        "bench"
+    }
+
+    fn wrap<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        dek: &'a Dek,
+        _context: &'a EncryptionContext,
+    ) -> BoxFuture<'a, Result<WrappedKey>> {
+        Box::pin(async move {
+            let mut nonce = [0u8; 12];
+            self.rng.fill(&mut nonce).unwrap();
+            let mut wrapped = nonce.to_vec();
+            wrapped.extend_from_slice(dek.expose_secret());
+            let tag = self
+                .kek
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(key.as_str().as_bytes()),
+                    &mut wrapped[12..],
+                )
+                .unwrap();
+            wrapped.extend_from_slice(tag.as_ref());
+            Ok(WrappedKey {
+                provider: "bench".into(),
+                key_ref: key.as_str().into(),
+                key_version: 1,
+                wrapped,
+            })
+        })
+    }
+
+    fn unwrap<'a>(
+        &'a self,
+        entry: &'a WrappedKey,
+        _context: &'a EncryptionContext,
+    ) -> BoxFuture<'a, Result<Unwrapped>> {
+        Box::pin(async move {
+            if entry.wrapped.len() != 12 + 32 + 16 {
+                return Ok(Unwrapped::Rejected);
+            }
+            let nonce: [u8; 12] = entry.wrapped[..12].try_into().unwrap();
+            let mut buf = zeroize::Zeroizing::new(entry.wrapped[12..].to_vec());
+            match self.kek.open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(entry.key_ref.as_bytes()),
+                &mut buf[..],
+            ) {
+                Ok(dek) => Ok(Unwrapped::Key(Dek::from_slice(dek)?)),
+                Err(_) => Ok(Unwrapped::Rejected),
+            }
+        })
+    }
+
+    fn describe<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
+        Box::pin(async move { Ok(KeyInfo::new(key.clone(), Some(1), Vec::new())) })
+    }
+}
+
+/// An envelope over [`RingKms`], sealing to `bench:records`.
+pub fn envelope() -> Envelope {
+    let keyring = Keyring::builder()
+        .provider(Arc::new(RingKms::new()))
+        .recipient("bench:records".parse().unwrap())
+        .build()
+        .unwrap();
+    Envelope::new(keyring)
+}
+
+/// The encryption context every bench uses.
+pub fn context() -> EncryptionContext {
+    EncryptionContext::new()
+        .with("tenant", "st-mary")
+        .unwrap()
+        .with("record_type", "lab-result")
+        .unwrap()
+}
