@@ -207,7 +207,7 @@ pub(crate) fn encrypt_into(
     for (i, chunk) in plaintext.chunks(CHUNK_SIZE).enumerate() {
         seal_append(&keys, i as u64, chunk, out);
     }
-    if plaintext.len() % CHUNK_SIZE == 0 {
+    if plaintext.len().is_multiple_of(CHUNK_SIZE) {
         // The final chunk is always shorter than a full chunk: here, empty.
         seal_append(&keys, full as u64, &[], out);
     }
