@@ -21,6 +21,8 @@
 #[cfg(feature = "aws-kms")]
 pub mod aws_kms;
 mod keyref;
+#[cfg(feature = "local")]
+pub mod local;
 
 use std::fmt;
 use std::future::Future;
