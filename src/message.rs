@@ -112,7 +112,7 @@ impl fmt::Debug for OpeningKey {
 
 impl OpeningKey {
     /// Verifies `header`'s tag under `dek`. A mismatch (a wrong DEK, or any
-    /// header byte changed) is the opaque [`Error::Decrypt`].
+    /// header byte changed) is the opaque [`Error::Decrypt`](crate::Error::Decrypt).
     pub fn new(dek: &Dek, header: &Header) -> Result<OpeningKey> {
         let prk = hkdf_prk_sha512(dek.expose_secret());
         header.verify(&header_tag_key(&prk))?;
@@ -180,7 +180,7 @@ pub struct MessageInfo {
 
 impl MessageInfo {
     /// Facts from a header and, when known, the length of the body after it.
-    /// An impossible body length is [`Error::Truncated`].
+    /// An impossible body length is [`Error::Truncated`](crate::Error::Truncated).
     pub fn new(header: Header, body_len: Option<u64>) -> Result<MessageInfo> {
         let plaintext_len = body_len.map(cobblestone::plaintext_len).transpose()?;
         Ok(MessageInfo {

@@ -104,7 +104,8 @@ impl Aes256Gcm {
                 ring::aead::Aad::from(aad),
                 buf,
             )
-            // Fails only for inputs over 64 GiB; callers pass at most 16 KiB.
+            // Fails only for inputs over 64 GiB; callers pass a chunk (16 KiB)
+            // or a keystore table (at most 16 MiB).
             .expect("AES-GCM input length is bounded by the callers");
         let mut out = [0u8; 16];
         out.copy_from_slice(tag.as_ref());

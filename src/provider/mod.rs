@@ -2,7 +2,7 @@
 //!
 //! A provider generates data-encryption keys (DEKs) and wraps and unwraps
 //! them under a named, versioned KEK that never leaves it. phi-envelope ships
-//! the [`local`] keystore (default feature `local`), a PKCS#11 HSM provider
+//! the local keystore (`local`, default feature `local`), a PKCS#11 HSM provider
 //! (feature `pkcs11`) and an AWS KMS provider (feature `aws-kms`);
 //! applications add their own (Vault, GCP, Azure) by implementing
 //! [`KeyProvider`] outside the crate.
@@ -138,7 +138,11 @@ pub struct KeyInfo {
 
 impl KeyInfo {
     /// Describes a key.
-    pub fn new(key_ref: KeyRef, primary_version: Option<u32>, versions: Vec<KeyVersionInfo>) -> Self {
+    pub fn new(
+        key_ref: KeyRef,
+        primary_version: Option<u32>,
+        versions: Vec<KeyVersionInfo>,
+    ) -> Self {
         KeyInfo {
             key_ref,
             primary_version,
@@ -220,7 +224,11 @@ pub struct ProviderError {
 
 impl ProviderError {
     /// A new error of `kind` from `provider` (its id).
-    pub fn new(provider: impl Into<String>, kind: ProviderErrorKind, message: impl Into<String>) -> Self {
+    pub fn new(
+        provider: impl Into<String>,
+        kind: ProviderErrorKind,
+        message: impl Into<String>,
+    ) -> Self {
         ProviderError {
             provider: provider.into(),
             kind,
@@ -293,8 +301,11 @@ pub fn unsupported(provider: &str, operation: &str) -> Error {
 /// - Copy plaintext key bytes into a [`Dek`] at once and zeroize any other
 ///   buffer that held them.
 /// - Never put key bytes, PINs or context values into errors or logs.
-/// - Never block the calling thread: run blocking calls on a blocking pool
-///   (e.g. `tokio::task::spawn_blocking`) inside the returned future.
+/// - Never block the calling thread for long: run slow blocking calls
+///   (an HSM, a network client without async support) on a blocking pool
+///   (e.g. `tokio::task::spawn_blocking`) inside the returned future. Quick
+///   local work (the local keystore's small file reads and writes) may run
+///   inline.
 pub trait KeyProvider: Send + Sync + fmt::Debug {
     /// The provider's id: the scheme of its key references and the provider
     /// field of the header entries it writes (`local`, `pkcs11`, `aws-kms`).
@@ -362,9 +373,12 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
         Box::pin(async move { Err(unsupported(self.id(), "rotation")) })
     }
 
-    /// Moves `version` to `state` (`Enabled` only for the primary,
-    /// `DecryptOnly`, `Disabled`); see [`destroy`](Self::destroy) for
-    /// `Destroyed`.
+    /// Moves `version` to `state`: `Enabled` makes that version the primary
+    /// (the old primary becomes decrypt-only), `DecryptOnly` and `Disabled`
+    /// as named; `Destroyed` is only reached through
+    /// [`destroy`](Self::destroy). Providers document which transitions they
+    /// allow and refuse the others with
+    /// [`ProviderErrorKind::InvalidState`].
     fn set_state<'a>(
         &'a self,
         _key: &'a KeyRef,
