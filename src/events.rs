@@ -8,6 +8,39 @@
 //! plaintext or context values.
 //!
 //! Sinks are opt-in: a [`crate::Keyring`] without one uses [`NoopSink`].
+//! The crate also ships [`MemorySink`] (tests, diagnostics), [`FanOut`]
+//! (several sinks at once), the tamper-evident JSON Lines
+//! [`AuditLog`](crate::audit::AuditLog) and, with the `tracing` feature, a
+//! `TracingSink` in [`crate::audit`].
+//!
+//! # JSON schema
+//!
+//! [`Event::to_json`] writes one canonical JSON object (the audit log embeds
+//! it as the `event` member of each line). Fields, always present and always
+//! in this order; absent values are `null`:
+//!
+//! | field | type | meaning |
+//! | --- | --- | --- |
+//! | `timestamp` | string | when the operation finished, RFC 3339 UTC with microseconds: `2026-11-25T10:11:01.123456Z` |
+//! | `operation` | string | [`Operation::as_str`]: `generate`, `wrap`, `unwrap`, `rewrap`, `create-key`, `rotate`, `set-state`, `destroy`, `describe`, `cache-hit-encrypt`, `cache-hit-decrypt` |
+//! | `provider` | string | the provider id (`local`, `pkcs11`, `aws-kms`, ...) |
+//! | `key_ref` | string or null | the key reference (`local:records`, `aws-kms:arn:...`) |
+//! | `key_version` | integer or null | the KEK version |
+//! | `actor` | string or null | who asked, as the caller supplied it |
+//! | `purpose` | string or null | why, as the caller supplied it |
+//! | `context_fingerprint` | string or null | 32 hex digits: keyed HMAC-SHA-256 of the canonical encryption context |
+//! | `outcome` | string | [`Outcome::as_string`]: `success`, `denied`, `rejected`, `failed:<kind>` |
+//! | `duration_us` | integer | how long the provider call took, in microseconds |
+//!
+//! ```text
+//! {"timestamp":"2026-11-25T10:11:01.123456Z","operation":"unwrap","provider":"local","key_ref":"local:records","key_version":2,"actor":"lab-service","purpose":"treatment","context_fingerprint":"6f1c0e8a4b2d9e7f0a1b2c3d4e5f6a7b","outcome":"success","duration_us":412}
+//! ```
+//!
+//! What is deliberately absent: key bytes (DEK or KEK, plain or wrapped),
+//! plaintext, and encryption-context keys and values (identifiers can be
+//! PHI). The fingerprint is keyed with a secret the keyring holds, so values
+//! cannot be confirmed by guessing and hashing them. `actor`, `purpose` and
+//! `key_ref` are written as given: do not put PHI in them.
 
 use std::fmt;
 use std::sync::Mutex;
@@ -63,10 +96,7 @@ impl Operation {
     pub fn is_key_management(self) -> bool {
         matches!(
             self,
-            Operation::CreateKey
-                | Operation::Rotate
-                | Operation::SetState
-                | Operation::Destroy
+            Operation::CreateKey | Operation::Rotate | Operation::SetState | Operation::Destroy
         )
     }
 
@@ -74,6 +104,36 @@ impl Operation {
     pub fn is_decryption(self) -> bool {
         matches!(self, Operation::Unwrap | Operation::CacheHitDecrypt)
     }
+}
+
+impl std::str::FromStr for Operation {
+    type Err = EventParseError;
+
+    /// Parses the name [`as_str`](Operation::as_str) gives.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Operation::ALL
+            .iter()
+            .copied()
+            .find(|op| op.as_str() == s)
+            .ok_or_else(|| EventParseError(format!("unknown operation {s:?}")))
+    }
+}
+
+impl Operation {
+    /// Every operation, in declaration order.
+    pub const ALL: &'static [Operation] = &[
+        Operation::Generate,
+        Operation::Wrap,
+        Operation::Unwrap,
+        Operation::Rewrap,
+        Operation::CreateKey,
+        Operation::Rotate,
+        Operation::SetState,
+        Operation::Destroy,
+        Operation::Describe,
+        Operation::CacheHitEncrypt,
+        Operation::CacheHitDecrypt,
+    ];
 }
 
 impl fmt::Display for Operation {
@@ -108,6 +168,24 @@ impl Outcome {
             Outcome::Failed(kind) => format!("failed:{kind}"),
         }
     }
+
+    /// Parses what [`as_string`](Outcome::as_string) writes.
+    pub fn parse(s: &str) -> Option<Outcome> {
+        match s {
+            "success" => Some(Outcome::Success),
+            "denied" => Some(Outcome::Denied),
+            "rejected" => Some(Outcome::Rejected),
+            _ => s
+                .strip_prefix("failed:")
+                .map(|kind| Outcome::Failed(kind.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_string())
+    }
 }
 
 /// One key access.
@@ -135,6 +213,82 @@ pub struct Event {
     /// How long it took.
     pub duration: Duration,
 }
+
+impl Event {
+    /// An event that happens now, with no key, caller, fingerprint or
+    /// duration: fill those in with the `with_*` methods. For sinks' and
+    /// policies' own tests, and for applications that record their own
+    /// events into the same sinks; the keyring builds its events itself.
+    pub fn new(operation: Operation, provider: impl Into<String>, outcome: Outcome) -> Event {
+        Event {
+            timestamp: SystemTime::now(),
+            operation,
+            provider: provider.into(),
+            key_ref: None,
+            key_version: None,
+            actor: None,
+            purpose: None,
+            context_fingerprint: None,
+            outcome,
+            duration: Duration::ZERO,
+        }
+    }
+
+    /// Sets the key reference and version.
+    pub fn with_key(mut self, key_ref: impl Into<String>, version: Option<u32>) -> Event {
+        self.key_ref = Some(key_ref.into());
+        self.key_version = version;
+        self
+    }
+
+    /// Sets the actor and the purpose.
+    pub fn with_caller(mut self, actor: impl Into<String>, purpose: impl Into<String>) -> Event {
+        self.actor = Some(actor.into());
+        self.purpose = Some(purpose.into());
+        self
+    }
+
+    /// Sets the context fingerprint (hex).
+    pub fn with_context_fingerprint(mut self, fingerprint: impl Into<String>) -> Event {
+        self.context_fingerprint = Some(fingerprint.into());
+        self
+    }
+
+    /// Sets the timestamp.
+    pub fn with_timestamp(mut self, timestamp: SystemTime) -> Event {
+        self.timestamp = timestamp;
+        self
+    }
+
+    /// Sets the duration.
+    pub fn with_duration(mut self, duration: Duration) -> Event {
+        self.duration = duration;
+        self
+    }
+
+    /// The canonical JSON object of this event (see the
+    /// [module documentation](self) for the schema). One line, no trailing
+    /// newline; the timestamp is truncated to microseconds and the duration
+    /// to whole microseconds.
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(320);
+        crate::audit::json::push_event(&mut out, self);
+        out
+    }
+
+    /// Parses an event from its JSON object (as [`to_json`](Self::to_json)
+    /// writes it; unknown fields are ignored).
+    pub fn from_json(json: &str) -> Result<Event, EventParseError> {
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| EventParseError(e.to_string()))?;
+        crate::audit::json::event_from_value(&value).map_err(EventParseError)
+    }
+}
+
+/// An event's JSON could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid event JSON: {0}")]
+pub struct EventParseError(pub String);
 
 /// Receives events. Implementations must be fast and must not block for
 /// long: they run inline, before the operation's result is returned.
@@ -175,7 +329,10 @@ impl MemorySink {
 
     /// A copy of the events recorded so far.
     pub fn events(&self) -> Vec<Event> {
-        self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Removes and returns the events recorded so far.

@@ -5,6 +5,7 @@
 #![warn(missing_debug_implementations)]
 
 pub mod atomic;
+pub mod audit;
 pub mod cobblestone;
 pub mod envelope;
 mod error;

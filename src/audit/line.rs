@@ -1,0 +1,373 @@
+//! One line of the audit log: its canonical encoding, decoding and hash.
+
+use std::time::SystemTime;
+
+use ring::{digest, hmac};
+use serde_json::Value;
+
+use super::json::{
+    event_from_value, format_timestamp, opt_str, parse_timestamp, push_event, push_key, push_str,
+    req_str,
+};
+use super::verify::Problem;
+use super::AuditKey;
+use crate::events::Event;
+
+/// The `format` of the headers this version writes.
+pub(crate) const FORMAT: &str = "phi-envelope-audit/1";
+/// Prefix of every hashed message.
+const DOMAIN: &[u8] = b"phi-envelope-audit/1\0";
+/// The message whose HMAC names a key.
+pub(crate) const KEY_ID_DOMAIN: &[u8] = b"phi-envelope-audit/1 key-id\0";
+/// The longest line (newline included) written or read. Events are a few
+/// hundred bytes; the bound keeps a hostile file from making the verifier
+/// allocate without limit.
+pub(crate) const MAX_LINE: usize = 64 * 1024;
+/// `,"hash":"` + 64 hex digits + `"}`.
+const SUFFIX_LEN: usize = 9 + 64 + 2;
+
+/// How lines are hashed.
+#[derive(Clone, Debug)]
+pub(crate) enum Mac {
+    /// SHA-256: detects accidents, not a rewrite of the whole file.
+    Sha256,
+    /// HMAC-SHA-256 under an audit key.
+    Hmac(AuditKey),
+}
+
+impl Mac {
+    /// The header's `mac` member.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Mac::Sha256 => "sha256",
+            Mac::Hmac(_) => "hmac-sha256",
+        }
+    }
+
+    /// The header's `key_id` member.
+    pub(crate) fn key_id(&self) -> Option<&str> {
+        match self {
+            Mac::Sha256 => None,
+            Mac::Hmac(k) => Some(k.key_id()),
+        }
+    }
+
+    /// `name` and key id, for messages: `hmac-sha256 (key id …)`.
+    pub(crate) fn describe(name: &str, key_id: Option<&str>) -> String {
+        match key_id {
+            Some(id) => format!("{name} (key id {id})"),
+            None => name.to_owned(),
+        }
+    }
+
+    /// The hash of a line: MAC(domain || prev || body).
+    pub(crate) fn compute(&self, prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        match self {
+            Mac::Sha256 => {
+                let mut ctx = digest::Context::new(&digest::SHA256);
+                ctx.update(DOMAIN);
+                ctx.update(prev);
+                ctx.update(body);
+                out.copy_from_slice(ctx.finish().as_ref());
+            }
+            Mac::Hmac(k) => {
+                let mut ctx = hmac::Context::with_key(&k.key);
+                ctx.update(DOMAIN);
+                ctx.update(prev);
+                ctx.update(body);
+                out.copy_from_slice(ctx.sign().as_ref());
+            }
+        }
+        out
+    }
+
+    /// Constant-time comparison of a computed and a stored hash (the stored
+    /// one is public, but a keyed MAC is compared the careful way anyway).
+    pub(crate) fn matches(&self, prev: &[u8; 32], body: &[u8], stored: &[u8; 32]) -> bool {
+        let computed = self.compute(prev, body);
+        bool::from(subtle::ConstantTimeEq::ct_eq(&computed[..], &stored[..]))
+    }
+}
+
+/// The first line of every file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub(crate) mac: String,
+    pub(crate) key_id: Option<String>,
+    pub(crate) segment: u32,
+    pub(crate) prev_file: Option<String>,
+    pub(crate) time: SystemTime,
+}
+
+/// What a line records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Body {
+    Header(Header),
+    Event(Event),
+    Gap {
+        lost: u64,
+        reason: String,
+        time: SystemTime,
+    },
+}
+
+/// A decoded line.
+#[derive(Clone, Debug)]
+pub(crate) struct Line {
+    pub(crate) seq: u64,
+    pub(crate) body: Body,
+    pub(crate) prev: [u8; 32],
+    pub(crate) hash: [u8; 32],
+}
+
+/// The canonical body of a line (everything before `,"hash":"`), with the
+/// event already encoded as `event_json` when the body is an event.
+pub(crate) fn encode_body(seq: u64, body: &Body, prev: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(512);
+    out.push('{');
+    push_key(&mut out, "seq", true);
+    out.push_str(&seq.to_string());
+    push_key(&mut out, "type", false);
+    match body {
+        Body::Header(h) => {
+            push_str(&mut out, "header");
+            push_key(&mut out, "format", false);
+            push_str(&mut out, FORMAT);
+            push_key(&mut out, "mac", false);
+            push_str(&mut out, &h.mac);
+            push_key(&mut out, "key_id", false);
+            match &h.key_id {
+                Some(id) => push_str(&mut out, id),
+                None => out.push_str("null"),
+            }
+            push_key(&mut out, "segment", false);
+            out.push_str(&h.segment.to_string());
+            push_key(&mut out, "prev_file", false);
+            match &h.prev_file {
+                Some(f) => push_str(&mut out, f),
+                None => out.push_str("null"),
+            }
+            push_key(&mut out, "time", false);
+            push_str(&mut out, &format_timestamp(h.time));
+        }
+        Body::Event(e) => {
+            push_str(&mut out, "event");
+            push_key(&mut out, "event", false);
+            push_event(&mut out, e);
+        }
+        Body::Gap { lost, reason, time } => {
+            push_str(&mut out, "gap");
+            push_key(&mut out, "lost", false);
+            out.push_str(&lost.to_string());
+            push_key(&mut out, "reason", false);
+            push_str(&mut out, reason);
+            push_key(&mut out, "time", false);
+            push_str(&mut out, &format_timestamp(*time));
+        }
+    }
+    push_key(&mut out, "prev", false);
+    push_str(&mut out, &hex(prev));
+    out
+}
+
+/// The body of an event line from the event's canonical JSON
+/// ([`Event::to_json`], computed before the log's lock is taken); the same
+/// bytes as [`encode_body`] with [`Body::Event`].
+pub(crate) fn event_body(seq: u64, event_json: &str, prev: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(event_json.len() + 128);
+    out.push('{');
+    push_key(&mut out, "seq", true);
+    out.push_str(&seq.to_string());
+    push_key(&mut out, "type", false);
+    push_str(&mut out, "event");
+    push_key(&mut out, "event", false);
+    out.push_str(event_json);
+    push_key(&mut out, "prev", false);
+    push_str(&mut out, &hex(prev));
+    out
+}
+
+/// Appends the hash member, the closing brace and the newline.
+pub(crate) fn finish_line(body: &mut String, hash: &[u8; 32]) {
+    body.push_str(",\"hash\":\"");
+    body.push_str(&hex(hash));
+    body.push_str("\"}\n");
+}
+
+/// Builds a complete line and returns it with its hash.
+pub(crate) fn make_line(mac: &Mac, seq: u64, body: &Body, prev: &[u8; 32]) -> (String, [u8; 32]) {
+    let mut text = encode_body(seq, body, prev);
+    let hash = mac.compute(prev, text.as_bytes());
+    finish_line(&mut text, &hash);
+    (text, hash)
+}
+
+/// Decodes one line (without its newline). Returns the line and its body
+/// bytes (what the hash covers). Checks structure and canonical form, not
+/// the hash or the chain.
+pub(crate) fn decode(line: &[u8]) -> Result<(Line, &[u8]), Problem> {
+    let malformed = |why: &str| Problem::Malformed(why.to_owned());
+    if line.len() < SUFFIX_LEN + 2 {
+        return Err(malformed("too short to be an audit entry"));
+    }
+    let (body, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+    let hash = suffix
+        .strip_prefix(b",\"hash\":\"")
+        .and_then(|s| s.strip_suffix(b"\"}"))
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .and_then(unhex32)
+        .ok_or_else(|| malformed("the line does not end with its \"hash\" member"))?;
+    let body_str = std::str::from_utf8(body).map_err(|_| malformed("not UTF-8"))?;
+    let mut json = String::with_capacity(body_str.len() + 1);
+    json.push_str(body_str);
+    json.push('}');
+    let value: Value =
+        serde_json::from_str(&json).map_err(|e| Problem::Malformed(format!("not JSON: {e}")))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| malformed("not a JSON object"))?;
+    let seq = obj
+        .get("seq")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| malformed("no unsigned integer \"seq\""))?;
+    let prev = unhex32(req_str(obj, "prev").map_err(Problem::Malformed)?)
+        .ok_or_else(|| malformed("\"prev\" is not 64 hex digits"))?;
+    let time = |obj: &serde_json::Map<String, Value>| -> Result<SystemTime, Problem> {
+        parse_timestamp(req_str(obj, "time").map_err(Problem::Malformed)?)
+            .ok_or_else(|| malformed("\"time\" is not an RFC 3339 UTC timestamp"))
+    };
+    let kind = req_str(obj, "type").map_err(Problem::Malformed)?;
+    let parsed = match kind {
+        "header" => {
+            let format = req_str(obj, "format").map_err(Problem::Malformed)?;
+            if format != FORMAT {
+                return Err(Problem::Malformed(format!(
+                    "unknown log format {format:?} (this build reads {FORMAT:?})"
+                )));
+            }
+            let mac = req_str(obj, "mac").map_err(Problem::Malformed)?.to_owned();
+            if mac != "sha256" && mac != "hmac-sha256" {
+                return Err(Problem::Malformed(format!("unknown mac {mac:?}")));
+            }
+            let segment = obj
+                .get("segment")
+                .and_then(Value::as_u64)
+                .and_then(|s| u32::try_from(s).ok())
+                .filter(|&s| s >= 1)
+                .ok_or_else(|| malformed("no valid \"segment\""))?;
+            Body::Header(Header {
+                mac,
+                key_id: opt_str(obj, "key_id").map_err(Problem::Malformed)?,
+                segment,
+                prev_file: opt_str(obj, "prev_file").map_err(Problem::Malformed)?,
+                time: time(obj)?,
+            })
+        }
+        "event" => Body::Event(
+            event_from_value(obj.get("event").ok_or_else(|| malformed("no \"event\""))?)
+                .map_err(Problem::Malformed)?,
+        ),
+        "gap" => Body::Gap {
+            lost: obj
+                .get("lost")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| malformed("no unsigned integer \"lost\""))?,
+            reason: req_str(obj, "reason")
+                .map_err(Problem::Malformed)?
+                .to_owned(),
+            time: time(obj)?,
+        },
+        other => return Err(Problem::Malformed(format!("unknown line type {other:?}"))),
+    };
+    if encode_body(seq, &parsed, &prev).as_bytes() != body {
+        return Err(Problem::NotCanonical);
+    }
+    Ok((
+        Line {
+            seq,
+            body: parsed,
+            prev,
+            hash,
+        },
+        body,
+    ))
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// 64 lowercase hex digits to 32 bytes.
+pub(crate) fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        out[i] = (digit(pair[0])? << 4) | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Operation, Outcome};
+
+    #[test]
+    fn lines_round_trip_and_reject_other_spellings() {
+        let mac = Mac::Sha256;
+        let e = Event::new(Operation::Unwrap, "local", Outcome::Failed("x\"y".into()))
+            .with_key("local:k", Some(3))
+            .with_caller("al\u{1}ice", "tréatment");
+        let (text, hash) = make_line(&mac, 5, &Body::Event(e.clone()), &[9; 32]);
+        let raw = text.trim_end_matches('\n').as_bytes();
+        let (line, body) = decode(raw).unwrap();
+        assert_eq!(line.seq, 5);
+        assert_eq!(line.hash, hash);
+        assert_eq!(line.prev, [9; 32]);
+        assert_eq!(
+            event_body(5, &e.to_json(), &[9; 32]).as_bytes(),
+            body,
+            "event_body and encode_body agree"
+        );
+        assert!(mac.matches(&line.prev, body, &line.hash));
+        match line.body {
+            Body::Event(back) => {
+                assert_eq!(back.to_json(), e.to_json());
+                assert_eq!(back.actor.as_deref(), Some("al\u{1}ice"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A space, a reordered member, an escaped é: same JSON value, other bytes.
+        for edit in [
+            text.replacen("\"seq\":5", "\"seq\": 5", 1),
+            text.replacen("é", "\\u00e9", 1),
+            text.replacen(
+                "{\"seq\":5,\"type\":\"event\"",
+                "{\"type\":\"event\",\"seq\":5",
+                1,
+            ),
+        ] {
+            assert_ne!(edit, text);
+            assert_eq!(
+                decode(edit.trim_end_matches('\n').as_bytes()).unwrap_err(),
+                Problem::NotCanonical
+            );
+        }
+    }
+}

@@ -1,0 +1,841 @@
+//! The append-only, hash-chained JSON Lines audit log.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use super::line::{self, Body, Header, Line, Mac, MAX_LINE};
+use super::verify::{BadLine, Problem};
+use super::{segment_path, segments, Anchor, AuditKey};
+use crate::events::{Event, EventSink, SinkError};
+
+/// When the log forces its writes to stable storage (`fdatasync`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FsyncPolicy {
+    /// After every entry, before the keyring releases the operation's
+    /// result: an acknowledged key access is on disk. The default.
+    #[default]
+    EveryEntry,
+    /// After every `n` entries (and on rotation, [`AuditLog::sync`] and
+    /// drop): up to `n - 1` acknowledged entries can be lost in a power
+    /// failure. `EveryN(0)` and `EveryN(1)` mean every entry.
+    EveryN(u32),
+    /// Never explicitly: the operating system writes back when it likes. A
+    /// crash of the process loses nothing (every entry is written to the
+    /// kernel at once); a power failure or kernel crash can.
+    Never,
+}
+
+/// Why an audit log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// A file or its directory could not be read, created or written.
+    #[error("audit log {}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The log is already open in this process; two writers would break
+    /// the chain.
+    #[error("audit log {} is already open in this process: share one AuditLog (it is thread-safe) instead of opening it twice", .0.display())]
+    InUse(PathBuf),
+    /// The end of the log does not verify, so the chain cannot be resumed.
+    #[error("cannot resume the audit log: {0}; run audit::verify on it and investigate before writing to it again")]
+    Damaged(BadLine),
+    /// The log was written with another audit key (or with none, or with
+    /// one where this log is configured without).
+    #[error("audit log {} is {found}, but this AuditLog is configured with {expected}: configure the key the log was written with, or start a new log", path.display())]
+    KeyMismatch {
+        /// The file whose header was read.
+        path: PathBuf,
+        /// The configured MAC (and key id).
+        expected: String,
+        /// The MAC (and key id) in the file's header.
+        found: String,
+    },
+    /// The configuration is invalid (e.g. a path without a file name).
+    #[error("invalid audit log configuration: {0}")]
+    Invalid(String),
+}
+
+/// Builds an [`AuditLog`]: audit key, fsync policy, rotation.
+#[derive(Clone, Debug, Default)]
+pub struct AuditLogBuilder {
+    key: Option<AuditKey>,
+    fsync: FsyncPolicy,
+    max_file_bytes: Option<u64>,
+    repair_torn_tail: bool,
+}
+
+impl AuditLogBuilder {
+    /// Keys the chain with HMAC-SHA-256 under `key` (recommended; see the
+    /// [module documentation](super) for what an unkeyed chain does not
+    /// protect against).
+    pub fn audit_key(mut self, key: AuditKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// When to fsync (default [`FsyncPolicy::EveryEntry`]).
+    pub fn fsync(mut self, policy: FsyncPolicy) -> Self {
+        self.fsync = policy;
+        self
+    }
+
+    /// Starts a new file (`NAME.000002`, ...) before a write would make the
+    /// current one larger than `bytes` (default: never rotate). A file always
+    /// takes at least one entry after its header, however small `bytes` is.
+    pub fn max_file_bytes(mut self, bytes: u64) -> Self {
+        self.max_file_bytes = Some(bytes);
+        self
+    }
+
+    /// Whether [`open`](Self::open) may cut off an incomplete last line (a
+    /// write torn by a crash) and record a `gap` line in its place (default
+    /// `false`: such a log is refused with [`OpenError::Damaged`]).
+    ///
+    /// The cut line is an event whose operation never completed: the
+    /// keyring releases a result only after its event is written.
+    pub fn repair_torn_tail(mut self, yes: bool) -> Self {
+        self.repair_torn_tail = yes;
+        self
+    }
+
+    /// Opens the log whose first file is `path`, creating it if no file of
+    /// it exists, or resuming its chain: the last file's header is checked
+    /// against the configured key and its last line is verified. The whole
+    /// chain is not re-verified (see [`verify`](super::verify)).
+    pub fn open(self, path: impl AsRef<Path>) -> Result<AuditLog, OpenError> {
+        AuditLog::open_with(self, path.as_ref())
+    }
+}
+
+/// An append-only JSON Lines audit log whose lines are hash-chained (see
+/// the [module documentation](super) for the format and its guarantees).
+///
+/// Thread-safe: one mutex covers an append (sequence number, chain, hash,
+/// write), so concurrent tasks never lose an entry or interleave the chain.
+/// The fsync happens after that mutex is released, as a group commit: an
+/// append returns once an fsync that started after its write has finished,
+/// and one fsync covers every entry written before it, so concurrent
+/// appends share fsyncs instead of queueing one behind the other.
+///
+/// Files are opened with `O_APPEND` and created with mode 0600. A failed
+/// write is rolled back (the file is cut back to its last complete line)
+/// and reported as a [`SinkError`]; a failed fsync, or a failed rollback,
+/// makes the log refuse every later entry until it is reopened, since what
+/// reached the disk is then unknown. Events that could not be written are
+/// counted and recorded by a `gap` line at the next successful append.
+///
+/// Only one `AuditLog` per log may be open in a process (a second
+/// [`open`](AuditLog::open) fails with [`OpenError::InUse`]); do not point
+/// two processes at the same log either: their chains would fork, which the
+/// verifier reports.
+pub struct AuditLog {
+    cfg: Config,
+    state: Mutex<State>,
+    /// Lock order: `state` before `durable` wherever both are held.
+    durable: Mutex<Durable>,
+    /// `next_seq` as of the last completed write: every line below it is
+    /// in the file.
+    written: AtomicU64,
+    _registration: Registration,
+}
+
+/// What is known to be on stable storage.
+struct Durable {
+    /// A second handle to the current file, to fsync it without `state`.
+    file: File,
+    /// Every line below this sequence number is on stable storage.
+    synced: u64,
+    /// An fsync failed: nothing written since can be trusted to be there.
+    failed: Option<String>,
+}
+
+/// What does not change while the log is open.
+struct Config {
+    base: PathBuf,
+    mac: Mac,
+    fsync: FsyncPolicy,
+    max_file_bytes: Option<u64>,
+}
+
+/// This process's claim on a log path, released on drop.
+struct Registration(PathBuf);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&OPEN_LOGS).retain(|p| p != &self.0);
+    }
+}
+
+struct State {
+    file: File,
+    path: PathBuf,
+    segment: u32,
+    bytes: u64,
+    lines_in_file: u64,
+    next_seq: u64,
+    prev: [u8; 32],
+    unsynced: u32,
+    lost: u64,
+    broken: Option<String>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.cfg.base)
+            .field(
+                "mac",
+                &Mac::describe(self.cfg.mac.name(), self.cfg.mac.key_id()),
+            )
+            .field("fsync", &self.cfg.fsync)
+            .field("max_file_bytes", &self.cfg.max_file_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The logs open in this process (canonical paths).
+static OPEN_LOGS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn create_new(path: &Path) -> io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.append(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The end of one file, as found on disk.
+struct Tail {
+    len: u64,
+    /// Offset and length of an incomplete last line, if any.
+    torn: Option<(u64, u64)>,
+    /// The last complete line (without its newline).
+    last: Option<Vec<u8>>,
+}
+
+/// Reads the end of `path` without reading the whole file.
+fn read_tail(path: &Path) -> io::Result<Tail> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let window = len.min(2 * MAX_LINE as u64 + 2);
+    f.seek(SeekFrom::Start(len - window))?;
+    let mut buf = Vec::with_capacity(window as usize);
+    f.take(window).read_to_end(&mut buf)?;
+    let start = len - buf.len() as u64;
+    // Everything after the last newline is an incomplete line.
+    let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn =
+        (complete < buf.len()).then(|| (start + complete as u64, (buf.len() - complete) as u64));
+    let last = if complete == 0 {
+        None
+    } else {
+        let body = &buf[..complete - 1];
+        let from = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if from == 0 && start > 0 {
+            // The line is longer than the window: not one of ours.
+            Some(Vec::new())
+        } else {
+            Some(body[from..].to_vec())
+        }
+    };
+    Ok(Tail { len, torn, last })
+}
+
+/// Reads the first line of `path` (without its newline), at most
+/// `MAX_LINE` bytes.
+fn read_first_line(path: &Path) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    File::open(path)?
+        .take(MAX_LINE as u64)
+        .read_to_end(&mut buf)?;
+    if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+        buf.truncate(i);
+    }
+    Ok(buf)
+}
+
+/// The 1-based number of the line starting at `offset` (counted only when
+/// an error is reported).
+fn line_number_at(path: &Path, offset: u64) -> u64 {
+    let mut n = 1;
+    if let Ok(f) = File::open(path) {
+        let mut r = io::BufReader::new(f.take(offset));
+        let mut buf = [0u8; 64 * 1024];
+        while let Ok(k) = r.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += buf[..k].iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+    }
+    n
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log whose first file is `path` with the
+    /// defaults: unkeyed, fsync every entry, no rotation. See
+    /// [`builder`](Self::builder).
+    pub fn open(path: impl AsRef<Path>) -> Result<AuditLog, OpenError> {
+        AuditLog::builder().open(path)
+    }
+
+    /// A builder: audit key, fsync policy, rotation.
+    pub fn builder() -> AuditLogBuilder {
+        AuditLogBuilder::default()
+    }
+
+    fn open_with(opts: AuditLogBuilder, base: &Path) -> Result<AuditLog, OpenError> {
+        let name = base
+            .file_name()
+            .filter(|n| n.to_str().is_some())
+            .ok_or_else(|| {
+                OpenError::Invalid(format!("{}: not a UTF-8 file name", base.display()))
+            })?;
+        let dir = match base.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let registered = dir.canonicalize().map_err(io_err(dir))?.join(name);
+        let registration = {
+            let mut open = lock(&OPEN_LOGS);
+            if open.contains(&registered) {
+                return Err(OpenError::InUse(base.to_path_buf()));
+            }
+            open.push(registered.clone());
+            Registration(registered)
+        };
+        let cfg = Config {
+            base: base.to_path_buf(),
+            mac: match opts.key {
+                Some(k) => Mac::Hmac(k),
+                None => Mac::Sha256,
+            },
+            fsync: opts.fsync,
+            max_file_bytes: opts.max_file_bytes,
+        };
+        // On error, `registration` is dropped and releases the path.
+        let state = cfg.resume(opts.repair_torn_tail)?;
+        if cfg.fsync != FsyncPolicy::Never {
+            // Whatever an earlier process left in the page cache.
+            state.file.sync_data().map_err(io_err(&state.path))?;
+        }
+        let durable = Durable {
+            file: state.file.try_clone().map_err(io_err(&state.path))?,
+            synced: state.next_seq,
+            failed: None,
+        };
+        Ok(AuditLog {
+            cfg,
+            written: AtomicU64::new(state.next_seq),
+            durable: Mutex::new(durable),
+            state: Mutex::new(state),
+            _registration: registration,
+        })
+    }
+}
+
+impl Config {
+    /// Finds the end of the chain on disk and returns the writer state.
+    fn resume(&self, repair: bool) -> Result<State, OpenError> {
+        let found = segments(&self.base).map_err(io_err(&self.base))?;
+        let Some(&(last_n, ref last_path)) = found.last() else {
+            // A new log: the genesis header.
+            let file = create_new(&self.base).map_err(io_err(&self.base))?;
+            let mut st = self.fresh_state(file, self.base.clone(), 1, 0, [0; 32]);
+            self.write_header(&mut st, None)
+                .map_err(io_err(&self.base))?;
+            return Ok(st);
+        };
+        if found[0].0 != 1 {
+            return Err(OpenError::Invalid(format!(
+                "{} is missing but later files of the log exist ({}): restore it, or open the log under a new name",
+                self.base.display(),
+                found[0].1.display()
+            )));
+        }
+        let meta = std::fs::metadata(last_path).map_err(io_err(last_path))?;
+        if !meta.is_file() {
+            return Err(OpenError::Invalid(format!(
+                "{} is not a regular file",
+                last_path.display()
+            )));
+        }
+        let mut tail = read_tail(last_path).map_err(io_err(last_path))?;
+        let mut repaired = false;
+        if let Some((offset, _)) = tail.torn {
+            if !repair {
+                return Err(OpenError::Damaged(BadLine {
+                    file: last_path.clone(),
+                    line: line_number_at(last_path, offset),
+                    seq: None,
+                    problem: Problem::Incomplete,
+                }));
+            }
+            let f = OpenOptions::new()
+                .write(true)
+                .open(last_path)
+                .map_err(io_err(last_path))?;
+            f.set_len(offset).map_err(io_err(last_path))?;
+            f.sync_all().map_err(io_err(last_path))?;
+            tail = read_tail(last_path).map_err(io_err(last_path))?;
+            repaired = true;
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .open(last_path)
+            .map_err(io_err(last_path))?;
+        let mut st = if tail.len == 0 {
+            // A file created by a rotation (or a new log) that crashed
+            // before its header was written: write it now.
+            let (seq, prev) = if last_n == 1 {
+                (0, [0; 32])
+            } else {
+                let prev_path = segment_path(&self.base, last_n - 1);
+                self.check_header(&prev_path, last_n - 1)?;
+                let prev_tail = read_tail(&prev_path).map_err(io_err(&prev_path))?;
+                let line = self.check_last_line(&prev_path, &prev_tail)?;
+                (line.seq + 1, line.hash)
+            };
+            let mut st = self.fresh_state(file, last_path.clone(), last_n, seq, prev);
+            let prev_file = (last_n > 1).then(|| file_name(&segment_path(&self.base, last_n - 1)));
+            self.write_header(&mut st, prev_file)
+                .map_err(io_err(last_path))?;
+            st
+        } else {
+            self.check_header(last_path, last_n)?;
+            let line = self.check_last_line(last_path, &tail)?;
+            let mut st = self.fresh_state(file, last_path.clone(), last_n, line.seq + 1, line.hash);
+            st.bytes = tail.len;
+            // The exact count is not needed (nor read): only whether the
+            // file holds more than its header, which rotation asks.
+            st.lines_in_file = if matches!(line.body, Body::Header(_)) {
+                1
+            } else {
+                2
+            };
+            st
+        };
+        if repaired {
+            st.lost = 1;
+            self.write_gap(&mut st, "torn-tail")
+                .map_err(io_err(last_path))?;
+        }
+        Ok(st)
+    }
+
+    fn fresh_state(
+        &self,
+        file: File,
+        path: PathBuf,
+        segment: u32,
+        seq: u64,
+        prev: [u8; 32],
+    ) -> State {
+        State {
+            file,
+            path,
+            segment,
+            bytes: 0,
+            lines_in_file: 0,
+            next_seq: seq,
+            prev,
+            unsynced: 0,
+            lost: 0,
+            broken: None,
+        }
+    }
+
+    /// Checks that the header of `path` is segment `n` of a log with the
+    /// configured MAC and key.
+    fn check_header(&self, path: &Path, n: u32) -> Result<(), OpenError> {
+        let raw = read_first_line(path).map_err(io_err(path))?;
+        let bad = |problem| {
+            OpenError::Damaged(BadLine {
+                file: path.to_path_buf(),
+                line: 1,
+                seq: None,
+                problem,
+            })
+        };
+        let (line, _) = line::decode(&raw).map_err(bad)?;
+        let Body::Header(h) = line.body else {
+            return Err(bad(Problem::HeaderExpected));
+        };
+        if h.mac != self.mac.name() || h.key_id.as_deref() != self.mac.key_id() {
+            return Err(OpenError::KeyMismatch {
+                path: path.to_path_buf(),
+                expected: Mac::describe(self.mac.name(), self.mac.key_id()),
+                found: Mac::describe(&h.mac, h.key_id.as_deref()),
+            });
+        }
+        if h.segment != n {
+            return Err(bad(Problem::SegmentMismatch {
+                expected: n,
+                found: h.segment,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Decodes and verifies the last complete line of a file.
+    fn check_last_line(&self, path: &Path, tail: &Tail) -> Result<Line, OpenError> {
+        let offset = tail.len - tail.last.as_ref().map_or(0, |l| l.len() as u64 + 1);
+        let bad = |problem| {
+            OpenError::Damaged(BadLine {
+                file: path.to_path_buf(),
+                line: line_number_at(path, offset),
+                seq: None,
+                problem,
+            })
+        };
+        let raw = tail
+            .last
+            .as_deref()
+            .ok_or_else(|| bad(Problem::EmptyFile))?;
+        if raw.is_empty() {
+            return Err(bad(Problem::TooLong));
+        }
+        let (line, body) = line::decode(raw).map_err(bad)?;
+        if !self.mac.matches(&line.prev, body, &line.hash) {
+            return Err(bad(Problem::HashMismatch));
+        }
+        Ok(line)
+    }
+
+    /// Writes the header of the file `st` points at (segment `st.segment`).
+    fn write_header(&self, st: &mut State, prev_file: Option<String>) -> io::Result<()> {
+        let header = Body::Header(Header {
+            mac: self.mac.name().to_owned(),
+            key_id: self.mac.key_id().map(str::to_owned),
+            segment: st.segment,
+            prev_file,
+            time: SystemTime::now(),
+        });
+        let (text, hash) = line::make_line(&self.mac, st.next_seq, &header, &st.prev);
+        st.file.write_all(text.as_bytes())?;
+        if self.fsync != FsyncPolicy::Never {
+            st.file.sync_data()?;
+            sync_dir(&st.path)?;
+        }
+        st.bytes += text.len() as u64;
+        st.lines_in_file += 1;
+        st.next_seq += 1;
+        st.prev = hash;
+        Ok(())
+    }
+
+    /// Writes a gap line for `st.lost` events at once (used on open).
+    fn write_gap(&self, st: &mut State, reason: &str) -> io::Result<()> {
+        let gap = Body::Gap {
+            lost: st.lost,
+            reason: reason.to_owned(),
+            time: SystemTime::now(),
+        };
+        let (text, hash) = line::make_line(&self.mac, st.next_seq, &gap, &st.prev);
+        st.file.write_all(text.as_bytes())?;
+        if self.fsync != FsyncPolicy::Never {
+            st.file.sync_data()?;
+        }
+        st.bytes += text.len() as u64;
+        st.lines_in_file += 1;
+        st.next_seq += 1;
+        st.prev = hash;
+        st.lost = 0;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Writes one event (and a gap line first if events were lost);
+    /// returns its `seq` and whether the caller must now fsync.
+    fn append_locked(
+        &self,
+        st: &mut State,
+        durable: &Mutex<Durable>,
+        event_json: &str,
+    ) -> Result<(u64, bool), SinkError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display, path: &Path| {
+            SinkError(format!("audit log {}: {what}: {e}", path.display()))
+        };
+        if st.broken.is_none() {
+            st.broken = lock(durable).failed.clone();
+        }
+        if let Some(reason) = &st.broken {
+            return Err(SinkError(format!(
+                "audit log {} refuses entries after an earlier failure ({reason}); reopen it",
+                self.base.display()
+            )));
+        }
+        // seq (20 digits), prev and hash (64 each) and the framing.
+        let estimate = event_json.len() as u64 + 240;
+        if estimate > MAX_LINE as u64 {
+            return Err(SinkError(format!(
+                "audit log {}: event too large ({} bytes of JSON; the limit is {MAX_LINE})",
+                self.base.display(),
+                event_json.len()
+            )));
+        }
+        if let Some(max) = self.max_file_bytes {
+            let gap = if st.lost > 0 { 240 } else { 0 };
+            if st.lines_in_file > 1 && st.bytes + estimate + gap > max {
+                self.rotate(st, durable)?;
+            }
+        }
+        let mut text = String::with_capacity(event_json.len() + 512);
+        let mut seq = st.next_seq;
+        let mut prev = st.prev;
+        let mut lines = 0;
+        if st.lost > 0 {
+            let gap = Body::Gap {
+                lost: st.lost,
+                reason: "write-failed".into(),
+                time: SystemTime::now(),
+            };
+            let (gap_text, hash) = line::make_line(&self.mac, seq, &gap, &prev);
+            text.push_str(&gap_text);
+            seq += 1;
+            prev = hash;
+            lines += 1;
+        }
+        let event_seq = seq;
+        let mut body = line::event_body(seq, event_json, &prev);
+        let hash = self.mac.compute(&prev, body.as_bytes());
+        line::finish_line(&mut body, &hash);
+        text.push_str(&body);
+        lines += 1;
+
+        if let Err(e) = st.file.write_all(text.as_bytes()) {
+            // Cut the file back to its last complete line, so the chain on
+            // disk stays intact for the next attempt.
+            if let Err(e2) = st.file.set_len(st.bytes) {
+                st.broken = Some(format!(
+                    "write failed ({e}) and could not be rolled back ({e2})"
+                ));
+            }
+            return Err(fail("write failed", &e, &st.path));
+        }
+        st.bytes += text.len() as u64;
+        st.lines_in_file += lines;
+        st.next_seq = event_seq + 1;
+        st.prev = hash;
+        st.lost = 0;
+        st.unsynced += 1;
+        let every = match self.fsync {
+            FsyncPolicy::EveryEntry => Some(1),
+            FsyncPolicy::EveryN(n) => Some(n.max(1)),
+            FsyncPolicy::Never => None,
+        };
+        let sync = every.is_some_and(|n| st.unsynced >= n);
+        if sync {
+            st.unsynced = 0;
+        }
+        Ok((event_seq, sync))
+    }
+
+    /// Starts the next file, whose header chains to the current last line.
+    fn rotate(&self, st: &mut State, durable: &Mutex<Durable>) -> Result<(), SinkError> {
+        if self.fsync != FsyncPolicy::Never {
+            // The old file is left complete and on disk.
+            if let Err(e) = st.file.sync_data() {
+                let reason = format!("fsync failed: {e}");
+                lock(durable).failed = Some(reason.clone());
+                st.broken = Some(reason);
+                return Err(SinkError(format!(
+                    "audit log {}: fsync failed: {e}",
+                    st.path.display()
+                )));
+            }
+            st.unsynced = 0;
+        }
+        let n = st.segment + 1;
+        let path = segment_path(&self.base, n);
+        let file = create_new(&path).map_err(|e| {
+            SinkError(format!(
+                "audit log {}: cannot start the next file: {e}",
+                path.display()
+            ))
+        })?;
+        let mut next = self.fresh_state(file, path.clone(), n, st.next_seq, st.prev);
+        next.lost = st.lost;
+        let started = self
+            .write_header(&mut next, Some(file_name(&st.path)))
+            .and_then(|()| next.file.try_clone());
+        let handle = match started {
+            Ok(h) => h,
+            Err(e) => {
+                // Leave no half-written file behind: the next attempt (or the
+                // next open) would take it for the end of the chain.
+                if std::fs::remove_file(&path).is_err() {
+                    st.broken = Some(format!(
+                        "could not write the header of {} ({e}) nor remove it",
+                        path.display()
+                    ));
+                }
+                return Err(SinkError(format!(
+                    "audit log {}: cannot start the next file: {e}",
+                    path.display()
+                )));
+            }
+        };
+        *st = next;
+        let mut d = lock(durable);
+        d.file = handle;
+        if self.fsync != FsyncPolicy::Never {
+            // The old file and the new header were synced above.
+            d.synced = st.next_seq;
+        }
+        Ok(())
+    }
+}
+
+impl AuditLog {
+    /// Appends one event and returns its `seq`. This is what
+    /// [`EventSink::record`] does.
+    pub fn append(&self, event: &Event) -> Result<u64, SinkError> {
+        // Encode outside the lock; only seq, prev and the hash need it.
+        let event_json = event.to_json();
+        let (seq, sync) = {
+            let mut st = lock(&self.state);
+            match self.cfg.append_locked(&mut st, &self.durable, &event_json) {
+                Ok(done) => {
+                    self.written.store(st.next_seq, Ordering::SeqCst);
+                    done
+                }
+                Err(e) => {
+                    st.lost = st.lost.saturating_add(1);
+                    return Err(e);
+                }
+            }
+        };
+        if sync {
+            self.sync_through(seq + 1)?;
+        }
+        Ok(seq)
+    }
+
+    /// Group commit: returns once every line below `target` is on stable
+    /// storage, by an fsync of its own or one that another append started
+    /// after `target` was written.
+    fn sync_through(&self, target: u64) -> Result<(), SinkError> {
+        let mut d = lock(&self.durable);
+        if let Some(reason) = &d.failed {
+            return Err(SinkError(format!(
+                "audit log {}: not on stable storage ({reason}); reopen it",
+                self.cfg.base.display()
+            )));
+        }
+        if d.synced >= target {
+            return Ok(());
+        }
+        // Everything written before this load is covered by the fsync below
+        // (a rotation, which would change the file, needs this lock).
+        let upto = self.written.load(Ordering::SeqCst);
+        if let Err(e) = d.file.sync_data() {
+            d.failed = Some(format!("fsync failed: {e}"));
+            return Err(SinkError(format!(
+                "audit log {}: fsync failed: {e}",
+                self.cfg.base.display()
+            )));
+        }
+        d.synced = d.synced.max(upto);
+        Ok(())
+    }
+
+    /// The end of the chain: the last line's `seq` and `hash`. Store it
+    /// outside the log's reach to detect a truncated tail later
+    /// ([`verify_with_anchor`](super::verify_with_anchor)).
+    pub fn anchor(&self) -> Anchor {
+        let st = lock(&self.state);
+        Anchor {
+            seq: st.next_seq.saturating_sub(1),
+            hash: line::hex(&st.prev),
+        }
+    }
+
+    /// Forces the entries written so far to stable storage now (useful with
+    /// [`FsyncPolicy::EveryN`], e.g. at shutdown). With
+    /// [`FsyncPolicy::Never`], only the current file is synced: rotation
+    /// does not sync the files it leaves.
+    pub fn sync(&self) -> Result<(), SinkError> {
+        if lock(&self.state).broken.is_some() {
+            return Err(SinkError(format!(
+                "audit log {} is unusable after an earlier failure; reopen it",
+                self.cfg.base.display()
+            )));
+        }
+        self.sync_through(self.written.load(Ordering::SeqCst))
+    }
+
+    /// The log's first file (the path it was opened with).
+    pub fn path(&self) -> &Path {
+        &self.cfg.base
+    }
+
+    /// The file entries are currently appended to.
+    pub fn current_file(&self) -> PathBuf {
+        lock(&self.state).path.clone()
+    }
+}
+
+impl EventSink for AuditLog {
+    fn record(&self, event: &Event) -> Result<(), SinkError> {
+        self.append(event).map(|_| ())
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        let written = *self.written.get_mut();
+        let d = self.durable.get_mut().unwrap_or_else(|p| p.into_inner());
+        if d.failed.is_none() && d.synced < written && self.cfg.fsync != FsyncPolicy::Never {
+            let _ = d.file.sync_data();
+        }
+    }
+}

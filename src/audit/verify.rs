@@ -1,0 +1,601 @@
+//! The verifier: checks a whole log, across its rotated files, and names the
+//! first line where it is wrong.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use super::line::{self, Body, Mac, MAX_LINE};
+use super::{segments, Anchor, AuditKey};
+
+/// What is wrong with a line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The line has no newline at the end of the file: a write torn by a
+    /// crash, or a file cut short.
+    Incomplete,
+    /// The line is longer than any entry the log writes.
+    TooLong,
+    /// The line is not an audit entry (not JSON, a member missing or of the
+    /// wrong type, an unknown format).
+    Malformed(String),
+    /// The line is valid JSON but not in the canonical encoding the log
+    /// writes (spacing, member order, escaping, an extra member): it was
+    /// edited.
+    NotCanonical,
+    /// The first line of a file is not a header.
+    HeaderExpected,
+    /// A header in the middle of a file.
+    UnexpectedHeader,
+    /// The file is empty.
+    EmptyFile,
+    /// The log does not start with its genesis header (segment 1, seq 0):
+    /// its first lines or files are missing.
+    NotGenesis {
+        /// The segment the first file says it is.
+        segment: u32,
+    },
+    /// A file's header has the wrong segment number: a rotated file is
+    /// missing, duplicated or out of order.
+    SegmentMismatch {
+        /// The segment expected here.
+        expected: u32,
+        /// The segment the header names.
+        found: u32,
+    },
+    /// A header names another MAC or key than the log's first header.
+    MacChanged {
+        /// The log's MAC and key id.
+        expected: String,
+        /// This header's.
+        found: String,
+    },
+    /// An audit key was given but the log is unkeyed: anyone who could
+    /// rewrite it could have recomputed its chain.
+    Unkeyed,
+    /// The log is keyed with another key than the one given.
+    WrongKey {
+        /// The key id of the key given.
+        expected: String,
+        /// The key id in the log.
+        found: String,
+    },
+    /// The sequence number is not the next one: lines before this one were
+    /// deleted, or lines were inserted, duplicated or reordered.
+    SeqMismatch {
+        /// The sequence number expected here.
+        expected: u64,
+        /// The one the line carries.
+        found: u64,
+    },
+    /// The line's `prev` is not the hash of the line before it: the line
+    /// before was edited (and rehashed) or replaced, or this one was moved
+    /// or inserted.
+    PrevMismatch,
+    /// The line's hash does not verify: the line was edited (or, on line 1,
+    /// the key is wrong).
+    HashMismatch,
+    /// The line at the anchor's `seq` has another hash than the anchor: the
+    /// log was rewritten up to here.
+    AnchorMismatch {
+        /// The anchor's sequence number.
+        seq: u64,
+    },
+    /// The log ends before the anchor's `seq`: lines (or whole files) were
+    /// removed from its end.
+    MissingTail {
+        /// The last sequence number in the log, if any.
+        last_seq: Option<u64>,
+        /// The anchor's sequence number.
+        anchor_seq: u64,
+    },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Incomplete => f.write_str(
+                "incomplete line (no newline at the end of the file): a write torn by a crash, or the file was cut short",
+            ),
+            Problem::TooLong => write!(f, "line longer than {MAX_LINE} bytes: not an audit entry"),
+            Problem::Malformed(why) => write!(f, "not a valid audit entry: {why}"),
+            Problem::NotCanonical => f.write_str(
+                "the entry is not in the canonical form the log writes: it was edited",
+            ),
+            Problem::HeaderExpected => f.write_str("the first line of a file must be a header"),
+            Problem::UnexpectedHeader => f.write_str("a header in the middle of a file"),
+            Problem::EmptyFile => f.write_str("the file is empty"),
+            Problem::NotGenesis { segment } => write!(
+                f,
+                "the log does not start at its beginning (this file is segment {segment}): earlier files or lines are missing; give them too, or a start anchor"
+            ),
+            Problem::SegmentMismatch { expected, found } => write!(
+                f,
+                "expected the header of segment {expected}, found segment {found}: a rotated file is missing, duplicated or out of order"
+            ),
+            Problem::MacChanged { expected, found } => write!(
+                f,
+                "this file is {found} but the log is {expected}: files of different logs were mixed, or the header was edited"
+            ),
+            Problem::Unkeyed => f.write_str(
+                "an audit key was given but the log is unkeyed (sha256): anyone able to rewrite the files could have recomputed its chain",
+            ),
+            Problem::WrongKey { expected, found } => write!(
+                f,
+                "the log is keyed with key id {found}, not with the given key (key id {expected})"
+            ),
+            Problem::SeqMismatch { expected, found } => {
+                if found > expected {
+                    write!(
+                        f,
+                        "sequence number {found}, expected {expected}: {} entr{} missing before this line (deleted), or lines were reordered",
+                        found - expected,
+                        if found - expected == 1 { "y is" } else { "ies are" }
+                    )
+                } else {
+                    write!(
+                        f,
+                        "sequence number {found}, expected {expected}: this line was inserted, duplicated or moved"
+                    )
+                }
+            }
+            Problem::PrevMismatch => f.write_str(
+                "does not chain to the line before it (prev is not that line's hash): the line before was edited or replaced, or this line was inserted or moved",
+            ),
+            Problem::HashMismatch => f.write_str(
+                "the hash does not verify: this line was edited (or the audit key is wrong)",
+            ),
+            Problem::AnchorMismatch { seq } => write!(
+                f,
+                "the anchor says entry {seq} has another hash: the log was rewritten up to here"
+            ),
+            Problem::MissingTail {
+                last_seq,
+                anchor_seq,
+            } => match last_seq {
+                Some(last) => write!(
+                    f,
+                    "the log ends at entry {last} but the anchor expects entry {anchor_seq}: {} entr{} removed from the end",
+                    anchor_seq - last,
+                    if anchor_seq - last == 1 { "y was" } else { "ies were" }
+                ),
+                None => write!(
+                    f,
+                    "the log has no entries but the anchor expects entry {anchor_seq}"
+                ),
+            },
+        }
+    }
+}
+
+/// The first bad line of a log: where, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadLine {
+    /// The file.
+    pub file: PathBuf,
+    /// The 1-based line number in that file (for a missing tail: the line
+    /// after the last one).
+    pub line: u64,
+    /// The line's sequence number, when it could be read.
+    pub seq: Option<u64>,
+    /// What is wrong.
+    pub problem: Problem,
+}
+
+impl fmt::Display for BadLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} line {}", self.file.display(), self.line)?;
+        if let Some(seq) = self.seq {
+            write!(f, " (seq {seq})")?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+/// Why a log did not verify.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// A file could not be read (or does not exist).
+    #[error("cannot read audit log {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// No files were given.
+    #[error("no audit log files to verify")]
+    NoFiles,
+    /// The log is keyed and no key was given.
+    #[error("audit log {} is keyed (HMAC-SHA-256, key id {key_id}): verify it with its audit key", file.display())]
+    KeyRequired {
+        /// The file whose header says so.
+        file: PathBuf,
+        /// The key id in the header.
+        key_id: String,
+    },
+    /// The first line that is wrong.
+    #[error("audit log does not verify: {0}")]
+    BadLine(BadLine),
+}
+
+impl VerifyError {
+    /// The first bad line, when the log was read and found wrong.
+    pub fn bad_line(&self) -> Option<&BadLine> {
+        match self {
+            VerifyError::BadLine(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// One verified file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileSummary {
+    /// The file.
+    pub path: PathBuf,
+    /// Its segment number.
+    pub segment: u32,
+    /// Its number of lines.
+    pub lines: u64,
+    /// The sequence numbers of its first and last lines.
+    pub seqs: (u64, u64),
+}
+
+/// A `gap` line: events that could not be written at the time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GapRecord {
+    /// The file.
+    pub file: PathBuf,
+    /// The 1-based line number.
+    pub line: u64,
+    /// Its sequence number.
+    pub seq: u64,
+    /// How many events were lost.
+    pub lost: u64,
+    /// Why (`write-failed`, `torn-tail`).
+    pub reason: String,
+}
+
+/// What a successful verification found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifyReport {
+    /// The files, in chain order.
+    pub files: Vec<FileSummary>,
+    /// Every line, headers and gaps included.
+    pub lines: u64,
+    /// The event lines.
+    pub entries: u64,
+    /// The `gap` lines: events that were not recorded (the log says so, and
+    /// the application should investigate).
+    pub gaps: Vec<GapRecord>,
+    /// The log's MAC and key id: `hmac-sha256 (key id …)` or `sha256`.
+    pub mac: String,
+    /// True for an HMAC-keyed log.
+    pub keyed: bool,
+    /// The end of the chain: keep it as the anchor of the next
+    /// verification.
+    pub last: Anchor,
+}
+
+impl VerifyReport {
+    /// The number of events the gap lines say were lost.
+    pub fn lost_events(&self) -> u64 {
+        self.gaps.iter().map(|g| g.lost).sum()
+    }
+}
+
+/// Verifies the log whose first file is `path`, with its rotated files
+/// (`path.000002`, ...): every line is canonical, in sequence, chained to
+/// the one before, and its hash verifies. Returns the first bad line
+/// otherwise.
+///
+/// An unkeyed log only; a keyed log needs [`Verifier::key`]. A tail removed
+/// from the end cannot be detected this way: see [`verify_with_anchor`].
+pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, VerifyError> {
+    Verifier::new().verify(path)
+}
+
+/// [`verify`], and also checks that the log contains the entry the
+/// `anchor` names (its `seq` with its `hash`): lines removed from the end
+/// (or a rewrite up to the anchor) are then detected. The log may have
+/// grown past the anchor.
+pub fn verify_with_anchor(
+    path: impl AsRef<Path>,
+    anchor: &Anchor,
+) -> Result<VerifyReport, VerifyError> {
+    Verifier::new().anchor(anchor.clone()).verify(path)
+}
+
+/// Verifies audit logs, with options: the audit key, an end anchor, a start
+/// anchor.
+#[derive(Clone, Debug, Default)]
+pub struct Verifier {
+    key: Option<AuditKey>,
+    end: Option<Anchor>,
+    start: Option<Anchor>,
+}
+
+impl Verifier {
+    /// A verifier for unkeyed logs, without anchors.
+    pub fn new() -> Verifier {
+        Verifier::default()
+    }
+
+    /// Verifies with `key`; the log must then be keyed with it (an unkeyed
+    /// log is reported as [`Problem::Unkeyed`]).
+    pub fn key(mut self, key: AuditKey) -> Verifier {
+        self.key = Some(key);
+        self
+    }
+
+    /// Requires the entry `anchor.seq` to be in the log with `anchor.hash`
+    /// (detects a truncated tail; see [`verify_with_anchor`]).
+    pub fn anchor(mut self, anchor: Anchor) -> Verifier {
+        self.end = Some(anchor);
+        self
+    }
+
+    /// Verifies a log whose earlier files were archived or removed on
+    /// purpose: the first file given must continue from `anchor` (its
+    /// header's `seq` is `anchor.seq + 1` and its `prev` is `anchor.hash`)
+    /// instead of starting with the genesis header.
+    pub fn start_after(mut self, anchor: Anchor) -> Verifier {
+        self.start = Some(anchor);
+        self
+    }
+
+    /// Verifies the log whose first file is `path` and its rotated files.
+    pub fn verify(&self, path: impl AsRef<Path>) -> Result<VerifyReport, VerifyError> {
+        let path = path.as_ref();
+        let mut files = segments(path).map_err(|source| VerifyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if files.first().is_none_or(|(n, _)| *n != 1) {
+            // `path` itself is missing: let opening it report that.
+            files.insert(0, (1, path.to_path_buf()));
+        }
+        let files: Vec<PathBuf> = files.into_iter().map(|(_, p)| p).collect();
+        self.verify_files(&files)
+    }
+
+    /// Verifies the given files, in this order, as one chain.
+    pub fn verify_files<P: AsRef<Path>>(&self, files: &[P]) -> Result<VerifyReport, VerifyError> {
+        if files.is_empty() {
+            return Err(VerifyError::NoFiles);
+        }
+        let mut run = Run {
+            verifier: self,
+            mac: None,
+            mac_name: String::new(),
+            expected_seq: self.start.as_ref().map_or(0, |a| a.seq + 1),
+            prev: match &self.start {
+                Some(a) => line::unhex32(&a.hash).unwrap_or([0xff; 32]),
+                None => [0; 32],
+            },
+            segment: 0,
+            anchor_seen: false,
+            report: VerifyReport {
+                files: Vec::new(),
+                lines: 0,
+                entries: 0,
+                gaps: Vec::new(),
+                mac: String::new(),
+                keyed: false,
+                last: Anchor {
+                    seq: 0,
+                    hash: line::hex(&[0; 32]),
+                },
+            },
+        };
+        let mut last_line = (files[0].as_ref().to_path_buf(), 0u64);
+        for (index, path) in files.iter().enumerate() {
+            let path = path.as_ref();
+            let n = run.file(index, path)?;
+            last_line = (path.to_path_buf(), n);
+        }
+        if let Some(anchor) = &self.end {
+            if !run.anchor_seen {
+                let last_seq = run.expected_seq.checked_sub(1);
+                return Err(VerifyError::BadLine(BadLine {
+                    file: last_line.0,
+                    line: last_line.1 + 1,
+                    seq: None,
+                    problem: Problem::MissingTail {
+                        last_seq,
+                        anchor_seq: anchor.seq,
+                    },
+                }));
+            }
+        }
+        run.report.mac = run.mac_name.clone();
+        run.report.keyed = matches!(run.mac, Some(Mac::Hmac(_)));
+        Ok(run.report)
+    }
+}
+
+/// Why a header stops the verification.
+enum HeaderFail {
+    Bad(Problem),
+    KeyRequired(String),
+}
+
+/// The state of one verification.
+struct Run<'a> {
+    verifier: &'a Verifier,
+    mac: Option<Mac>,
+    mac_name: String,
+    expected_seq: u64,
+    prev: [u8; 32],
+    segment: u32,
+    anchor_seen: bool,
+    report: VerifyReport,
+}
+
+impl Run<'_> {
+    /// Verifies one file; returns its number of lines.
+    fn file(&mut self, index: usize, path: &Path) -> Result<u64, VerifyError> {
+        let io_err = |source| VerifyError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut reader = BufReader::with_capacity(64 * 1024, File::open(path).map_err(io_err)?);
+        let mut buf = Vec::with_capacity(1024);
+        let mut line_no = 0u64;
+        let first_seq = self.expected_seq;
+        loop {
+            buf.clear();
+            let n = (&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .map_err(io_err)?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            let bad = |seq, problem| {
+                VerifyError::BadLine(BadLine {
+                    file: path.to_path_buf(),
+                    line: line_no,
+                    seq,
+                    problem,
+                })
+            };
+            if buf.last() != Some(&b'\n') {
+                return Err(bad(
+                    None,
+                    if buf.len() > MAX_LINE {
+                        Problem::TooLong
+                    } else {
+                        Problem::Incomplete
+                    },
+                ));
+            }
+            let raw = &buf[..buf.len() - 1];
+            let (entry, body) = line::decode(raw).map_err(|p| bad(None, p))?;
+            let seq = Some(entry.seq);
+            match (&entry.body, line_no) {
+                (Body::Header(h), 1) => {
+                    self.header(index, h, entry.seq)
+                        .map_err(|fail| match fail {
+                            HeaderFail::Bad(p) => bad(seq, p),
+                            HeaderFail::KeyRequired(key_id) => VerifyError::KeyRequired {
+                                file: path.to_path_buf(),
+                                key_id,
+                            },
+                        })?;
+                }
+                (Body::Header(_), _) => return Err(bad(seq, Problem::UnexpectedHeader)),
+                (_, 1) => return Err(bad(seq, Problem::HeaderExpected)),
+                (Body::Event(_), _) => self.report.entries += 1,
+                (Body::Gap { lost, reason, .. }, _) => self.report.gaps.push(GapRecord {
+                    file: path.to_path_buf(),
+                    line: line_no,
+                    seq: entry.seq,
+                    lost: *lost,
+                    reason: reason.clone(),
+                }),
+            }
+            if entry.seq != self.expected_seq {
+                return Err(bad(
+                    seq,
+                    Problem::SeqMismatch {
+                        expected: self.expected_seq,
+                        found: entry.seq,
+                    },
+                ));
+            }
+            if entry.prev != self.prev {
+                return Err(bad(seq, Problem::PrevMismatch));
+            }
+            let mac = self.mac.as_ref().expect("set by the first header");
+            if !mac.matches(&entry.prev, body, &entry.hash) {
+                return Err(bad(seq, Problem::HashMismatch));
+            }
+            if let Some(anchor) = &self.verifier.end {
+                if anchor.seq == entry.seq {
+                    if line::unhex32(&anchor.hash) != Some(entry.hash) {
+                        return Err(bad(seq, Problem::AnchorMismatch { seq: anchor.seq }));
+                    }
+                    self.anchor_seen = true;
+                }
+            }
+            self.prev = entry.hash;
+            self.expected_seq += 1;
+            self.report.lines += 1;
+            self.report.last = Anchor {
+                seq: entry.seq,
+                hash: line::hex(&entry.hash),
+            };
+        }
+        if line_no == 0 {
+            return Err(VerifyError::BadLine(BadLine {
+                file: path.to_path_buf(),
+                line: 1,
+                seq: None,
+                problem: Problem::EmptyFile,
+            }));
+        }
+        self.report.files.push(FileSummary {
+            path: path.to_path_buf(),
+            segment: self.segment,
+            lines: line_no,
+            seqs: (first_seq, self.expected_seq - 1),
+        });
+        Ok(line_no)
+    }
+
+    /// Checks a file's header against the log so far; the first one sets
+    /// the MAC.
+    fn header(&mut self, index: usize, h: &line::Header, seq: u64) -> Result<(), HeaderFail> {
+        let found = Mac::describe(&h.mac, h.key_id.as_deref());
+        if index == 0 {
+            if self.verifier.start.is_none() && (h.segment != 1 || seq != 0) {
+                return Err(HeaderFail::Bad(Problem::NotGenesis { segment: h.segment }));
+            }
+            let mac = match (h.mac.as_str(), &self.verifier.key) {
+                ("sha256", None) => Mac::Sha256,
+                ("sha256", Some(_)) => return Err(HeaderFail::Bad(Problem::Unkeyed)),
+                (_, None) => {
+                    return Err(HeaderFail::KeyRequired(
+                        h.key_id.clone().unwrap_or_default(),
+                    ))
+                }
+                (_, Some(key)) => {
+                    if h.key_id.as_deref() != Some(key.key_id()) {
+                        return Err(HeaderFail::Bad(Problem::WrongKey {
+                            expected: key.key_id().to_owned(),
+                            found: h.key_id.clone().unwrap_or_default(),
+                        }));
+                    }
+                    Mac::Hmac(key.clone())
+                }
+            };
+            self.mac = Some(mac);
+            self.mac_name = found;
+        } else {
+            if found != self.mac_name {
+                return Err(HeaderFail::Bad(Problem::MacChanged {
+                    expected: self.mac_name.clone(),
+                    found,
+                }));
+            }
+            if h.segment != self.segment + 1 {
+                return Err(HeaderFail::Bad(Problem::SegmentMismatch {
+                    expected: self.segment + 1,
+                    found: h.segment,
+                }));
+            }
+        }
+        self.segment = h.segment;
+        Ok(())
+    }
+}
