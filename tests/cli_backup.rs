@@ -105,6 +105,25 @@ fn file_and_stdin_stdout_round_trips() {
     );
     assert_eq!(opened.stdout, data);
 
+    // A FIFO input (process substitution) is read as a stream.
+    let o = std::process::Command::new("bash")
+        .current_dir(env.dir.path())
+        .envs(
+            env.cmd()
+                .get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .arg("-c")
+        .arg(format!(
+            "exec '{}' encrypt -o fifo.phi <(head -c 100000 dump.sql)",
+            cli_support::bin().display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    env.ok(&["decrypt", "-o", "fifo.out", "fifo.phi"]);
+    assert_eq!(fs::read(env.path("fifo.out")).unwrap(), &data[..100_000]);
+
     // Empty input is a valid (empty) backup.
     fs::write(env.path("empty"), b"").unwrap();
     env.ok(&["encrypt", "-o", "empty.phi", "empty"]);

@@ -116,8 +116,10 @@ fn wait_for_temp(dir: &Path) -> String {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
+    // The shell's kill builtin: no procps needed.
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill {sig} {pid}"))
         .status()
         .unwrap()
         .success();

@@ -195,7 +195,39 @@ fn make_keystore_dir(path: &Path) -> Result<(), CliError> {
 
 /// Opens the providers for `schemes` (provider ids) and builds the keyring,
 /// with the audit log as its event sink when one is configured.
+/// The provider ids this build can use.
+pub fn supported(scheme: &str) -> bool {
+    match scheme {
+        "local" => true,
+        "pkcs11" => cfg!(feature = "pkcs11"),
+        "aws-kms" => cfg!(feature = "aws-kms"),
+        _ => false,
+    }
+}
+
+fn unsupported_hint(scheme: &str) -> String {
+    match scheme {
+        "pkcs11" | "aws-kms" => format!(
+            "this build of backup has no {scheme} provider; build it with `cargo build --release --example backup --features {scheme}`"
+        ),
+        other => format!(
+            "no provider for {other:?} keys: backup knows local:NAME, pkcs11: URIs and aws-kms: keys"
+        ),
+    }
+}
+
 pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<Keys, CliError> {
+    if !schemes.is_empty() && schemes.iter().all(|s| !supported(s)) {
+        let list: Vec<&str> = schemes.iter().map(String::as_str).collect();
+        return Err(CliError::new(
+            exit::KEY,
+            format!(
+                "the backup is wrapped only to {} keys: {}",
+                list.join(", "),
+                unsupported_hint(list[0])
+            ),
+        ));
+    }
     let rt = runtime()?;
     let path = keystore_path(g)?;
     let mut builder = Keyring::builder();
@@ -281,18 +313,20 @@ fn audit_key(g: &Global) -> Result<Option<AuditKey>, CliError> {
         )
     })?);
     let text = std::str::from_utf8(&bytes).map(str::trim).unwrap_or("");
-    let key =
-        if text.len() >= 64 && text.len().is_multiple_of(2) && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let raw: zeroize::Zeroizing<Vec<u8>> = zeroize::Zeroizing::new(
-                (0..text.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap_or(0))
-                    .collect(),
-            );
-            AuditKey::new(&raw)
-        } else {
-            AuditKey::new(&bytes)
-        };
+    let key = if text.len() >= 64
+        && text.len().is_multiple_of(2)
+        && text.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        let raw: zeroize::Zeroizing<Vec<u8>> = zeroize::Zeroizing::new(
+            (0..text.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap_or(0))
+                .collect(),
+        );
+        AuditKey::new(&raw)
+    } else {
+        AuditKey::new(&bytes)
+    };
     key.map(Some).map_err(|_| {
         CliError::new(
             exit::AUDIT,
@@ -328,7 +362,14 @@ pub fn key_ref(text: &str) -> Result<KeyRef, CliError> {
     } else {
         format!("local:{text}")
     };
-    KeyRef::parse(&full).map_err(CliError::from)
+    let k = KeyRef::parse(&full).map_err(CliError::from)?;
+    if !supported(k.scheme()) {
+        return Err(CliError::usage(format!(
+            "{k}: {}",
+            unsupported_hint(k.scheme())
+        )));
+    }
+    Ok(k)
 }
 
 fn schemes_of<'a>(refs: impl IntoIterator<Item = &'a KeyRef>) -> BTreeSet<String> {

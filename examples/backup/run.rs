@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
-use std::io::{self, BufReader, IsTerminal, Seek, SeekFrom, Write};
+use std::io::{self, IsTerminal, Seek, SeekFrom, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -97,15 +97,12 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
         Kind::File
     } else {
         let md = fs::metadata(&a.input).map_err(|e| CliError::from_io(e, &a.input))?;
+        // A FIFO or a device (`<(pg_dump ...)`, /dev/fd/N) is read as a
+        // stream, like stdin.
         if md.is_dir() {
             Kind::Directory
-        } else if md.is_file() {
-            Kind::File
         } else {
-            return Err(CliError::usage(format!(
-                "{} is neither a regular file nor a directory",
-                a.input.display()
-            )));
+            Kind::File
         }
     };
     refuse_existing(&a.output, a.force)?;
@@ -158,7 +155,7 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
                 )
             } else {
                 let f = File::open(&a.input).map_err(|e| CliError::from_io(e, &a.input))?;
-                let len = f.metadata().map(|m| m.len()).ok();
+                let len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
                 (f, len)
             };
             let bar = util::progress(total, "encrypting", g.quiet);
@@ -181,8 +178,7 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
                 Some(archive::total_size(&a.input))
             };
             let bar = util::progress(total, "archiving and encrypting", g.quiet);
-            let (reader, writer) = io::pipe()
-                .map_err(|e| CliError::new(exit::IO, format!("cannot create a pipe: {e}")))?;
+            let (reader, writer) = util::channel();
             let root = a.input.clone();
             let wopts = archive::WriteOptions {
                 skip_outside_links: a.skip_outside_links,
@@ -310,7 +306,7 @@ enum Stage {
     File(AtomicFile),
     Stdout(File),
     Tar {
-        pipe: Option<io::PipeWriter>,
+        pipe: Option<util::ChannelWriter>,
         worker: Option<JoinHandle<Result<Stats, CliError>>>,
         temp: Option<PathBuf>,
     },
@@ -470,11 +466,9 @@ impl Write for Router {
 
 /// Starts the tar reader on a pipe: restoring into `dest`, or checking.
 fn spawn_reader(dest: Option<PathBuf>) -> io::Result<Stage> {
-    let (reader, writer) = io::pipe()?;
+    let (reader, writer) = util::channel();
     let d = dest.clone();
-    let worker = std::thread::spawn(move || {
-        archive::read(BufReader::with_capacity(1 << 20, reader), d.as_deref())
-    });
+    let worker = std::thread::spawn(move || archive::read(reader, d.as_deref()));
     Ok(Stage::Tar {
         pipe: Some(writer),
         worker: Some(worker),
@@ -927,6 +921,14 @@ pub fn rewrap(
             let mut v: Vec<KeyRef> = Vec::new();
             for r in h.recipients() {
                 let k = KeyRef::parse(&r.key_ref).map_err(CliError::from)?;
+                if !keys::supported(k.scheme()) {
+                    // Never drop a recipient (a disaster-recovery key)
+                    // silently.
+                    return Err(CliError::usage(format!(
+                        "{} is also wrapped to {k}, which this build cannot wrap to;                          name every key to keep with --key, or use a build with that provider",
+                        p.display()
+                    )));
+                }
                 if !v.contains(&k) {
                     v.push(k);
                 }

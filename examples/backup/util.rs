@@ -101,6 +101,100 @@ impl<R: Read> Read for Watch<R> {
     }
 }
 
+/// The size of the chunks a [`channel`] carries.
+const CHANNEL_CHUNK: usize = 1 << 20;
+/// How many chunks a [`channel`] holds at most: its memory bound.
+const CHANNEL_DEPTH: usize = 4;
+
+/// An in-process pipe between two threads that carries 1 MiB chunks (a
+/// kernel pipe moves 64 KiB at a time, with a system call and a copy each
+/// way): the tar stream between the archiver and the encryption engine,
+/// and between the decryption engine and the restorer. At most
+/// `CHANNEL_DEPTH` chunks are in flight. Dropping the reader makes writes
+/// fail with a broken pipe; dropping the writer (after a flush) is the end
+/// of the stream.
+pub fn channel() -> (ChannelReader, ChannelWriter) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_DEPTH);
+    (
+        ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        },
+        ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(CHANNEL_CHUNK),
+        },
+    )
+}
+
+pub struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.chunk = c;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+pub struct ChannelWriter {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        self.tx
+            .send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "Broken pipe"))
+    }
+}
+
+impl io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.is_empty() && data.len() >= CHANNEL_CHUNK {
+            self.send(data.to_vec())?;
+            return Ok(data.len());
+        }
+        let n = data.len().min(CHANNEL_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHANNEL_CHUNK {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHANNEL_CHUNK));
+            self.send(full)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let part = std::mem::take(&mut self.buf);
+            self.send(part)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ChannelWriter {
+    fn drop(&mut self) {
+        let _ = io::Write::flush(self);
+    }
+}
+
 /// Standard input as a `File` on the same descriptor: unbuffered, `Send`.
 pub fn stdin_file() -> io::Result<File> {
     Ok(File::from(io::stdin().as_fd().try_clone_to_owned()?))
