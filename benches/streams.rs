@@ -11,6 +11,9 @@
 //!     buffer first (open is destructive, so one copy is the minimum any
 //!     decoder that leaves its input intact needs) and calls
 //!     `open_in_place`.
+//!   - `raw-ring-copy` (sealing): copy each chunk into a scratch buffer,
+//!     then seal it in place: the least any sealer that leaves its input
+//!     intact does on ring, which has no out-of-place seal.
 //!   - `raw-ring-2t`: the same split over two threads: the ceiling of both
 //!     cores.
 //!   - `stream-1t`: our `Encryptor` / `Decryptor` (the `Write`/`Read`
@@ -27,7 +30,8 @@ use std::hint::black_box;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::Measurement;
+use criterion::{BenchmarkId, Criterion, Throughput};
 use phi_envelope::file::{self, FileOptions};
 use phi_envelope::message::{OpeningKey, SealingKey};
 use phi_envelope::{Dek, Header, WrappedKey};
@@ -84,7 +88,8 @@ fn sealing_key() -> (Dek, SealingKey) {
     (dek, key)
 }
 
-fn streams(c: &mut Criterion) {
+fn streams<M: Measurement>(c: &mut Criterion<M>) {
+    let wall = !support::cpu_clock();
     let pt = data(DATA_LEN);
     let ctx = context();
     let (dek, key) = sealing_key();
@@ -121,15 +126,30 @@ fn streams(c: &mut Criterion) {
     g.sample_size(20);
     let mut buf = pt.clone();
     g.bench_function("raw-ring", |b| b.iter(|| ring_seal(&ring, &mut buf, 0)));
-    g.bench_function("raw-ring-2t", |b| {
+    let mut scratch = vec![0u8; CHUNK + TAG];
+    g.bench_function("raw-ring-copy", |b| {
         b.iter(|| {
-            let (a, z) = buf.split_at_mut(DATA_LEN / 2);
-            std::thread::scope(|s| {
-                s.spawn(|| ring_seal(&ring, a, 0));
-                ring_seal(&ring, z, DATA_LEN / 2 / CHUNK);
-            })
+            for (i, chunk) in pt.chunks(CHUNK).enumerate() {
+                let s = &mut scratch[..chunk.len()];
+                s.copy_from_slice(chunk);
+                let tag = ring
+                    .seal_in_place_separate_tag(nonce(i), Aad::empty(), s)
+                    .unwrap();
+                let _ = black_box(tag);
+            }
         })
     });
+    if wall {
+        g.bench_function("raw-ring-2t", |b| {
+            b.iter(|| {
+                let (a, z) = buf.split_at_mut(DATA_LEN / 2);
+                std::thread::scope(|s| {
+                    s.spawn(|| ring_seal(&ring, a, 0));
+                    ring_seal(&ring, z, DATA_LEN / 2 / CHUNK);
+                })
+            })
+        });
+    }
     g.bench_function("stream-1t", |b| {
         b.iter(|| {
             let mut enc = key.encryptor(io::sink(), &ctx).unwrap();
@@ -137,7 +157,7 @@ fn streams(c: &mut Criterion) {
             enc.finish().unwrap();
         })
     });
-    for threads in [1, 2] {
+    for threads in [1, 2].into_iter().filter(|&t| wall || t == 1) {
         let opts = FileOptions::new().threads(threads);
         g.bench_function(BenchmarkId::new("engine", format!("{threads}t")), |b| {
             b.iter(|| file::encrypt_with_key(&key, &pt[..], io::sink(), &ctx, &opts).unwrap())
@@ -160,16 +180,18 @@ fn streams(c: &mut Criterion) {
     g.bench_function("raw-ring", |b| {
         b.iter(|| ring_open(&ring, &ring_sealed, &mut scratch, 0))
     });
-    g.bench_function("raw-ring-2t", |b| {
-        let half = DATA_LEN / 2 / CHUNK * (CHUNK + TAG);
-        let (a, z) = ring_sealed.split_at(half);
-        b.iter(|| {
-            std::thread::scope(|s| {
-                s.spawn(|| ring_open(&ring, a, &mut vec![0u8; CHUNK + TAG], 0));
-                ring_open(&ring, z, &mut vec![0u8; CHUNK + TAG], DATA_LEN / 2 / CHUNK);
+    if wall {
+        g.bench_function("raw-ring-2t", |b| {
+            let half = DATA_LEN / 2 / CHUNK * (CHUNK + TAG);
+            let (a, z) = ring_sealed.split_at(half);
+            b.iter(|| {
+                std::thread::scope(|s| {
+                    s.spawn(|| ring_open(&ring, a, &mut vec![0u8; CHUNK + TAG], 0));
+                    ring_open(&ring, z, &mut vec![0u8; CHUNK + TAG], DATA_LEN / 2 / CHUNK);
+                })
             })
-        })
-    });
+        });
+    }
     let mut out = vec![0u8; 1 << 20];
     g.bench_function("stream-1t", |b| {
         b.iter(|| {
@@ -177,7 +199,7 @@ fn streams(c: &mut Criterion) {
             while dec.read(&mut out).unwrap() > 0 {}
         })
     });
-    for threads in [1, 2] {
+    for threads in [1, 2].into_iter().filter(|&t| wall || t == 1) {
         let opts = FileOptions::new().threads(threads);
         g.bench_function(BenchmarkId::new("engine", format!("{threads}t")), |b| {
             b.iter(|| file::decrypt_with_key(&opening, body, io::sink(), &ctx, &opts).unwrap())
@@ -205,7 +227,10 @@ fn scratch_dir() -> tempfile::TempDir {
     }
 }
 
-fn files(c: &mut Criterion) {
+fn files<M: Measurement>(c: &mut Criterion<M>) {
+    if support::cpu_clock() {
+        return; // several threads: wall time only
+    }
     let env = support::envelope();
     let ctx = context();
     let dir = scratch_dir();
@@ -242,5 +267,15 @@ fn files(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, streams, files);
-criterion_main!(benches);
+fn main() {
+    if support::cpu_clock() {
+        let mut c = support::cpu_criterion();
+        streams(&mut c);
+        c.final_summary();
+    } else {
+        let mut c = Criterion::default().configure_from_args();
+        streams(&mut c);
+        files(&mut c);
+        c.final_summary();
+    }
+}

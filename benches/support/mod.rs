@@ -1,7 +1,10 @@
-//! Shared by the benches: test data, a no-runtime `block_on`, and a key
+//! Shared by the benches: test data, a no-runtime `block_on`, a key
 //! provider kept in memory on `ring` (the bench's stand-in for a local
 //! keystore: one AES-256-GCM wrap or unwrap per DEK, as the local keystore
-//! does).
+//! does), and the clock: wall time by default, or with `PHI_BENCH_CLOCK=cpu`
+//! the CPU time of the benchmarking thread, which time slices lost to other
+//! processes on a busy machine do not inflate (only single-thread benches
+//! run then).
 
 #![allow(dead_code)]
 
@@ -9,6 +12,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::Criterion;
 use phi_envelope::provider::{BoxFuture, KeyInfo, KeyProvider, KeyRef, Unwrapped};
 use phi_envelope::{Dek, EncryptionContext, Envelope, Keyring, Result, WrappedKey};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
@@ -142,4 +147,44 @@ pub fn context() -> EncryptionContext {
         .unwrap()
         .with("record_type", "lab-result")
         .unwrap()
+}
+
+/// Measures the CPU time of the calling thread
+/// (`CLOCK_THREAD_CPUTIME_ID`), in the units of wall time.
+pub struct ThreadCpu(WallTime);
+
+impl Measurement for ThreadCpu {
+    type Intermediate = cpu_time::ThreadTime;
+    type Value = std::time::Duration;
+
+    fn start(&self) -> Self::Intermediate {
+        cpu_time::ThreadTime::now()
+    }
+    fn end(&self, start: Self::Intermediate) -> Self::Value {
+        start.elapsed()
+    }
+    fn add(&self, a: &Self::Value, b: &Self::Value) -> Self::Value {
+        *a + *b
+    }
+    fn zero(&self) -> Self::Value {
+        std::time::Duration::ZERO
+    }
+    fn to_f64(&self, value: &Self::Value) -> f64 {
+        value.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        self.0.formatter()
+    }
+}
+
+/// True when `PHI_BENCH_CLOCK=cpu`: thread CPU time, single-thread benches.
+pub fn cpu_clock() -> bool {
+    std::env::var("PHI_BENCH_CLOCK").is_ok_and(|v| v == "cpu")
+}
+
+/// Criterion on the thread's CPU clock.
+pub fn cpu_criterion() -> Criterion<ThreadCpu> {
+    Criterion::default()
+        .with_measurement(ThreadCpu(WallTime))
+        .configure_from_args()
 }
