@@ -16,7 +16,7 @@
 //!   (or open) them, and one writer thread writes them out strictly in input
 //!   order, holding early finishers in a small reorder buffer.
 //! - **Bounded memory.** Every batch lives in a buffer from a fixed pool of
-//!   `2 × threads + 2` buffers (about 1 MiB each), allocated on first use and
+//!   `threads + 2` buffers (about 1 MiB each), allocated on first use and
 //!   recycled by the writer; the queues can never hold more than the pool. So
 //!   memory is a few batches per worker, whatever the size of the input.
 //! - **Zero extra copies.** Plaintext is read straight into its slot of the
@@ -84,7 +84,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::Mutex;
 
-use zeroize::Zeroizing;
+use zeroize::Zeroize;
 
 use crate::atomic::AtomicFile;
 use crate::cobblestone::{self, BodyKeys, CHUNK_CT_SIZE, CHUNK_SIZE, MAX_CHUNKS, TAG_LEN};
@@ -516,7 +516,7 @@ struct Batch {
     seq: u64,
     /// Index of the batch's first chunk.
     first_chunk: u64,
-    buf: Zeroizing<Vec<u8>>,
+    buf: Buffer,
     /// Data bytes read: plaintext (sealing, in the chunk slots) or
     /// ciphertext (opening, contiguous).
     len: usize,
@@ -557,8 +557,47 @@ impl Batch {
     }
 }
 
-fn new_buffer() -> Zeroizing<Vec<u8>> {
-    Zeroizing::new(vec![0u8; BATCH_CT])
+/// A batch buffer: zeroized on drop up to the furthest byte ever written,
+/// so that pages a small input never touched are not faulted in just to be
+/// cleared.
+struct Buffer {
+    data: Vec<u8>,
+    touched: usize,
+}
+
+impl Buffer {
+    /// Records that `buf[..end]` may hold data.
+    fn touch(&mut self, end: usize) {
+        self.touched = self.touched.max(end.min(self.data.len()));
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.data[..self.touched].zeroize();
+    }
+}
+
+fn new_buffer() -> Buffer {
+    // Zeroed memory from the allocator: fresh pages cost nothing until
+    // touched.
+    Buffer {
+        data: vec![0u8; BATCH_CT],
+        touched: 0,
+    }
 }
 
 /// Reads the next batch into `buf`. Errors (I/O, truncation, the chunk
@@ -566,7 +605,7 @@ fn new_buffer() -> Zeroizing<Vec<u8>> {
 fn read_batch<R: Read>(
     reader: &mut R,
     mode: Mode,
-    buf: Zeroizing<Vec<u8>>,
+    buf: Buffer,
     seq: u64,
     first_chunk: u64,
 ) -> Batch {
@@ -583,8 +622,17 @@ fn read_batch<R: Read>(
         Mode::Open => read_full(reader, &mut batch.buf[..BATCH_CT]),
     };
     match read {
-        Ok(n) => batch.len = n,
+        Ok(n) => {
+            batch.len = n;
+            // The data read, and the tags the chunks will carry.
+            batch.buf.touch(match mode {
+                Mode::Seal => (n / CHUNK_SIZE + 1) * CHUNK_CT_SIZE,
+                Mode::Open => n,
+            });
+        }
         Err(e) => {
+            // A failed read may have filled any part of the buffer.
+            batch.buf.touch(BATCH_CT);
             batch.last = true;
             batch.error = Some(tag_io(e, Side::Read));
             return batch;
@@ -797,10 +845,10 @@ fn run_parallel<R: Read, W: Write + Send>(
     writer: &mut W,
     threads: usize,
 ) -> Result<Counts> {
-    let pool = 2 * threads + 2;
+    let pool = threads + 2;
     // Every queue is as long as the pool, so no send ever blocks: the only
     // waits are for a free buffer, for work, and for the next batch.
-    let (free_tx, free_rx) = sync_channel::<Zeroizing<Vec<u8>>>(pool);
+    let (free_tx, free_rx) = sync_channel::<Buffer>(pool);
     let (work_tx, work_rx) = sync_channel::<Batch>(pool);
     let (done_tx, done_rx) = sync_channel::<Batch>(pool);
     let work_rx = Mutex::new(work_rx);
@@ -826,7 +874,7 @@ fn run_parallel<R: Read, W: Write + Send>(
 fn read_loop<R: Read>(
     mode: Mode,
     reader: &mut R,
-    free: Receiver<Zeroizing<Vec<u8>>>,
+    free: Receiver<Buffer>,
     work: SyncSender<Batch>,
     pool: usize,
     abort: &AtomicBool,
@@ -878,7 +926,7 @@ fn write_loop<W: Write>(
     mode: Mode,
     writer: &mut W,
     done: Receiver<Batch>,
-    free: SyncSender<Zeroizing<Vec<u8>>>,
+    free: SyncSender<Buffer>,
     abort: &AtomicBool,
 ) -> Result<Counts> {
     let result = write_in_order(mode, writer, &done, &free);
@@ -893,7 +941,7 @@ fn write_in_order<W: Write>(
     mode: Mode,
     writer: &mut W,
     done: &Receiver<Batch>,
-    free: &SyncSender<Zeroizing<Vec<u8>>>,
+    free: &SyncSender<Buffer>,
 ) -> Result<Counts> {
     let mut counts = Counts::default();
     let mut pending: BTreeMap<u64, Batch> = BTreeMap::new();
