@@ -22,9 +22,11 @@
 //!     `file::decrypt_with_key`) reading a `&[u8]`, on one and two workers.
 //!   - `age-1t`: the `age` crate (X25519 recipient, ChaCha20-Poly1305 in
 //!     64 KiB chunks), one thread.
+//! - `engine-seal`, `engine-open`: the file engine over 256 MiB in memory
+//!   (past every cache), one and two workers: the two-core scaling figure.
 //! - `file-seal`, `file-open`: `Envelope::encrypt_file` / `decrypt_file`
-//!   between files in `/dev/shm` (tmpfs: the page-cache copies in and out,
-//!   no disk), one and two workers, a provider call included.
+//!   of a 64 MiB file in `/dev/shm` (tmpfs: the page-cache copies in and
+//!   out, no disk), one and two workers, a provider call included.
 
 use std::hint::black_box;
 use std::io::{self, Read, Write};
@@ -41,6 +43,8 @@ mod support;
 use support::{block_on, context, data};
 
 const DATA_LEN: usize = 16 << 20;
+/// Size of the files of the `file-*` benches.
+const FILE_LEN: usize = 64 << 20;
 const CHUNK: usize = 16 * 1024;
 const TAG: usize = 16;
 
@@ -217,6 +221,41 @@ fn streams<M: Measurement>(c: &mut Criterion<M>) {
     g.finish();
 }
 
+/// The file engine on file-sized data held in memory (256 MiB, past the
+/// caches), one and two workers: the scaling figure, without the fixed
+/// per-call cost (thread start, first touch of the buffers) that a 16 MiB
+/// input still shows.
+fn engine<M: Measurement>(c: &mut Criterion<M>) {
+    const LEN: usize = 256 << 20;
+    let pt = data(LEN);
+    let ctx = context();
+    let (dek, key) = sealing_key();
+    let mut message = Vec::new();
+    file::encrypt_with_key(&key, &pt[..], &mut message, &ctx, &FileOptions::new()).unwrap();
+    let (header, used) = Header::parse(&message).unwrap();
+    let opening = OpeningKey::new(&dek, &header).unwrap();
+    let threads: &[usize] = if support::cpu_clock() { &[1] } else { &[1, 2] };
+    for op in ["seal", "open"] {
+        let mut g = c.benchmark_group(format!("engine-{op}"));
+        g.throughput(Throughput::Bytes(LEN as u64));
+        g.sample_size(10);
+        for &t in threads {
+            let opts = FileOptions::new().threads(t);
+            g.bench_function(format!("{t}t"), |b| {
+                b.iter(|| {
+                    if op == "seal" {
+                        file::encrypt_with_key(&key, &pt[..], io::sink(), &ctx, &opts).unwrap()
+                    } else {
+                        file::decrypt_with_key(&opening, &message[used..], io::sink(), &ctx, &opts)
+                            .unwrap()
+                    }
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
 /// A scratch directory on tmpfs when there is one.
 fn scratch_dir() -> tempfile::TempDir {
     let shm = PathBuf::from("/dev/shm");
@@ -239,13 +278,13 @@ fn files<M: Measurement>(c: &mut Criterion<M>) {
         dir.path().join("sealed"),
         dir.path().join("restored"),
     );
-    std::fs::write(&plain, data(DATA_LEN)).unwrap();
+    std::fs::write(&plain, data(FILE_LEN)).unwrap();
     let opts = FileOptions::new().overwrite(true);
     block_on(env.encrypt_file(&plain, &sealed, &ctx, &opts)).unwrap();
     let enc_out = dir.path().join("sealed2");
 
     let mut g = c.benchmark_group("file-seal");
-    g.throughput(Throughput::Bytes(DATA_LEN as u64));
+    g.throughput(Throughput::Bytes(FILE_LEN as u64));
     g.sample_size(20);
     for threads in [1, 2] {
         let opts = opts.clone().threads(threads);
@@ -256,7 +295,7 @@ fn files<M: Measurement>(c: &mut Criterion<M>) {
     g.finish();
 
     let mut g = c.benchmark_group("file-open");
-    g.throughput(Throughput::Bytes(DATA_LEN as u64));
+    g.throughput(Throughput::Bytes(FILE_LEN as u64));
     g.sample_size(20);
     for threads in [1, 2] {
         let opts = opts.clone().threads(threads);
@@ -271,10 +310,12 @@ fn main() {
     if support::cpu_clock() {
         let mut c = support::cpu_criterion();
         streams(&mut c);
+        engine(&mut c);
         c.final_summary();
     } else {
         let mut c = Criterion::default().configure_from_args();
         streams(&mut c);
+        engine(&mut c);
         files(&mut c);
         c.final_summary();
     }

@@ -92,33 +92,42 @@ def ratio(a, b):
 
 rows = []
 print()
-print("Streams and files, 16 MiB of data (GiB/s of plaintext; ratio to the baseline named)")
+print("Streams (16 MiB), engine (256 MiB), files (64 MiB): GiB/s of plaintext; ratio to the row named")
 print(f"{'bench':42} {'GiB/s':>8} {'ratio':>8}  {'to':24} {'':28}")
 for op in ("seal", "open"):
     g = f"stream-{op}"
     t = {b: median_ns(g, b) for b in
          ("raw-ring", "raw-ring-copy", "raw-ring-2t", "stream-1t", "engine/1t", "engine/2t", "age-1t")}
     f = {b: median_ns(f"file-{op}", b) for b in ("file/1t", "file/2t")}
-    size = 16 << 20
-    def gibs(ns):
-        return None if ns is None else size / ns * 1e9 / (1 << 30)
+    e = {b: median_ns(f"engine-{op}", b) for b in ("1t", "2t")}
+    sizes = {"stream": 16 << 20, "engine": 256 << 20, "file": 64 << 20}
+    def gibs(ns, kind):
+        return None if ns is None else sizes[kind] / ns * 1e9 / (1 << 30)
+    def per_gib(ns, kind):
+        return None if ns is None else ns / sizes[kind]
+    # Ratios across data sizes compare throughput (time per byte).
+    def tratio(a, ka, b, kb):
+        return ratio(per_gib(a, ka), per_gib(b, kb))
+    S, E, F = "stream", "engine", "file"
     lines = [
-        (f"{g}/raw-ring", t["raw-ring"], None, "baseline", None),
-        (f"{g}/raw-ring-copy", t["raw-ring-copy"], ratio(t["raw-ring"], t["raw-ring-copy"]), "raw-ring", None),
-        (f"{g}/raw-ring-2t", t["raw-ring-2t"], ratio(t["raw-ring"], t["raw-ring-2t"]), "raw-ring", None),
-        (f"{g}/stream-1t", t["stream-1t"], ratio(t["raw-ring"], t["stream-1t"]), "raw-ring", 0.90),
-        (f"{g}/stream-1t", t["stream-1t"], ratio(t["raw-ring-copy"], t["stream-1t"]), "raw-ring-copy", None),
-        (f"{g}/engine/1t", t["engine/1t"], ratio(t["raw-ring-copy"], t["engine/1t"]), "raw-ring-copy", None),
-        (f"{g}/engine/1t", t["engine/1t"], ratio(t["raw-ring"], t["engine/1t"]), "raw-ring", 0.90),
-        (f"{g}/engine/2t", t["engine/2t"], ratio(t["stream-1t"], t["engine/2t"]), "stream-1t", 1.7),
-        (f"{g}/age-1t", t["age-1t"], ratio(t["raw-ring"], t["age-1t"]), "raw-ring", None),
-        (f"file-{op}/file/1t", f["file/1t"], ratio(t["raw-ring"], f["file/1t"]), "raw-ring", None),
-        (f"file-{op}/file/2t", f["file/2t"], ratio(f["file/1t"], f["file/2t"]), "file/1t", 1.7),
+        (f"{g}/raw-ring", t["raw-ring"], S, None, "baseline", None),
+        (f"{g}/raw-ring-copy", t["raw-ring-copy"], S, ratio(t["raw-ring"], t["raw-ring-copy"]), "raw-ring", None),
+        (f"{g}/raw-ring-2t", t["raw-ring-2t"], S, ratio(t["raw-ring"], t["raw-ring-2t"]), "raw-ring", None),
+        (f"{g}/stream-1t", t["stream-1t"], S, ratio(t["raw-ring"], t["stream-1t"]), "raw-ring", 0.90),
+        (f"{g}/stream-1t", t["stream-1t"], S, ratio(t["raw-ring-copy"], t["stream-1t"]), "raw-ring-copy", None),
+        (f"{g}/engine/1t", t["engine/1t"], S, ratio(t["raw-ring"], t["engine/1t"]), "raw-ring", 0.90),
+        (f"{g}/engine/2t", t["engine/2t"], S, ratio(t["stream-1t"], t["engine/2t"]), "stream-1t", 1.7),
+        (f"{g}/age-1t", t["age-1t"], S, ratio(t["raw-ring"], t["age-1t"]), "raw-ring", None),
+        (f"engine-{op}/1t (256 MiB)", e["1t"], E, tratio(t["stream-1t"], S, e["1t"], E), "stream-1t", None),
+        (f"engine-{op}/2t (256 MiB)", e["2t"], E, ratio(e["1t"], e["2t"]), "engine-1t (256 MiB)", 1.7),
+        (f"engine-{op}/2t (256 MiB)", e["2t"], E, tratio(t["stream-1t"], S, e["2t"], E), "stream-1t", 1.7),
+        (f"file-{op}/file/1t (64 MiB)", f["file/1t"], F, tratio(t["raw-ring"], S, f["file/1t"], F), "raw-ring", None),
+        (f"file-{op}/file/2t (64 MiB)", f["file/2t"], F, ratio(f["file/1t"], f["file/2t"]), "file/1t", 1.7),
     ]
-    for name, ns, r, to, target in lines:
+    for name, ns, kind, r, to, target in lines:
         if ns is None:
             continue
-        g_ = gibs(ns)
+        g_ = gibs(ns, kind)
         print(f"{name:42} {('-' if g_ is None else f'{g_:.2f}'):>8} {fmt_ratio(r):>8}  {to:24} {verdict(r, target)}")
 
 print()
