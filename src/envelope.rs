@@ -45,6 +45,7 @@ pub struct Envelope {
     keyring: Arc<Keyring>,
     recipients: Option<Arc<[KeyRef]>>,
     caller: Caller,
+    cache_partition: Option<Arc<str>>,
 }
 
 impl Envelope {
@@ -59,6 +60,7 @@ impl Envelope {
             keyring,
             recipients: None,
             caller: Caller::default(),
+            cache_partition: None,
         }
     }
 
@@ -90,6 +92,18 @@ impl Envelope {
         }
     }
 
+    /// The same envelope in its own partition of the encryption
+    /// [data-key cache](crate::cache): records sealed through it never share
+    /// a DEK with records sealed through an envelope with another partition
+    /// (or none), even for the same recipients, actor and context. Use it to
+    /// separate tenants or data sets that must not share a key.
+    pub fn with_cache_partition(&self, partition: impl Into<String>) -> Envelope {
+        Envelope {
+            cache_partition: Some(Arc::from(partition.into())),
+            ..self.clone()
+        }
+    }
+
     /// The recipients new messages are wrapped to.
     pub fn recipients(&self) -> &[KeyRef] {
         match &self.recipients {
@@ -105,20 +119,34 @@ impl Envelope {
             .await
     }
 
-    /// Encrypts a record bound to `context`.
+    /// Encrypts a record bound to `context`. With the keyring's data-key
+    /// cache on, the DEK may be shared with other records of the same
+    /// partition (the record still gets its own AES key and nonce).
     pub async fn seal(&self, plaintext: &[u8], context: &EncryptionContext) -> Result<Vec<u8>> {
-        self.sealing_key(context).await?.seal(plaintext, context)
+        self.keyring
+            .record_sealing_key(
+                self.recipients(),
+                context,
+                &self.caller,
+                self.cache_partition.as_deref(),
+                plaintext.len() as u64,
+            )
+            .await?
+            .seal(plaintext, context)
     }
 
     /// Decrypts a record sealed under `context`. Any authentication failure
-    /// is the opaque [`Error::Decrypt`].
+    /// is the opaque [`Error::Decrypt`]. With the keyring's decryption cache
+    /// on, a key already unwrapped for this exact header and context may be
+    /// reused.
     pub async fn open(&self, message: &[u8], context: &EncryptionContext) -> Result<Vec<u8>> {
         let (header, used) = Header::parse(message)?;
-        let (_, key) = self
+        let body = &message[used..];
+        let key = self
             .keyring
-            .unwrap_header(&header, context, &self.caller)
+            .record_opening_key(&header, context, &self.caller, body.len() as u64)
             .await?;
-        key.open(&message[used..], context)
+        key.open(body, context)
     }
 
     /// Starts an encrypted stream into `inner`: writes the header and

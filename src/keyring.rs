@@ -8,14 +8,72 @@
 //! result is released. When the sink cannot record the event and the keyring
 //! fails closed (the default), the result is dropped (a DEK is zeroized) and
 //! the operation fails with [`Error::Audit`].
+//!
+//! The keyring also owns the key lifecycle as the application sees it:
+//!
+//! - the lifecycle verbs ([`create_key`](Keyring::create_key),
+//!   [`rotate`](Keyring::rotate), [`set_state`](Keyring::set_state),
+//!   [`disable`](Keyring::disable), [`destroy`](Keyring::destroy),
+//!   [`describe`](Keyring::describe)), each checked by the provider against
+//!   the state machine of `docs/KEY-LIFECYCLE.md`, recorded as an event, and
+//!   flushing the [data-key cache](crate::cache) of the key they change;
+//! - a [`KeyPolicy`] per key reference: a minimum decryption version
+//!   (older entries are refused before any provider call) and a
+//!   cryptoperiod (encrypting under a primary version older than it is
+//!   refused, or rotates first);
+//! - the [data-key cache](crate::cache).
+//!
+//! ```
+//! # async fn demo() -> phi_envelope::Result<()> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use phi_envelope::keyring::{KeyPolicy, OnExpired};
+//! use phi_envelope::provider::local::LocalKeystore;
+//! use phi_envelope::{Caller, EncryptionContext, Envelope, KeyRef, Keyring};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json"))?;
+//! let key: KeyRef = "local:records".parse()?;
+//! store.add_key(&key)?;
+//! let keyring = Keyring::builder()
+//!     .provider(Arc::new(store))
+//!     .recipient(key.clone())
+//!     .key_policy(
+//!         key.clone(),
+//!         KeyPolicy::new()
+//!             .cryptoperiod(Duration::from_secs(90 * 24 * 3600)) // 90 days
+//!             .on_expired(OnExpired::RotateFirst),
+//!     )
+//!     .build()?;
+//! let envelope = Envelope::new(keyring).as_caller("ops", "key-rotation");
+//! let ctx = EncryptionContext::new().with("tenant", "st-mary")?;
+//! let old = envelope.seal(b"under version 1", &ctx).await?;
+//!
+//! // Rotation: version 2 becomes primary, version 1 decrypt-only.
+//! let operator = Caller::new("alice", "quarterly-rotation");
+//! let info = envelope.keyring().rotate(&key, &operator).await?;
+//! assert_eq!(info.primary_version, Some(2));
+//! assert_eq!(envelope.open(&old, &ctx).await?, b"under version 1");
+//!
+//! // Rewrap the old record to version 2, then retire and destroy version 1.
+//! let old = envelope.rewrap(&old, &ctx).await?;
+//! envelope.keyring().disable(&key, 1, &operator).await?;
+//! envelope.keyring().destroy(&key, 1, &operator).await?;
+//! assert_eq!(envelope.open(&old, &ctx).await?, b"under version 1");
+//! # Ok(()) }
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
+//! ```
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ring::hmac;
 
+use crate::cache::{CacheConfig, CacheStats, DataKeyCache, Flights, Join, KeyUse};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventSink, NoopSink, Operation, Outcome};
 use crate::format::{EncryptionContext, Header, WrappedKey, MAX_RECIPIENTS};
@@ -44,6 +102,80 @@ impl Caller {
     }
 }
 
+/// What encrypting does when the primary version of a key is older than
+/// its [cryptoperiod](KeyPolicy::cryptoperiod).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OnExpired {
+    /// Refuse with [`Error::KeyLifecycle`]: an operator rotates the key
+    /// (`backup keys rotate REF`) and encryption resumes.
+    #[default]
+    Refuse,
+    /// Rotate the key first (one rotation, however many tasks are
+    /// encrypting), then encrypt under the new primary. If the rotation
+    /// fails, nothing is encrypted and the error is
+    /// [`Error::KeyLifecycle`]; the old primary stays in place, so messages
+    /// already written still open.
+    RotateFirst,
+}
+
+/// The lifecycle rules of one key reference, enforced by the keyring for
+/// every provider (see [`KeyringBuilder::key_policy`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use phi_envelope::keyring::{KeyPolicy, OnExpired};
+///
+/// let policy = KeyPolicy::new()
+///     .min_decrypt_version(3)
+///     .cryptoperiod(Duration::from_secs(365 * 24 * 3600))
+///     .on_expired(OnExpired::Refuse);
+/// assert_eq!(policy.min_decrypt_version, Some(3));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyPolicy {
+    /// Header entries under an older version of this key are refused with
+    /// [`Error::KeyLifecycle`] (and an event) before any provider call or
+    /// cache lookup. Raise it once every message under the old versions has
+    /// been rewrapped; it is the keyring-side guard that a version is
+    /// retired, before it is disabled or destroyed in the provider.
+    pub min_decrypt_version: Option<u32>,
+    /// The maximum age of the primary version for encryption (NIST SP
+    /// 800-57's originator-usage period), measured from the creation time
+    /// the provider reports in [`describe`](Keyring::describe). A provider
+    /// that reports no creation time cannot have a cryptoperiod enforced:
+    /// encryption is then refused rather than let through unchecked.
+    pub cryptoperiod: Option<Duration>,
+    /// What happens when the primary is older than the cryptoperiod.
+    pub on_expired: OnExpired,
+}
+
+impl KeyPolicy {
+    /// No rules.
+    pub fn new() -> KeyPolicy {
+        KeyPolicy::default()
+    }
+
+    /// Sets [`min_decrypt_version`](Self::min_decrypt_version).
+    pub fn min_decrypt_version(mut self, version: u32) -> KeyPolicy {
+        self.min_decrypt_version = Some(version);
+        self
+    }
+
+    /// Sets [`cryptoperiod`](Self::cryptoperiod).
+    pub fn cryptoperiod(mut self, period: Duration) -> KeyPolicy {
+        self.cryptoperiod = Some(period);
+        self
+    }
+
+    /// Sets [`on_expired`](Self::on_expired).
+    pub fn on_expired(mut self, on_expired: OnExpired) -> KeyPolicy {
+        self.on_expired = on_expired;
+        self
+    }
+}
+
 /// Builds a [`Keyring`].
 pub struct KeyringBuilder {
     providers: Vec<Arc<dyn KeyProvider>>,
@@ -52,6 +184,13 @@ pub struct KeyringBuilder {
     fail_closed: bool,
     policy: Arc<dyn Policy>,
     fingerprint_key: Option<Vec<u8>>,
+    /// Whether `event_sink` / `policy` were called (else the no-op
+    /// defaults, which the keyring skips outright).
+    sink_set: bool,
+    policy_set: bool,
+    key_policies: Vec<(KeyRef, KeyPolicy)>,
+    describe_ttl: Duration,
+    cache: Option<CacheConfig>,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -59,6 +198,8 @@ impl fmt::Debug for KeyringBuilder {
         f.debug_struct("KeyringBuilder")
             .field("providers", &self.providers)
             .field("recipients", &self.recipients)
+            .field("key_policies", &self.key_policies)
+            .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
@@ -81,6 +222,7 @@ impl KeyringBuilder {
     /// Where events go (default: nowhere).
     pub fn event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
         self.sink = sink;
+        self.sink_set = true;
         self
     }
 
@@ -94,6 +236,7 @@ impl KeyringBuilder {
     /// The policy hook (default: allow everything).
     pub fn policy(mut self, policy: Arc<dyn Policy>) -> Self {
         self.policy = policy;
+        self.policy_set = true;
         self
     }
 
@@ -102,6 +245,32 @@ impl KeyringBuilder {
     /// processes; by default each keyring draws a random one.
     pub fn context_fingerprint_key(mut self, key: &[u8]) -> Self {
         self.fingerprint_key = Some(key.to_vec());
+        self
+    }
+
+    /// Sets the lifecycle rules of `key` (a minimum decryption version, a
+    /// cryptoperiod). Give the reference as it appears in message headers
+    /// (`backup inspect` shows it; for AWS KMS that is the key ARN, not an
+    /// alias). Setting it twice keeps the last.
+    pub fn key_policy(mut self, key: KeyRef, policy: KeyPolicy) -> Self {
+        self.key_policies.retain(|(k, _)| k != &key);
+        self.key_policies.push((key, policy));
+        self
+    }
+
+    /// How long a [`describe`](Keyring::describe) answer is reused to check
+    /// cryptoperiods (default one minute). Keys are described only when a
+    /// cryptoperiod is configured for them, and the lifecycle verbs of this
+    /// keyring refresh the answer at once; the TTL bounds how long a change
+    /// made elsewhere (another process, the provider's console) goes unseen.
+    pub fn describe_ttl(mut self, ttl: Duration) -> Self {
+        self.describe_ttl = ttl;
+        self
+    }
+
+    /// Turns on the [data-key cache](crate::cache) with `config`.
+    pub fn data_key_cache(mut self, config: CacheConfig) -> Self {
+        self.cache = Some(config);
         self
     }
 
@@ -142,25 +311,61 @@ impl KeyringBuilder {
             }
             None => fill_random(&mut fp)?,
         }
+        let mut key_policies = HashMap::new();
+        for (key, policy) in self.key_policies {
+            if !self.providers.iter().any(|p| p.id() == key.scheme()) {
+                return Err(Error::InvalidArgument(format!(
+                    "a key policy is set for {key}, but no provider with id {:?} is configured",
+                    key.scheme()
+                )));
+            }
+            key_policies.insert(key.as_str().to_owned(), policy);
+        }
+        let cache = self.cache.as_ref().map(DataKeyCache::new).transpose()?;
         Ok(Keyring {
             providers: self.providers,
             recipients,
             sink: self.sink,
+            records_events: self.sink_set,
+            checks_policy: self.policy_set,
             fail_closed: self.fail_closed,
             policy: self.policy,
             fingerprint_key: hmac::Key::new(hmac::HMAC_SHA256, &fp),
+            key_policies,
+            describe_ttl: self.describe_ttl,
+            described: Mutex::new(HashMap::new()),
+            cache,
+            flights: Flights::default(),
+            provider_calls: AtomicU64::new(0),
+            rotated_away: Mutex::new(HashMap::new()),
         })
     }
 }
 
-/// Providers, default recipients, policy and event sinks.
+/// Providers, default recipients, policy and event sinks, key policies and
+/// the data-key cache.
 pub struct Keyring {
     providers: Vec<Arc<dyn KeyProvider>>,
     recipients: Vec<KeyRef>,
     sink: Arc<dyn EventSink>,
+    /// False with the default no-op sink: events are not even built.
+    records_events: bool,
+    /// False with the default allow-all policy: requests are not built.
+    checks_policy: bool,
     fail_closed: bool,
     policy: Arc<dyn Policy>,
     fingerprint_key: hmac::Key,
+    key_policies: HashMap<String, KeyPolicy>,
+    describe_ttl: Duration,
+    /// Recent `describe` answers, by key reference, for cryptoperiod checks.
+    described: Mutex<HashMap<String, (Arc<KeyInfo>, Instant)>>,
+    cache: Option<DataKeyCache>,
+    /// Single flight for cache misses, describes and rotate-first.
+    flights: Flights,
+    provider_calls: AtomicU64,
+    /// By key reference: the primary (version, creation time) that the last
+    /// successful rotation through this keyring rotated away from.
+    rotated_away: Mutex<HashMap<String, PrimaryId>>,
 }
 
 impl fmt::Debug for Keyring {
@@ -171,6 +376,8 @@ impl fmt::Debug for Keyring {
             .field("sink", &self.sink)
             .field("fail_closed", &self.fail_closed)
             .field("policy", &self.policy)
+            .field("key_policies", &self.key_policies)
+            .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
@@ -198,7 +405,54 @@ impl Keyring {
             fail_closed: true,
             policy: Arc::new(AllowAll),
             fingerprint_key: None,
+            sink_set: false,
+            policy_set: false,
+            key_policies: Vec::new(),
+            describe_ttl: Duration::from_secs(60),
+            cache: None,
         }
+    }
+
+    /// The lifecycle rules set for `key`, if any.
+    pub fn key_policy(&self, key: &KeyRef) -> Option<&KeyPolicy> {
+        self.key_policies.get(key.as_str())
+    }
+
+    /// Provider calls made so far and the counters of the data-key cache
+    /// (all zero but `provider_calls` when no cache is configured).
+    pub fn cache_stats(&self) -> CacheStats {
+        let mut stats = self
+            .cache
+            .as_ref()
+            .map(DataKeyCache::stats)
+            .unwrap_or_default();
+        stats.provider_calls = self.provider_calls();
+        stats
+    }
+
+    /// Every provider call this keyring has made (generate, wrap, unwrap,
+    /// describe, lifecycle verbs): what the data-key cache saves.
+    pub fn provider_calls(&self) -> u64 {
+        self.provider_calls.load(Ordering::Relaxed)
+    }
+
+    /// Drops every cached data key (both caches). Keys unwrapped by calls
+    /// already under way are not cached afterwards.
+    pub fn flush_cache(&self) {
+        if let Some(c) = &self.cache {
+            c.flush_all();
+        }
+    }
+
+    /// Drops every cached data key that involves `key` (any version), and
+    /// forgets its cached description. The lifecycle verbs do this
+    /// themselves; call it after changing the key elsewhere (another
+    /// process, the provider's console).
+    pub fn flush_cache_for(&self, key: &KeyRef) {
+        if let Some(c) = &self.cache {
+            c.flush_key(key.as_str());
+        }
+        lock(&self.described).remove(key.as_str());
     }
 
     /// The default recipients of new messages.
@@ -224,16 +478,33 @@ impl Keyring {
     /// HMAC-SHA-256(fingerprint key, label || canonical pairs), in hex.
     /// Without the key, values cannot be guessed from it.
     pub fn context_fingerprint(&self, context: &EncryptionContext) -> String {
+        hex(&self.fingerprint_bytes(context))
+    }
+
+    /// The fingerprint's 16 bytes. Also the context's identity in the
+    /// data-key cache: keyed, so collisions cannot be searched for.
+    fn fingerprint_bytes(&self, context: &EncryptionContext) -> [u8; 16] {
         let mut ctx = hmac::Context::with_key(&self.fingerprint_key);
         ctx.update(FINGERPRINT_LABEL);
         ctx.update(&context.canonical_pairs());
         let tag = ctx.sign();
-        tag.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&tag.as_ref()[..16]);
+        out
     }
 
     /// Records an event; `Err` when the sink failed and the keyring fails
     /// closed.
-    fn record(&self, call: &Call<'_>, version: Option<u32>, outcome: Outcome, duration: Duration) -> Result<()> {
+    fn record(
+        &self,
+        call: &Call<'_>,
+        version: Option<u32>,
+        outcome: Outcome,
+        duration: Duration,
+    ) -> Result<()> {
+        if !self.records_events {
+            return Ok(());
+        }
         let event = Event {
             timestamp: SystemTime::now(),
             operation: call.operation,
@@ -255,6 +526,9 @@ impl Keyring {
 
     /// Asks the policy; a denial is recorded and returned as an error.
     fn authorize(&self, call: &Call<'_>) -> Result<()> {
+        if !self.checks_policy {
+            return Ok(());
+        }
         let request = PolicyRequest {
             operation: call.operation,
             provider: call.provider.to_owned(),
@@ -284,6 +558,7 @@ impl Keyring {
         F: Future<Output = Result<T>>,
     {
         self.authorize(&call)?;
+        self.provider_calls.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
         let result = fut.await;
         let elapsed = start.elapsed();
@@ -302,42 +577,81 @@ impl Keyring {
         }
     }
 
-    /// Records a cache hit (used by the data-key cache).
-    #[allow(dead_code)]
-    pub(crate) fn record_cache_hit(
+    /// A cache hit: the policy is asked exactly as for a provider call, and
+    /// an event is recorded.
+    fn record_cache_hit(
         &self,
         operation: Operation,
-        key: &KeyRef,
+        key_ref: &str,
+        version: u32,
         caller: &Caller,
-        context: &EncryptionContext,
+        fingerprint: &[u8; 16],
     ) -> Result<()> {
+        if !self.records_events && !self.checks_policy {
+            return Ok(());
+        }
         let call = Call {
             operation,
-            provider: key.scheme(),
-            key_ref: Some(key.as_str()),
-            key_version: None,
+            provider: provider_of(key_ref),
+            key_ref: Some(key_ref),
+            key_version: Some(version),
             caller,
-            fingerprint: Some(self.context_fingerprint(context)),
+            fingerprint: Some(hex(fingerprint)),
         };
         self.authorize(&call)?;
         self.record(&call, None, Outcome::Success, Duration::ZERO)
     }
 
+    /// A refusal by a [`KeyPolicy`]: recorded, returned as
+    /// [`Error::KeyLifecycle`]. No provider is called.
+    fn lifecycle_refusal(&self, call: &Call<'_>, message: String) -> Error {
+        match self.record(
+            call,
+            None,
+            Outcome::Failed("key-lifecycle".into()),
+            Duration::ZERO,
+        ) {
+            Ok(()) => Error::KeyLifecycle(message),
+            Err(audit) => audit,
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Encryption
+    // -----------------------------------------------------------------------
+
     /// A fresh DEK wrapped to every key in `recipients` (the first generates
-    /// it, the others wrap it), ready to seal.
+    /// it, the others wrap it), ready to seal. Cryptoperiods are checked
+    /// first (refused or rotated, as configured).
     pub(crate) async fn new_sealing_key(
         &self,
         recipients: &[KeyRef],
         context: &EncryptionContext,
         caller: &Caller,
     ) -> Result<SealingKey> {
-        let (first, rest) = recipients
-            .split_first()
-            .ok_or_else(|| Error::InvalidArgument("no recipients: add a key to encrypt to".into()))?;
+        Ok(self.fresh_sealing_key(recipients, context, caller).await?.0)
+    }
+
+    /// [`new_sealing_key`](Self::new_sealing_key), and the earliest end of
+    /// the recipients' cryptoperiods (for the cache).
+    async fn fresh_sealing_key(
+        &self,
+        recipients: &[KeyRef],
+        context: &EncryptionContext,
+        caller: &Caller,
+    ) -> Result<(SealingKey, Option<SystemTime>)> {
+        let (first, rest) = recipients.split_first().ok_or_else(|| {
+            Error::InvalidArgument("no recipients: add a key to encrypt to".into())
+        })?;
         if recipients.len() > MAX_RECIPIENTS {
-            return Err(Error::InvalidArgument(format!("at most {MAX_RECIPIENTS} recipients")));
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_RECIPIENTS} recipients"
+            )));
         }
         let fingerprint = self.context_fingerprint(context);
+        let deadline = self
+            .check_cryptoperiods(recipients, caller, &fingerprint)
+            .await?;
         let provider = self.provider_for(first)?;
         let generated = self
             .call(
@@ -356,9 +670,255 @@ impl Keyring {
         let dek = generated.dek;
         let mut entries = vec![generated.wrapped];
         for key in rest {
-            entries.push(self.wrap_one(key, &dek, context, caller, &fingerprint).await?);
+            entries.push(
+                self.wrap_one(key, &dek, context, caller, &fingerprint)
+                    .await?,
+            );
         }
-        SealingKey::new(&dek, entries)
+        Ok((SealingKey::new(&dek, entries)?, deadline))
+    }
+
+    /// The sealing key for one record of `len` bytes: from the data-key
+    /// cache when one is configured and an entry of the same partition is
+    /// within its limits (policy asked, event recorded), otherwise fresh (and
+    /// then cached). Concurrent misses of one partition make one provider
+    /// call.
+    pub(crate) async fn record_sealing_key(
+        &self,
+        recipients: &[KeyRef],
+        context: &EncryptionContext,
+        caller: &Caller,
+        partition: Option<&str>,
+        len: u64,
+    ) -> Result<KeyUse<SealingKey>> {
+        let cache = match &self.cache {
+            Some(c) if c.encrypt_enabled() && !recipients.is_empty() => c,
+            _ => {
+                return Ok(KeyUse::Fresh(
+                    self.new_sealing_key(recipients, context, caller).await?,
+                ))
+            }
+        };
+        let fingerprint = self.fingerprint_bytes(context);
+        let id = cache.seal_id(recipients, caller.actor.as_deref(), partition, &fingerprint);
+        let hit = |key: Arc<crate::cache::CachedKey<SealingKey>>| -> Result<KeyUse<SealingKey>> {
+            let version = key.header().recipients()[0].key_version;
+            self.record_cache_hit(
+                Operation::CacheHitEncrypt,
+                recipients[0].as_str(),
+                version,
+                caller,
+                &fingerprint,
+            )?;
+            Ok(KeyUse::Cached(key))
+        };
+        loop {
+            if let Some(key) = cache.take_sealing(&id, len) {
+                return hit(key);
+            }
+            match self.flights.join(&id) {
+                Join::Leader(_flight) => {
+                    // Another leader may have finished just before we joined.
+                    if let Some(key) = cache.take_sealing(&id, len) {
+                        return hit(key);
+                    }
+                    let epoch = cache.epoch();
+                    let (key, deadline) =
+                        self.fresh_sealing_key(recipients, context, caller).await?;
+                    let key_refs = recipients.iter().map(|r| r.as_str().to_owned()).collect();
+                    return Ok(cache.put_sealing(id, key, deadline, key_refs, len, epoch));
+                }
+                Join::Waiter(wait) => wait.await,
+            }
+        }
+    }
+
+    /// Checks the cryptoperiod of every recipient that has one: refuses or
+    /// rotates first, as configured. Returns the earliest end of the
+    /// recipients' cryptoperiods. Describes a key only when a cryptoperiod
+    /// is configured for it, and reuses the answer for the describe TTL.
+    async fn check_cryptoperiods(
+        &self,
+        recipients: &[KeyRef],
+        caller: &Caller,
+        fingerprint: &str,
+    ) -> Result<Option<SystemTime>> {
+        let mut earliest: Option<SystemTime> = None;
+        for key in recipients {
+            let Some(policy) = self.key_policies.get(key.as_str()) else {
+                continue;
+            };
+            let Some(period) = policy.cryptoperiod else {
+                continue;
+            };
+            if let Some(end) = self
+                .primary_period_end(key, policy, period, caller, fingerprint)
+                .await?
+            {
+                earliest = Some(earliest.map_or(end, |e| e.min(end)));
+            }
+        }
+        Ok(earliest)
+    }
+
+    async fn primary_period_end(
+        &self,
+        key: &KeyRef,
+        policy: &KeyPolicy,
+        period: Duration,
+        caller: &Caller,
+        fingerprint: &str,
+    ) -> Result<Option<SystemTime>> {
+        // The primary that this call rotated away from.
+        let mut rotated_from: Option<PrimaryId> = None;
+        loop {
+            let info = self.described(key, caller).await?;
+            // No primary: the provider refuses the wrap itself, clearly.
+            let Some(primary) = info.primary() else {
+                return Ok(None);
+            };
+            let refusal = |message: String| {
+                self.lifecycle_refusal(
+                    &Call {
+                        operation: Operation::Generate,
+                        provider: key.scheme(),
+                        key_ref: Some(key.as_str()),
+                        key_version: Some(primary.version),
+                        caller,
+                        fingerprint: Some(fingerprint.to_owned()),
+                    },
+                    message,
+                )
+            };
+            let Some(created) = primary.created_at else {
+                return Err(refusal(format!(
+                    "a cryptoperiod is set for {key}, but its provider does not report when version {} was created, so the period cannot be enforced; remove the cryptoperiod for this key or use a provider that reports creation times",
+                    primary.version
+                )));
+            };
+            // A period too long to represent never ends.
+            let Some(end) = created.checked_add(period) else {
+                return Ok(None);
+            };
+            let now = SystemTime::now();
+            if now < end {
+                return Ok(Some(end));
+            }
+            let age = now.duration_since(created).unwrap_or_default();
+            let current = (primary.version, primary.created_at);
+            if rotated_from == Some(current) || self.was_rotated_away(key, current) {
+                // AWS KMS, for one, rotates key material inside one version
+                // and keeps reporting the key's creation time.
+                return Err(refusal(format!(
+                    "{key} was rotated, but its provider still reports the same primary version {} created {}s ago, past the cryptoperiod of {}s: it rotates key material inside one version (AWS KMS does), so the keyring cannot tell the new material's age; rely on the provider's own rotation schedule (e.g. KMS automatic key rotation) and remove the cryptoperiod from this key's policy",
+                    primary.version,
+                    age.as_secs(),
+                    period.as_secs()
+                )));
+            }
+            if rotated_from.is_some() {
+                // Just rotated to this version: use it for this message even
+                // if the period is shorter than the time since; `now` keeps
+                // it out of the cache.
+                return Ok(Some(now));
+            }
+            let age = now.duration_since(created).unwrap_or_default();
+            match policy.on_expired {
+                OnExpired::Refuse => {
+                    return Err(refusal(format!(
+                        "the primary version {} of {key} is {}s old, past its cryptoperiod of {}s; rotate the key (backup keys rotate {key}) and encrypt again",
+                        primary.version,
+                        age.as_secs(),
+                        period.as_secs()
+                    )));
+                }
+                OnExpired::RotateFirst => {
+                    let expired = (primary.version, primary.created_at);
+                    if let Err(e) = self.rotate_once(key, expired, caller).await {
+                        return Err(Error::KeyLifecycle(format!(
+                            "the primary version {} of {key} is past its cryptoperiod of {}s and rotating it first failed, so nothing was encrypted; version {} stays primary and existing messages still open. Cause: {e}",
+                            primary.version,
+                            period.as_secs(),
+                            primary.version
+                        )));
+                    }
+                    rotated_from = Some(expired);
+                }
+            }
+        }
+    }
+
+    /// Rotates `key` once for every task that found its primary `expired`
+    /// at the same time: one task rotates, the others wait for it; if it
+    /// fails, the next one tries.
+    async fn rotate_once(&self, key: &KeyRef, expired: PrimaryId, caller: &Caller) -> Result<()> {
+        let mut id = b"rotate\x00".to_vec();
+        id.extend_from_slice(key.as_str().as_bytes());
+        loop {
+            let done = |info: &KeyInfo| {
+                self.was_rotated_away(key, expired)
+                    || info
+                        .primary()
+                        .is_none_or(|p| (p.version, p.created_at) != expired)
+            };
+            match self.flights.join(&id) {
+                Join::Leader(_flight) => {
+                    if done(&*self.described(key, caller).await?) {
+                        return Ok(());
+                    }
+                    self.rotate(key, caller).await?;
+                    return Ok(());
+                }
+                Join::Waiter(wait) => {
+                    wait.await;
+                    if done(&*self.described(key, caller).await?) {
+                        return Ok(());
+                    }
+                    // The leader failed: try ourselves.
+                }
+            }
+        }
+    }
+
+    /// Whether a rotation through this keyring already moved `key` away
+    /// from the primary `id`.
+    fn was_rotated_away(&self, key: &KeyRef, id: PrimaryId) -> bool {
+        lock(&self.rotated_away).get(key.as_str()) == Some(&id)
+    }
+
+    /// `describe(key)`, reused for the describe TTL; one call however many
+    /// tasks ask at once.
+    async fn described(&self, key: &KeyRef, caller: &Caller) -> Result<Arc<KeyInfo>> {
+        let fresh = || -> Option<Arc<KeyInfo>> {
+            let map = lock(&self.described);
+            map.get(key.as_str())
+                .filter(|(_, at)| at.elapsed() < self.describe_ttl)
+                .map(|(info, _)| info.clone())
+        };
+        let mut id = b"describe\x00".to_vec();
+        id.extend_from_slice(key.as_str().as_bytes());
+        loop {
+            if let Some(info) = fresh() {
+                return Ok(info);
+            }
+            match self.flights.join(&id) {
+                Join::Leader(_flight) => {
+                    if let Some(info) = fresh() {
+                        return Ok(info);
+                    }
+                    let info = self.describe(key, caller).await?;
+                    return Ok(Arc::new(info));
+                }
+                Join::Waiter(wait) => wait.await,
+            }
+        }
+    }
+
+    fn remember(&self, key: &KeyRef, info: &KeyInfo) {
+        lock(&self.described).insert(
+            key.as_str().to_owned(),
+            (Arc::new(info.clone()), Instant::now()),
+        );
     }
 
     async fn wrap_one(
@@ -409,49 +969,87 @@ impl Keyring {
         .await
     }
 
+    // -----------------------------------------------------------------------
+    // Decryption
+    // -----------------------------------------------------------------------
+
+    /// The minimum decryption version that refuses `entry`, if any.
+    fn refused_version(&self, entry: &WrappedKey) -> Option<u32> {
+        self.key_policies
+            .get(&entry.key_ref)
+            .and_then(|p| p.min_decrypt_version)
+            .filter(|min| entry.key_version < *min)
+    }
+
     /// Unwraps the DEK of `header` with the first entry that a configured
     /// provider can unwrap and whose DEK verifies the header tag.
     ///
-    /// Entries are tried in order (at most [`MAX_RECIPIENTS`]). If none
-    /// succeeds: an operational failure (provider down, key destroyed,
-    /// policy denial) is returned as is, so the operator can act; otherwise
-    /// a rejected entry gives the opaque [`Error::Decrypt`] without saying
-    /// which entry or why; and a message for which no provider holds a key
-    /// gives [`Error::NoMatchingKey`].
+    /// Entries are tried in order (at most [`MAX_RECIPIENTS`]). An entry
+    /// below its key's [minimum decryption
+    /// version](KeyPolicy::min_decrypt_version) is refused before any
+    /// provider call (an event records it). If no entry succeeds: an
+    /// operational failure (provider down, key destroyed, policy denial, a
+    /// lifecycle refusal) is returned as is, so the operator can act;
+    /// otherwise a rejected entry gives the opaque [`Error::Decrypt`]
+    /// without saying which entry or why; and a message for which no
+    /// provider holds a key gives [`Error::NoMatchingKey`].
     pub(crate) async fn unwrap_header(
         &self,
         header: &Header,
         context: &EncryptionContext,
         caller: &Caller,
     ) -> Result<(Dek, OpeningKey)> {
+        let (dek, key, _) = self.unwrap_header_entry(header, context, caller).await?;
+        Ok((dek, key))
+    }
+
+    /// [`unwrap_header`](Self::unwrap_header), and the index of the entry
+    /// that worked.
+    async fn unwrap_header_entry(
+        &self,
+        header: &Header,
+        context: &EncryptionContext,
+        caller: &Caller,
+    ) -> Result<(Dek, OpeningKey, usize)> {
         let fingerprint = self.context_fingerprint(context);
         let mut operational: Option<Error> = None;
         let mut rejected = false;
-        for entry in header.recipients().iter().take(MAX_RECIPIENTS) {
+        for (index, entry) in header.recipients().iter().enumerate().take(MAX_RECIPIENTS) {
             let Some(provider) = self.provider(&entry.provider) else {
                 continue;
             };
+            let call = Call {
+                operation: Operation::Unwrap,
+                provider: provider.id(),
+                key_ref: Some(&entry.key_ref),
+                key_version: Some(entry.key_version),
+                caller,
+                fingerprint: Some(fingerprint.clone()),
+            };
+            if let Some(min) = self.refused_version(entry) {
+                let e = self.lifecycle_refusal(
+                    &call,
+                    format!(
+                        "the message is wrapped under {} version {}, below the minimum decryption version {min} set for this key; it was not rewrapped after a rotation (or is a copy kept from before one)",
+                        entry.key_ref, entry.key_version
+                    ),
+                );
+                if matches!(e, Error::Audit(_)) {
+                    return Err(e);
+                }
+                operational.get_or_insert(e);
+                continue;
+            }
             let result = self
-                .call(
-                    Call {
-                        operation: Operation::Unwrap,
-                        provider: provider.id(),
-                        key_ref: Some(&entry.key_ref),
-                        key_version: Some(entry.key_version),
-                        caller,
-                        fingerprint: Some(fingerprint.clone()),
-                    },
-                    provider.unwrap(entry, context),
-                    |u| match u {
-                        Unwrapped::Key(_) => (Outcome::Success, None),
-                        Unwrapped::Rejected => (Outcome::Rejected, None),
-                        Unwrapped::NotMine => (Outcome::Failed("not-mine".into()), None),
-                    },
-                )
+                .call(call, provider.unwrap(entry, context), |u| match u {
+                    Unwrapped::Key(_) => (Outcome::Success, None),
+                    Unwrapped::Rejected => (Outcome::Rejected, None),
+                    Unwrapped::NotMine => (Outcome::Failed("not-mine".into()), None),
+                })
                 .await;
             match result {
                 Ok(Unwrapped::Key(dek)) => match OpeningKey::new(&dek, header) {
-                    Ok(key) => return Ok((dek, key)),
+                    Ok(key) => return Ok((dek, key, index)),
                     Err(_) => rejected = true,
                 },
                 Ok(Unwrapped::Rejected) => rejected = true,
@@ -476,8 +1074,138 @@ impl Keyring {
         Err(Error::NoMatchingKey(refs.join(", ")))
     }
 
-    /// Re-wraps the DEK of `header` to `recipients` and re-tags the header;
-    /// the body is untouched. The context is required: providers bind it.
+    /// The opening key for one record whose body is `len` bytes: from the
+    /// decryption cache when one is configured and holds a key made for
+    /// these exact header bytes and this context (policy asked, event
+    /// recorded), otherwise unwrapped (and then cached).
+    pub(crate) async fn record_opening_key(
+        &self,
+        header: &Header,
+        context: &EncryptionContext,
+        caller: &Caller,
+        len: u64,
+    ) -> Result<KeyUse<OpeningKey>> {
+        let cache = match &self.cache {
+            Some(c) if c.decrypt_enabled() => c,
+            _ => {
+                let (_, key) = self.unwrap_header(header, context, caller).await?;
+                return Ok(KeyUse::Fresh(key));
+            }
+        };
+        let fingerprint = self.fingerprint_bytes(context);
+        let id = cache.open_id(header.as_bytes(), &fingerprint);
+        let hit =
+            |(key, (key_ref, version)): crate::cache::OpeningHit| -> Result<KeyUse<OpeningKey>> {
+                self.record_cache_hit(
+                    Operation::CacheHitDecrypt,
+                    &key_ref,
+                    version,
+                    caller,
+                    &fingerprint,
+                )?;
+                Ok(KeyUse::Cached(key))
+            };
+        loop {
+            if let Some(found) = cache.take_opening(&id, len) {
+                return hit(found);
+            }
+            match self.flights.join(&id) {
+                Join::Leader(_flight) => {
+                    if let Some(found) = cache.take_opening(&id, len) {
+                        return hit(found);
+                    }
+                    let epoch = cache.epoch();
+                    let (dek, key, index) =
+                        self.unwrap_header_entry(header, context, caller).await?;
+                    drop(dek);
+                    let used = &header.recipients()[index];
+                    let key_refs = header
+                        .recipients()
+                        .iter()
+                        .map(|r| r.key_ref.clone())
+                        .collect();
+                    return Ok(cache.put_opening(
+                        id,
+                        key,
+                        (used.key_ref.clone(), used.key_version),
+                        key_refs,
+                        len,
+                        epoch,
+                    ));
+                }
+                Join::Waiter(wait) => wait.await,
+            }
+        }
+    }
+
+    /// Unwraps every entry of `header` that a configured provider can
+    /// answer for and checks that each gives the DEK that verifies the
+    /// header tag; returns the opening key. Used to verify a rewrapped
+    /// header before it replaces the old one: a recipient that could not
+    /// open it (e.g. a disaster-recovery key) is found now, not in a
+    /// disaster. Fails if no entry could be checked.
+    pub(crate) async fn verify_header(
+        &self,
+        header: &Header,
+        context: &EncryptionContext,
+        caller: &Caller,
+    ) -> Result<OpeningKey> {
+        let fingerprint = self.context_fingerprint(context);
+        let mut opening = None;
+        for entry in header.recipients() {
+            let Some(provider) = self.provider(&entry.provider) else {
+                continue;
+            };
+            let unwrapped = self
+                .call(
+                    Call {
+                        operation: Operation::Unwrap,
+                        provider: provider.id(),
+                        key_ref: Some(&entry.key_ref),
+                        key_version: Some(entry.key_version),
+                        caller,
+                        fingerprint: Some(fingerprint.clone()),
+                    },
+                    provider.unwrap(entry, context),
+                    |u| match u {
+                        Unwrapped::Key(_) => (Outcome::Success, None),
+                        Unwrapped::Rejected => (Outcome::Rejected, None),
+                        Unwrapped::NotMine => (Outcome::Failed("not-mine".into()), None),
+                    },
+                )
+                .await?;
+            match unwrapped {
+                Unwrapped::Key(dek) => {
+                    let key = OpeningKey::new(&dek, header)?;
+                    opening.get_or_insert(key);
+                }
+                Unwrapped::Rejected => return Err(Error::Decrypt),
+                Unwrapped::NotMine => {
+                    return Err(Error::NoMatchingKey(format!(
+                        "{} v{} (its provider does not hold it)",
+                        entry.key_ref, entry.key_version
+                    )))
+                }
+            }
+        }
+        opening.ok_or_else(|| {
+            Error::NoMatchingKey(
+                header
+                    .recipients()
+                    .iter()
+                    .map(|r| format!("{} v{}", r.key_ref, r.key_version))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })
+    }
+
+    // -----------------------------------------------------------------------
+    // Rewrap
+    // -----------------------------------------------------------------------
+
+    /// Re-wraps the DEK of `header` to `recipients` and re-tags it; the body
+    /// is untouched. The context is required: providers bind it.
     pub(crate) async fn rewrap_header(
         &self,
         header: &Header,
@@ -491,22 +1219,32 @@ impl Keyring {
             )));
         }
         let fingerprint = self.context_fingerprint(context);
+        // A refused cryptoperiod costs no unwrap.
+        self.check_cryptoperiods(recipients, caller, &fingerprint)
+            .await?;
         let (dek, _) = self.unwrap_header(header, context, caller).await?;
         let start = Instant::now();
         let mut entries = Vec::with_capacity(recipients.len());
         for key in recipients {
             // Where the provider can re-encrypt an old entry itself (AWS KMS
             // ReEncrypt), the plaintext DEK is not sent to it again.
-            let old = header.recipients().iter().find(|e| e.provider == key.scheme());
+            let old = header
+                .recipients()
+                .iter()
+                .find(|e| e.provider == key.scheme());
             let reused = match old {
                 Some(entry) if self.provider_for(key)?.supports_rewrap() => {
-                    self.rewrap_one(entry, key, context, caller, &fingerprint).await?
+                    self.rewrap_one(entry, key, context, caller, &fingerprint)
+                        .await?
                 }
                 _ => None,
             };
             let entry = match reused {
                 Some(e) => e,
-                None => self.wrap_one(key, &dek, context, caller, &fingerprint).await?,
+                None => {
+                    self.wrap_one(key, &dek, context, caller, &fingerprint)
+                        .await?
+                }
             };
             entries.push(entry);
         }
@@ -528,6 +1266,46 @@ impl Keyring {
         Ok(new_header)
     }
 
+    /// A rewrap that reused the new header of an identical one in the same
+    /// batch (same header bytes, same context): no provider call, but the
+    /// policy is asked and an event recorded, as for a cache hit.
+    pub(crate) fn record_rewrap_reuse(
+        &self,
+        new_header: &Header,
+        context: &EncryptionContext,
+        caller: &Caller,
+    ) -> Result<()> {
+        let first = &new_header.recipients()[0];
+        let call = Call {
+            operation: Operation::Rewrap,
+            provider: provider_of(&first.key_ref),
+            key_ref: Some(&first.key_ref),
+            key_version: Some(first.key_version),
+            caller,
+            fingerprint: Some(self.context_fingerprint(context)),
+        };
+        self.authorize(&call)?;
+        self.record(&call, None, Outcome::Success, Duration::ZERO)
+    }
+
+    /// The primary version of every key in `keys`, from the (TTL-cached)
+    /// descriptions; `None` if one is unknown.
+    pub(crate) async fn primary_versions(
+        &self,
+        keys: &[KeyRef],
+        caller: &Caller,
+    ) -> Option<Vec<u32>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.described(key, caller).await.ok()?.primary_version?);
+        }
+        Some(out)
+    }
+
+    // -----------------------------------------------------------------------
+    // Lifecycle verbs
+    // -----------------------------------------------------------------------
+
     async fn manage<'a>(
         &'a self,
         operation: Operation,
@@ -537,42 +1315,176 @@ impl Keyring {
         fut: impl FnOnce(&'a Arc<dyn KeyProvider>) -> crate::provider::BoxFuture<'a, Result<KeyInfo>>,
     ) -> Result<KeyInfo> {
         let provider = self.provider_for(key)?;
-        self.call(
-            Call {
-                operation,
-                provider: provider.id(),
-                key_ref: Some(key.as_str()),
-                key_version: version,
-                caller,
-                fingerprint: None,
-            },
-            fut(provider),
-            |info| (Outcome::Success, version.or(info.primary_version)),
-        )
-        .await
+        let changes = operation != Operation::Describe;
+        // The primary a rotation moves away from, as last described.
+        let rotated_away = if operation == Operation::Rotate {
+            lock(&self.described)
+                .get(key.as_str())
+                .and_then(|(info, _)| info.primary().map(|p| (p.version, p.created_at)))
+        } else {
+            None
+        };
+        if changes {
+            // Keys fetched by calls under way are not cached after this.
+            self.flush_cache_for(key);
+        }
+        let result = self
+            .call(
+                Call {
+                    operation,
+                    provider: provider.id(),
+                    key_ref: Some(key.as_str()),
+                    key_version: version,
+                    caller,
+                    fingerprint: None,
+                },
+                fut(provider),
+                |info| (Outcome::Success, version.or(info.primary_version)),
+            )
+            .await;
+        if changes {
+            // Whatever the outcome: nothing cached survives a state change.
+            self.flush_cache_for(key);
+        }
+        if let Ok(info) = &result {
+            self.remember(key, info);
+            let mut away = lock(&self.rotated_away);
+            match rotated_away {
+                Some(old) => {
+                    away.insert(key.as_str().to_owned(), old);
+                }
+                // A state change (e.g. a rollback that re-enables the old
+                // primary) means the operator took over.
+                None if changes => {
+                    away.remove(key.as_str());
+                }
+                None => {}
+            }
+        }
+        result
     }
 
-    /// Describes `key`: its versions, their states, the primary version.
+    /// Describes `key`: its versions, their states and creation times, the
+    /// primary version.
+    ///
+    /// ```
+    /// # async fn demo() -> phi_envelope::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use phi_envelope::provider::local::LocalKeystore;
+    /// # use phi_envelope::provider::KeyState;
+    /// # use phi_envelope::{Caller, KeyRef, Keyring};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json"))?;
+    /// # let keyring = Keyring::builder().provider(Arc::new(store)).build()?;
+    /// let key: KeyRef = "local:records".parse()?;
+    /// let operator = Caller::new("alice", "key-inventory");
+    /// keyring.create_key(&key, &operator).await?;
+    /// let info = keyring.describe(&key, &operator).await?;
+    /// assert_eq!(info.primary_version, Some(1));
+    /// assert_eq!(info.version(1).unwrap().state, KeyState::Enabled);
+    /// assert!(info.version(1).unwrap().created_at.is_some());
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
+    /// ```
     pub async fn describe(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
         self.manage(Operation::Describe, key, None, caller, |p| p.describe(key))
             .await
     }
 
     /// Creates `key` with version 1 enabled and primary.
+    ///
+    /// ```
+    /// # async fn demo() -> phi_envelope::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use phi_envelope::provider::local::LocalKeystore;
+    /// # use phi_envelope::{Caller, KeyRef, Keyring};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json"))?;
+    /// # let keyring = Keyring::builder().provider(Arc::new(store)).build()?;
+    /// let key: KeyRef = "local:backups".parse()?;
+    /// let info = keyring.create_key(&key, &Caller::new("alice", "setup")).await?;
+    /// assert_eq!(info.primary_version, Some(1));
+    /// // Creating it again is refused: rotate it instead.
+    /// assert!(keyring.create_key(&key, &Caller::new("alice", "setup")).await.is_err());
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
+    /// ```
     pub async fn create_key(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::CreateKey, key, None, caller, |p| p.create_key(key))
-            .await
+        self.manage(Operation::CreateKey, key, None, caller, |p| {
+            p.create_key(key)
+        })
+        .await
     }
 
     /// Rotates `key`: a new primary version; the old one becomes
-    /// decrypt-only. A failed rotation leaves the old primary working.
+    /// decrypt-only, so everything already written still opens. A failed
+    /// rotation leaves the old primary working. Cached data keys of `key`
+    /// are flushed either way, so the next record is sealed under the new
+    /// primary.
+    ///
+    /// ```
+    /// # async fn demo() -> phi_envelope::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use phi_envelope::provider::local::LocalKeystore;
+    /// # use phi_envelope::provider::KeyState;
+    /// # use phi_envelope::{Caller, EncryptionContext, Envelope, KeyRef, Keyring};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json"))?;
+    /// let key: KeyRef = "local:records".parse()?;
+    /// # store.add_key(&key)?;
+    /// # let keyring = Keyring::builder().provider(Arc::new(store)).recipient(key.clone()).build()?;
+    /// let envelope = Envelope::new(keyring);
+    /// let ctx = EncryptionContext::new().with("tenant", "st-mary")?;
+    /// let before = envelope.seal(b"v1 record", &ctx).await?;
+    ///
+    /// let info = envelope.keyring().rotate(&key, &Caller::new("alice", "scheduled")).await?;
+    /// assert_eq!(info.primary_version, Some(2));
+    /// assert_eq!(info.version(1).unwrap().state, KeyState::DecryptOnly);
+    ///
+    /// let after = envelope.seal(b"v2 record", &ctx).await?;
+    /// let inspect = |m: &[u8]| phi_envelope::envelope::inspect(m).unwrap().header.recipients()[0].key_version;
+    /// assert_eq!((inspect(&before), inspect(&after)), (1, 2));
+    /// assert_eq!(envelope.open(&before, &ctx).await?, b"v1 record");
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
+    /// ```
     pub async fn rotate(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
         self.manage(Operation::Rotate, key, None, caller, |p| p.rotate(key))
             .await
     }
 
-    /// Moves `version` of `key` to `state` (decrypt-only, disabled, or back
-    /// to enabled where the provider allows).
+    /// Moves `version` of `key` to `state`: decrypt-only, disabled, or
+    /// (where the provider allows) back to enabled, which makes it the
+    /// primary. [`KeyState::Destroyed`] is refused: use
+    /// [`destroy`](Self::destroy), which erases the key. The provider checks
+    /// the state machine (`docs/KEY-LIFECYCLE.md`) and refuses a transition
+    /// it does not allow with [`ProviderErrorKind::InvalidState`] or
+    /// [`ProviderErrorKind::KeyDestroyed`]. Cached data keys of `key` are
+    /// flushed.
+    ///
+    /// [`ProviderErrorKind::InvalidState`]: crate::provider::ProviderErrorKind::InvalidState
+    /// [`ProviderErrorKind::KeyDestroyed`]: crate::provider::ProviderErrorKind::KeyDestroyed
+    ///
+    /// ```
+    /// # async fn demo() -> phi_envelope::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use phi_envelope::provider::local::LocalKeystore;
+    /// # use phi_envelope::{Caller, KeyRef, Keyring};
+    /// use phi_envelope::provider::KeyState;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json"))?;
+    /// let key: KeyRef = "local:records".parse()?;
+    /// # store.add_key(&key)?;
+    /// # let keyring = Keyring::builder().provider(Arc::new(store)).build()?;
+    /// let operator = Caller::new("alice", "rollback");
+    /// keyring.rotate(&key, &operator).await?; // v2 primary, v1 decrypt-only
+    /// // Roll the rotation back: v1 primary again, v2 decrypt-only.
+    /// let info = keyring.set_state(&key, 1, KeyState::Enabled, &operator).await?;
+    /// assert_eq!(info.primary_version, Some(1));
+    /// assert_eq!(info.version(2).unwrap().state, KeyState::DecryptOnly);
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
+    /// ```
     pub async fn set_state(
         &self,
         key: &KeyRef,
@@ -580,20 +1492,124 @@ impl Keyring {
         state: KeyState,
         caller: &Caller,
     ) -> Result<KeyInfo> {
+        if state == KeyState::Destroyed {
+            return Err(Error::KeyLifecycle(format!(
+                "set_state cannot destroy {key} version {version}: use destroy, which erases the key material (backup keys destroy {key} --version {version})"
+            )));
+        }
         self.manage(Operation::SetState, key, Some(version), caller, |p| {
             p.set_state(key, version, state)
         })
         .await
     }
 
+    /// Disables `version` of `key`: nothing can be unwrapped under it until
+    /// it is enabled or set decrypt-only again (reversible, unlike
+    /// [`destroy`](Self::destroy)). The step before destroying a version:
+    /// disable it, watch for failures (events with outcome
+    /// `failed:key-disabled`) for as long as your retention rules ask, then
+    /// destroy it.
+    ///
+    /// ```
+    /// # async fn demo() -> phi_envelope::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use phi_envelope::provider::local::LocalKeystore;
+    /// # use phi_envelope::provider::{KeyState, ProviderErrorKind};
+    /// # use phi_envelope::{Caller, EncryptionContext, Envelope, Error, KeyRef, Keyring};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json"))?;
+    /// let key: KeyRef = "local:records".parse()?;
+    /// # store.add_key(&key)?;
+    /// # let keyring = Keyring::builder().provider(Arc::new(store)).recipient(key.clone()).build()?;
+    /// # let envelope = Envelope::new(keyring);
+    /// # let ctx = EncryptionContext::new();
+    /// let old = envelope.seal(b"under v1", &ctx).await?;
+    /// let operator = Caller::new("alice", "retire-v1");
+    /// envelope.keyring().rotate(&key, &operator).await?;
+    /// envelope.keyring().disable(&key, 1, &operator).await?;
+    /// match envelope.open(&old, &ctx).await {
+    ///     Err(Error::Provider(e)) => assert_eq!(e.kind(), ProviderErrorKind::KeyDisabled),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// // Reversible: set it decrypt-only again.
+    /// envelope.keyring().set_state(&key, 1, KeyState::DecryptOnly, &operator).await?;
+    /// assert_eq!(envelope.open(&old, &ctx).await?, b"under v1");
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
+    /// ```
+    pub async fn disable(&self, key: &KeyRef, version: u32, caller: &Caller) -> Result<KeyInfo> {
+        self.set_state(key, version, KeyState::Disabled, caller)
+            .await
+    }
+
     /// Destroys `version` of `key`: everything wrapped under it becomes
-    /// unreadable (crypto-shredding).
+    /// unreadable for good (crypto-shredding); opening such a message fails
+    /// with [`ProviderErrorKind::KeyDestroyed`]. Messages under other
+    /// versions are unaffected. Cached data keys of `key` are flushed first
+    /// and again after, so a destroyed key is never served from the cache.
+    /// What "destroyed" means per provider (erased bytes, a destroyed HSM
+    /// object, a KMS deletion window) is in `docs/KEY-LIFECYCLE.md`.
+    ///
+    /// [`ProviderErrorKind::KeyDestroyed`]: crate::provider::ProviderErrorKind::KeyDestroyed
+    ///
+    /// ```
+    /// # async fn demo() -> phi_envelope::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use phi_envelope::provider::local::LocalKeystore;
+    /// # use phi_envelope::provider::ProviderErrorKind;
+    /// # use phi_envelope::{Caller, EncryptionContext, Envelope, Error, KeyRef, Keyring};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json"))?;
+    /// let key: KeyRef = "local:contract-acme".parse()?;
+    /// # store.add_key(&key)?;
+    /// # let keyring = Keyring::builder().provider(Arc::new(store)).recipient(key.clone()).build()?;
+    /// # let envelope = Envelope::new(keyring);
+    /// # let ctx = EncryptionContext::new();
+    /// let v1 = envelope.seal(b"end of retention", &ctx).await?;
+    /// let operator = Caller::new("alice", "retention-end");
+    /// envelope.keyring().rotate(&key, &operator).await?;
+    /// let v2 = envelope.seal(b"still retained", &ctx).await?;
+    ///
+    /// envelope.keyring().disable(&key, 1, &operator).await?;
+    /// envelope.keyring().destroy(&key, 1, &operator).await?;
+    /// match envelope.open(&v1, &ctx).await {
+    ///     Err(Error::Provider(e)) => assert_eq!(e.kind(), ProviderErrorKind::KeyDestroyed),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// assert_eq!(envelope.open(&v2, &ctx).await?, b"still retained");
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
+    /// ```
     pub async fn destroy(&self, key: &KeyRef, version: u32, caller: &Caller) -> Result<KeyInfo> {
         self.manage(Operation::Destroy, key, Some(version), caller, |p| {
             p.destroy(key, version)
         })
         .await
     }
+}
+
+/// Lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+    s
+}
+
+/// A primary version as described: (version, creation time).
+type PrimaryId = (u32, Option<SystemTime>);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The provider id of a key reference's text: the part before the first
+/// colon (references are `scheme:rest`).
+fn provider_of(key_ref: &str) -> &str {
+    key_ref.split(':').next().unwrap_or(key_ref)
 }
 
 /// A stable, data-free name for an error, for events.

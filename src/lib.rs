@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod audit;
+pub mod cache;
 pub mod cobblestone;
 pub mod envelope;
 mod error;
@@ -17,6 +18,7 @@ pub mod message;
 pub mod policy;
 pub mod primitives;
 pub mod provider;
+pub mod rewrap;
 
 pub use envelope::Envelope;
 pub use error::{Error, Result};
