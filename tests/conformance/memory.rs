@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -19,6 +20,7 @@ use zeroize::Zeroizing;
 struct Version {
     key: Zeroizing<[u8; 32]>,
     state: KeyState,
+    created_at: SystemTime,
 }
 
 /// An in-memory provider with id `id` and keys `ID:NAME`.
@@ -30,6 +32,11 @@ pub struct MemoryKms {
     pub down: AtomicBool,
     /// Number of provider calls made (wrap, unwrap, generate).
     pub calls: AtomicUsize,
+    /// When non-zero: the service goes down once `calls` exceeds it (a
+    /// failure midway through a multi-call operation).
+    pub down_after_calls: AtomicUsize,
+    /// When set, `rotate` fails (and changes nothing).
+    pub fail_rotate: AtomicBool,
 }
 
 impl std::fmt::Debug for MemoryKms {
@@ -57,9 +64,22 @@ impl MemoryKms {
             vec![Version {
                 key,
                 state: KeyState::Enabled,
+                created_at: SystemTime::now(),
             }],
         );
         format!("{}:{name}", self.id).parse().unwrap()
+    }
+
+    /// Makes `version` of key `name` look `age` old (its creation time
+    /// moved back), to test cryptoperiods without waiting.
+    pub fn backdate(&self, name: &str, version: u32, age: Duration) {
+        let mut keys = self.keys.lock().unwrap();
+        let v = &mut keys.get_mut(name).unwrap()[version as usize - 1];
+        v.created_at = SystemTime::now() - age;
+    }
+
+    fn not_found(&self) -> phi_envelope::Error {
+        ProviderError::new(&self.id, ProviderErrorKind::KeyNotFound, "no such key").into()
     }
 
     fn name_of(&self, key: &KeyRef) -> Option<String> {
@@ -70,8 +90,9 @@ impl MemoryKms {
     }
 
     fn check_up(&self) -> Result<()> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.down.load(Ordering::SeqCst) {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let limit = self.down_after_calls.load(Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) || (limit != 0 && n > limit) {
             return Err(ProviderError::new(
                 &self.id,
                 ProviderErrorKind::Unavailable,
@@ -177,6 +198,14 @@ impl KeyProvider for MemoryKms {
                 )
                 .into());
             }
+            if v.state == KeyState::Disabled {
+                return Err(ProviderError::new(
+                    &self.id,
+                    ProviderErrorKind::KeyDisabled,
+                    "disabled",
+                )
+                .into());
+            }
             if entry.wrapped.len() != 12 + 48 {
                 return Ok(Unwrapped::Rejected);
             }
@@ -210,7 +239,7 @@ impl KeyProvider for MemoryKms {
             let infos: Vec<KeyVersionInfo> = versions
                 .iter()
                 .enumerate()
-                .map(|(i, v)| KeyVersionInfo::new(i as u32 + 1, v.state, None))
+                .map(|(i, v)| KeyVersionInfo::new(i as u32 + 1, v.state, Some(v.created_at)))
                 .collect();
             let primary = infos
                 .iter()
@@ -218,6 +247,101 @@ impl KeyProvider for MemoryKms {
                 .find(|v| v.state == KeyState::Enabled)
                 .map(|v| v.version);
             Ok(KeyInfo::new(key.clone(), primary, infos))
+        })
+    }
+
+    fn create_key<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
+        Box::pin(async move {
+            let name = self.name_of(key).ok_or_else(|| self.not_found())?;
+            if self.keys.lock().unwrap().contains_key(&name) {
+                return Err(ProviderError::new(
+                    &self.id,
+                    ProviderErrorKind::InvalidState,
+                    "key exists",
+                )
+                .into());
+            }
+            self.add_key(&name);
+            self.describe(key).await
+        })
+    }
+
+    /// Same rules as the local keystore: a new enabled version, the old
+    /// primary decrypt-only; `fail_rotate` makes it fail with no change.
+    fn rotate<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
+        Box::pin(async move {
+            if self.fail_rotate.load(Ordering::SeqCst) {
+                return Err(ProviderError::new(
+                    &self.id,
+                    ProviderErrorKind::Unavailable,
+                    "rotation failed (simulated)",
+                )
+                .into());
+            }
+            {
+                let name = self.name_of(key).ok_or_else(|| self.not_found())?;
+                let mut keys = self.keys.lock().unwrap();
+                let versions = keys.get_mut(&name).ok_or_else(|| self.not_found())?;
+                for v in versions.iter_mut() {
+                    if v.state == KeyState::Enabled {
+                        v.state = KeyState::DecryptOnly;
+                    }
+                }
+                let mut bytes = Zeroizing::new([0u8; 32]);
+                bytes.copy_from_slice(Dek::generate().unwrap().expose_secret());
+                versions.push(Version {
+                    key: bytes,
+                    state: KeyState::Enabled,
+                    created_at: SystemTime::now(),
+                });
+            }
+            self.describe(key).await
+        })
+    }
+
+    /// Same rules as the local keystore: nothing leaves destroyed,
+    /// `Destroyed` only through `destroy`, enabling makes the primary.
+    fn set_state<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        version: u32,
+        state: KeyState,
+    ) -> BoxFuture<'a, Result<KeyInfo>> {
+        Box::pin(async move {
+            {
+                let name = self.name_of(key).ok_or_else(|| self.not_found())?;
+                let mut keys = self.keys.lock().unwrap();
+                let versions = keys.get_mut(&name).ok_or_else(|| self.not_found())?;
+                let idx = (version as usize)
+                    .checked_sub(1)
+                    .filter(|i| *i < versions.len())
+                    .ok_or_else(|| self.not_found())?;
+                if state == KeyState::Destroyed {
+                    return Err(ProviderError::new(
+                        &self.id,
+                        ProviderErrorKind::InvalidState,
+                        "use destroy",
+                    )
+                    .into());
+                }
+                if versions[idx].state == KeyState::Destroyed {
+                    return Err(ProviderError::new(
+                        &self.id,
+                        ProviderErrorKind::KeyDestroyed,
+                        "destroyed",
+                    )
+                    .into());
+                }
+                if state == KeyState::Enabled {
+                    for v in versions.iter_mut() {
+                        if v.state == KeyState::Enabled {
+                            v.state = KeyState::DecryptOnly;
+                        }
+                    }
+                }
+                versions[idx].state = state;
+            }
+            self.describe(key).await
         })
     }
 

@@ -1,0 +1,498 @@
+//! Rewrap without re-encrypting: records, batches and files, for the
+//! in-memory user-style provider and the local keystore. A rewrapped message
+//! has only the new entries, keeps its body byte for byte, and opens after
+//! the old version is destroyed; a file rewrap that fails at any step leaves
+//! the old file valid and no temporary file behind.
+
+mod conformance;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use conformance::{bytes, ctx, MemoryKms};
+use phi_envelope::events::{MemorySink, Operation};
+use phi_envelope::keyring::KeyringBuilder;
+use phi_envelope::provider::local::LocalKeystore;
+use phi_envelope::provider::{KeyProvider, ProviderErrorKind};
+use phi_envelope::{Caller, EncryptionContext, Envelope, Error, Header, KeyRef, Keyring};
+
+struct Fixture {
+    provider: Arc<dyn KeyProvider>,
+    key: KeyRef,
+    other: KeyRef,
+    memory: Option<Arc<MemoryKms>>,
+    dir: tempfile::TempDir,
+}
+
+fn memory_fixture() -> Fixture {
+    let kms = Arc::new(MemoryKms::new("mem"));
+    let key = kms.add_key("records");
+    let other = kms.add_key("archive");
+    Fixture {
+        provider: kms.clone(),
+        key,
+        other,
+        memory: Some(kms),
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn local_fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json")).unwrap();
+    let key: KeyRef = "local:records".parse().unwrap();
+    let other: KeyRef = "local:archive".parse().unwrap();
+    store.add_key(&key).unwrap();
+    store.add_key(&other).unwrap();
+    Fixture {
+        provider: Arc::new(store),
+        key,
+        other,
+        memory: None,
+        dir,
+    }
+}
+
+impl Fixture {
+    fn builder(&self) -> KeyringBuilder {
+        Keyring::builder()
+            .provider(self.provider.clone())
+            .recipient(self.key.clone())
+    }
+
+    fn envelope(&self) -> Envelope {
+        Envelope::new(self.builder().build().unwrap()).as_caller("backup-operator", "rewrap")
+    }
+
+    fn memory(&self) -> &MemoryKms {
+        self.memory.as_deref().expect("an in-memory provider case")
+    }
+
+    /// Files in the test directory other than the keystore's (file, lock,
+    /// temporary files).
+    fn files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with("keys.json") && !n.starts_with(".keys.json"))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+fn operator() -> Caller {
+    Caller::new("alice", "rotation")
+}
+
+fn entries(message: &[u8]) -> Vec<(String, u32)> {
+    let (h, _) = Header::parse(message).unwrap();
+    h.recipients()
+        .iter()
+        .map(|r| (r.key_ref.clone(), r.key_version))
+        .collect()
+}
+
+fn body(message: &[u8]) -> &[u8] {
+    let (_, used) = Header::parse(message).unwrap();
+    &message[used..]
+}
+
+fn kind(e: &Error) -> Option<ProviderErrorKind> {
+    match e {
+        Error::Provider(p) => Some(p.kind()),
+        _ => None,
+    }
+}
+
+macro_rules! both_providers {
+    ($($case:ident),* $(,)?) => {
+        mod memory_provider {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::memory_fixture()).await
+                }
+            )*
+        }
+        mod local_keystore {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::local_fixture()).await
+                }
+            )*
+        }
+    };
+}
+
+both_providers!(
+    record_rewrap_moves_to_the_new_primary_and_survives_the_old_one,
+    record_rewrap_to_a_new_recipient_set,
+    batch_rewrap_gives_a_result_per_record,
+    file_rewrap_is_atomic_and_keeps_the_body,
+    file_rewrap_with_the_wrong_context_changes_nothing,
+    file_rewrap_refuses_symlinks_and_truncated_files,
+);
+
+async fn record_rewrap_moves_to_the_new_primary_and_survives_the_old_one(f: Fixture) {
+    let env = f.envelope();
+    let c = ctx("1");
+    let old = env.seal(&bytes(40_000, 3), &c).await.unwrap();
+    env.keyring().rotate(&f.key, &operator()).await.unwrap();
+    let new = env.rewrap(&old, &c).await.unwrap();
+    assert_eq!(
+        entries(&new),
+        [(f.key.to_string(), 2)],
+        "old entries are gone"
+    );
+    assert_eq!(body(&new), body(&old), "body byte for byte");
+    assert_eq!(env.open(&new, &c).await.unwrap(), bytes(40_000, 3));
+    // The context is still required.
+    assert!(env.rewrap(&old, &ctx("2")).await.unwrap_err().is_decrypt());
+
+    env.keyring().disable(&f.key, 1, &operator()).await.unwrap();
+    env.keyring().destroy(&f.key, 1, &operator()).await.unwrap();
+    assert_eq!(env.open(&new, &c).await.unwrap(), bytes(40_000, 3));
+    let e = env.open(&old, &c).await.unwrap_err();
+    assert_eq!(kind(&e), Some(ProviderErrorKind::KeyDestroyed), "{e:?}");
+    // And a rewrap of the old copy is no longer possible.
+    let e = env.rewrap(&old, &c).await.unwrap_err();
+    assert_eq!(kind(&e), Some(ProviderErrorKind::KeyDestroyed), "{e:?}");
+}
+
+async fn record_rewrap_to_a_new_recipient_set(f: Fixture) {
+    let env = f.envelope();
+    let c = ctx("1");
+    let old = env.seal(b"moving keys", &c).await.unwrap();
+    let both = env.to_recipients([f.other.clone(), f.key.clone()]);
+    let new = both.rewrap(&old, &c).await.unwrap();
+    assert_eq!(
+        entries(&new),
+        [(f.other.to_string(), 1), (f.key.to_string(), 1)]
+    );
+    assert_eq!(body(&new), body(&old));
+    // Opens with the new recipient alone.
+    let archive_only = env.to_recipients([f.other.clone()]);
+    let moved = archive_only.rewrap(&new, &c).await.unwrap();
+    assert_eq!(entries(&moved), [(f.other.to_string(), 1)]);
+    assert_eq!(env.open(&moved, &c).await.unwrap(), b"moving keys");
+}
+
+async fn batch_rewrap_gives_a_result_per_record(f: Fixture) {
+    use phi_envelope::cache::CacheConfig;
+    let sink = Arc::new(MemorySink::new());
+    let env = Envelope::new(
+        f.builder()
+            .event_sink(sink.clone())
+            .data_key_cache(CacheConfig::new().decrypt(None))
+            .build()
+            .unwrap(),
+    )
+    .as_caller("backup-operator", "rewrap");
+    // 20 records with their own contexts, 30 sharing one (one cached DEK).
+    let own: Vec<EncryptionContext> = (0..20).map(|i| ctx(&format!("own-{i}"))).collect();
+    let shared = ctx("shared");
+    let mut items: Vec<(Vec<u8>, EncryptionContext)> = Vec::new();
+    for (i, c) in own.iter().enumerate() {
+        items.push((env.seal(&bytes(100 + i, 1), c).await.unwrap(), c.clone()));
+    }
+    for i in 0..30 {
+        items.push((
+            env.seal(&bytes(200 + i, 2), &shared).await.unwrap(),
+            shared.clone(),
+        ));
+    }
+    // One with the wrong context, one malformed, one truncated.
+    let wrong = (items[0].0.clone(), ctx("wrong"));
+    items.push(wrong);
+    items.push((b"not an envelope message".to_vec(), shared.clone()));
+    let mut cut = items[1].0.clone();
+    cut.truncate(20); // inside the header
+    items.push((cut, own[1].clone()));
+
+    env.keyring().rotate(&f.key, &operator()).await.unwrap();
+    sink.take();
+    let calls = env.keyring().provider_calls();
+    let refs: Vec<(&[u8], &EncryptionContext)> =
+        items.iter().map(|(m, c)| (m.as_slice(), c)).collect();
+    let results = env.rewrap_batch_with(&refs, 4).await;
+    assert_eq!(results.len(), items.len());
+    // 20 own headers + 1 shared + 1 wrong context = 22 groups: one unwrap
+    // each, one wrap for each of the 21 that unwrapped.
+    assert_eq!(env.keyring().provider_calls() - calls, 22 + 21);
+    for (i, r) in results.iter().enumerate().take(50) {
+        let new = r.as_ref().unwrap();
+        assert_eq!(entries(new), [(f.key.to_string(), 2)]);
+        assert_eq!(body(new), body(&items[i].0));
+        let pt = env.open(new, &items[i].1).await.unwrap();
+        let want = if i < 20 {
+            bytes(100 + i, 1)
+        } else {
+            bytes(200 + i - 20, 2)
+        };
+        assert_eq!(pt, want);
+    }
+    assert!(results[50].as_ref().unwrap_err().is_decrypt());
+    assert!(matches!(results[51], Err(Error::NotEnvelope)));
+    assert!(matches!(results[52], Err(Error::Truncated)));
+    // Every rewrapped record has its own rewrap event.
+    let rewraps = sink
+        .events()
+        .iter()
+        .filter(|e| e.operation == Operation::Rewrap)
+        .count();
+    assert_eq!(rewraps, 50);
+}
+
+fn write(path: &Path, data: &[u8]) {
+    std::fs::write(path, data).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    }
+}
+
+async fn file_rewrap_is_atomic_and_keeps_the_body(f: Fixture) {
+    let env = f.envelope();
+    let c = ctx("backup-2026-11-25");
+    let plaintext = bytes(3 * 16_384 + 123, 5);
+    let path = f.dir.path().join("backup.phi");
+    let mut w = env.encryptor(Vec::new(), &c).await.unwrap();
+    std::io::Write::write_all(&mut w, &plaintext).unwrap();
+    let sealed = w.finish().unwrap();
+    write(&path, &sealed);
+
+    env.keyring().rotate(&f.key, &operator()).await.unwrap();
+    let report = env.rewrap_file(&path, &c).await.unwrap();
+    assert!(report.changed);
+    assert_eq!(report.path, path);
+    assert_eq!(report.old_header.recipients()[0].key_version, 1);
+    assert_eq!(report.new_header.recipients()[0].key_version, 2);
+    assert_eq!(report.body_len, body(&sealed).len() as u64);
+    let now = std::fs::read(&path).unwrap();
+    assert_eq!(entries(&now), [(f.key.to_string(), 2)]);
+    assert_eq!(body(&now), body(&sealed), "body copied byte for byte");
+    assert_eq!(f.files(), ["backup.phi"], "no temporary file left");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "permissions kept");
+    }
+    // Already current: not rewritten, no provider call but a describe.
+    let calls = env.keyring().provider_calls();
+    let again = env.rewrap_file(&path, &c).await.unwrap();
+    assert!(!again.changed);
+    assert!(env.keyring().provider_calls() - calls <= 1);
+    assert_eq!(std::fs::read(&path).unwrap(), now);
+
+    // Shred version 1: the file still opens, a copy of the old one does not.
+    env.keyring().disable(&f.key, 1, &operator()).await.unwrap();
+    env.keyring().destroy(&f.key, 1, &operator()).await.unwrap();
+    let mut r = env
+        .decryptor(std::fs::File::open(&path).unwrap(), &c)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut r, &mut out).unwrap();
+    assert_eq!(out, plaintext);
+    assert_eq!(
+        kind(&env.open(&sealed, &c).await.unwrap_err()),
+        Some(ProviderErrorKind::KeyDestroyed)
+    );
+}
+
+async fn file_rewrap_with_the_wrong_context_changes_nothing(f: Fixture) {
+    let env = f.envelope();
+    let path = f.dir.path().join("backup.phi");
+    let sealed = env.seal(&bytes(50_000, 9), &ctx("right")).await.unwrap();
+    write(&path, &sealed);
+    env.keyring().rotate(&f.key, &operator()).await.unwrap();
+    let e = env.rewrap_file(&path, &ctx("wrong")).await.unwrap_err();
+    assert!(e.is_decrypt(), "{e:?}");
+    assert_eq!(std::fs::read(&path).unwrap(), sealed);
+    assert_eq!(f.files(), ["backup.phi"]);
+}
+
+async fn file_rewrap_refuses_symlinks_and_truncated_files(f: Fixture) {
+    let env = f.envelope();
+    let c = ctx("1");
+    let path = f.dir.path().join("backup.phi");
+    let sealed = env.seal(&bytes(20_000, 1), &c).await.unwrap();
+    write(&path, &sealed[..10]); // cut inside the header
+    let calls = env.keyring().provider_calls();
+    assert!(matches!(
+        env.rewrap_file(&path, &c).await.unwrap_err(),
+        Error::Truncated
+    ));
+    assert_eq!(
+        env.keyring().provider_calls(),
+        calls,
+        "refused before any call"
+    );
+    write(&path, &sealed);
+    #[cfg(unix)]
+    {
+        let link = f.dir.path().join("link.phi");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(matches!(
+            env.rewrap_file(&link, &c).await.unwrap_err(),
+            Error::InvalidArgument(_)
+        ));
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), sealed);
+}
+
+// ---------------------------------------------------------------------------
+// Crash safety with fault injection: the in-memory provider.
+// ---------------------------------------------------------------------------
+
+/// Rewraps a sealed file with the provider failing after `ok_calls` more
+/// calls; the file must be unchanged, still open, and alone in its directory.
+async fn rewrap_file_failing_after(ok_calls: usize) -> Error {
+    let f = memory_fixture();
+    let env = f.envelope();
+    let c = ctx("nightly");
+    let path = f.dir.path().join("backup.phi");
+    let sealed = env.seal(&bytes(70_000, 4), &c).await.unwrap();
+    write(&path, &sealed);
+    env.keyring().rotate(&f.key, &operator()).await.unwrap();
+    let m = f.memory();
+    if ok_calls == 0 {
+        m.down.store(true, Ordering::SeqCst);
+    } else {
+        m.down_after_calls
+            .store(m.calls.load(Ordering::SeqCst) + ok_calls, Ordering::SeqCst);
+    }
+    let e = env.rewrap_file(&path, &c).await.unwrap_err();
+    assert_eq!(std::fs::read(&path).unwrap(), sealed, "old file untouched");
+    assert_eq!(f.files(), ["backup.phi"], "no temporary file left");
+    m.down.store(false, Ordering::SeqCst);
+    m.down_after_calls.store(0, Ordering::SeqCst);
+    assert_eq!(env.open(&sealed, &c).await.unwrap(), bytes(70_000, 4));
+    // And the rewrap succeeds once the provider is back.
+    assert!(env.rewrap_file(&path, &c).await.unwrap().changed);
+    assert_eq!(
+        env.open(&std::fs::read(&path).unwrap(), &c).await.unwrap(),
+        bytes(70_000, 4)
+    );
+    e
+}
+
+#[tokio::test]
+async fn file_rewrap_with_the_provider_down_leaves_the_old_file() {
+    let e = rewrap_file_failing_after(0).await;
+    assert_eq!(kind(&e), Some(ProviderErrorKind::Unavailable), "{e:?}");
+}
+
+#[tokio::test]
+async fn file_rewrap_failing_after_the_new_wrap_leaves_the_old_file() {
+    // Unwrap and wrap succeed; the verification unwrap of the new header
+    // fails: nothing is committed.
+    let e = rewrap_file_failing_after(2).await;
+    assert_eq!(kind(&e), Some(ProviderErrorKind::Unavailable), "{e:?}");
+}
+
+#[tokio::test]
+async fn file_rewrap_verifies_every_new_recipient() {
+    // Rewrapping to two recipients where the second provider is down after
+    // wrapping: the new header is not committed.
+    let f = memory_fixture();
+    let dr = Arc::new(MemoryKms::new("dr"));
+    let dr_key = dr.add_key("offsite");
+    let env = Envelope::new(f.builder().provider(dr.clone()).build().unwrap());
+    let c = ctx("1");
+    let path = f.dir.path().join("backup.phi");
+    let sealed = env.seal(&bytes(1000, 1), &c).await.unwrap();
+    write(&path, &sealed);
+    let both = env.to_recipients([f.key.clone(), dr_key]);
+    // dr: one wrap, then down for the verification.
+    dr.down_after_calls.store(1, Ordering::SeqCst);
+    let e = both.rewrap_file(&path, &c).await.unwrap_err();
+    assert_eq!(kind(&e), Some(ProviderErrorKind::Unavailable), "{e:?}");
+    assert_eq!(std::fs::read(&path).unwrap(), sealed);
+    dr.down_after_calls.store(0, Ordering::SeqCst);
+    let report = both.rewrap_file(&path, &c).await.unwrap();
+    assert_eq!(report.new_header.recipients().len(), 2);
+    // The DR key alone opens it.
+    let dr_only = Envelope::new(Keyring::builder().provider(dr).build().unwrap());
+    assert_eq!(
+        dr_only
+            .open(&std::fs::read(&path).unwrap(), &c)
+            .await
+            .unwrap(),
+        bytes(1000, 1)
+    );
+}
+
+#[tokio::test]
+async fn a_file_changed_after_prepare_is_not_overwritten() {
+    let f = memory_fixture();
+    let env = f.envelope();
+    let c = ctx("1");
+    let path = f.dir.path().join("backup.phi");
+    let sealed = env.seal(&bytes(5000, 1), &c).await.unwrap();
+    write(&path, &sealed);
+    env.keyring().rotate(&f.key, &operator()).await.unwrap();
+    let prepared = env.prepare_rewrap_file(&path, &c).await.unwrap();
+    assert!(!prepared.is_current());
+    let other = env.seal(&bytes(6000, 2), &c).await.unwrap();
+    write(&path, &other);
+    assert!(prepared.commit().is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), other);
+    assert_eq!(f.files(), ["backup.phi"]);
+}
+
+#[tokio::test]
+async fn batch_rewrap_of_cache_sealed_records_costs_two_calls() {
+    use phi_envelope::cache::CacheConfig;
+    let f = memory_fixture();
+    let env = Envelope::new(
+        f.builder()
+            .data_key_cache(CacheConfig::new())
+            .build()
+            .unwrap(),
+    );
+    let c = ctx("ward-7");
+    let mut sealed = Vec::new();
+    for i in 0..1000 {
+        sealed.push(env.seal(&bytes(i, 3), &c).await.unwrap());
+    }
+    env.keyring().rotate(&f.key, &operator()).await.unwrap();
+    let before = f.memory().calls.load(Ordering::SeqCst);
+    let items: Vec<(&[u8], &EncryptionContext)> =
+        sealed.iter().map(|m| (m.as_slice(), &c)).collect();
+    let results = env.rewrap_batch(&items).await;
+    assert_eq!(
+        f.memory().calls.load(Ordering::SeqCst) - before,
+        2,
+        "one unwrap and one wrap for 1000 records sharing a DEK"
+    );
+    for (i, r) in results.into_iter().enumerate().step_by(97) {
+        let new = r.unwrap();
+        assert_eq!(entries(&new)[0].1, 2);
+        assert_eq!(env.open(&new, &c).await.unwrap(), bytes(i, 3));
+    }
+}
+
+#[tokio::test]
+async fn batch_rewrap_with_the_provider_down_fails_each_record_clearly() {
+    let f = memory_fixture();
+    let env = f.envelope();
+    let c = ctx("1");
+    let a = env.seal(b"a", &c).await.unwrap();
+    let b = env.seal(b"b", &c).await.unwrap();
+    f.memory().down.store(true, Ordering::SeqCst);
+    let results = env.rewrap_batch(&[(&a, &c), (&b, &c), (&a, &c)]).await;
+    assert_eq!(results.len(), 3);
+    for r in results {
+        assert_eq!(kind(&r.unwrap_err()), Some(ProviderErrorKind::Unavailable));
+    }
+}
