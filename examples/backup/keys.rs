@@ -197,12 +197,9 @@ fn make_keystore_dir(path: &Path) -> Result<(), CliError> {
 /// with the audit log as its event sink when one is configured.
 /// The provider ids this build can use.
 pub fn supported(scheme: &str) -> bool {
-    match scheme {
-        "local" => true,
-        "pkcs11" => cfg!(feature = "pkcs11"),
-        "aws-kms" => cfg!(feature = "aws-kms"),
-        _ => false,
-    }
+    scheme == "local"
+        || (scheme == "pkcs11" && cfg!(feature = "pkcs11"))
+        || (scheme == "aws-kms" && cfg!(feature = "aws-kms"))
 }
 
 fn unsupported_hint(scheme: &str) -> String {
@@ -233,9 +230,14 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
     let mut builder = Keyring::builder();
     let mut store = None;
     let mut created: Vec<KeyRef> = Vec::new();
-    let want_local = schemes.contains("local");
+    let exists = path.symlink_metadata().is_ok();
+    // A backup also wrapped to an HSM or KMS key restores without the
+    // local keystore (disaster recovery): only a missing keystore is
+    // skipped, never one that fails to open.
+    let others = schemes.iter().any(|s| s != "local" && supported(s));
+    let want_local =
+        schemes.contains("local") && (exists || !(matches!(local, Local::Open) && others));
     if want_local {
-        let exists = path.symlink_metadata().is_ok();
         let ks = match (&local, exists) {
             (_, true) => LocalKeystore::open(&path, passphrase(g, &path, false)?)?,
             (Local::OpenOrCreate(keys), false) => {

@@ -345,7 +345,7 @@ impl Router {
             Plan::Verify if dir => spawn_reader(None)?,
             Plan::Verify => Stage::Null,
             Plan::Stdout(f) => Stage::Stdout(f.try_clone()?),
-            Plan::Restore { target, force, raw } if dir && !*raw => {
+            Plan::Restore { target, raw, .. } if dir && !*raw => {
                 let temp = util::sibling(target, "tmp");
                 fs::DirBuilder::new().mode(0o700).create(&temp)?;
                 spawn_reader(Some(temp))?

@@ -1,0 +1,80 @@
+//! The `backup` CLI with an HSM key (SoftHSM2), when the tests are built
+//! with the `pkcs11` feature and run under scripts/test-services.sh (which
+//! exports PHI_PKCS11_MODULE, PHI_PKCS11_TOKEN and PHI_PKCS11_PIN). Skipped
+//! (with a note) otherwise.
+
+#[cfg(feature = "pkcs11")]
+mod cli_support;
+
+#[cfg(feature = "pkcs11")]
+#[test]
+fn hsm_and_local_recipients_rotate_rewrap_and_restore_without_the_keystore() {
+    use std::fs;
+
+    use cli_support::Env;
+
+    let (Ok(module), Ok(token), Ok(pin)) = (
+        std::env::var("PHI_PKCS11_MODULE"),
+        std::env::var("PHI_PKCS11_TOKEN"),
+        std::env::var("PHI_PKCS11_PIN"),
+    ) else {
+        eprintln!("skipped: no SoftHSM2 token (run under scripts/test-services.sh)");
+        return;
+    };
+    let env = Env::new();
+    let hsm = |args: &[&str]| {
+        let mut c = env.cmd();
+        c.env("PHI_ENVELOPE_PKCS11_MODULE", &module)
+            .env("PHI_ENVELOPE_PKCS11_TOKEN", &token)
+            .env("PHI_ENVELOPE_PKCS11_PIN", &pin)
+            .args(args);
+        let o = c.output().unwrap();
+        assert_eq!(
+            cli_support::code(&o),
+            0,
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    };
+    // A label of our own on the shared test token.
+    let label = format!(
+        "cli-{}-{}",
+        std::process::id(),
+        env.dir.path().file_name().unwrap().to_string_lossy()
+    )
+    .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-");
+    let key = format!("pkcs11:token={token};object={label}");
+    hsm(&["keys", "create", &key]);
+    fs::write(env.path("dump.sql"), b"dump under the HSM").unwrap();
+    hsm(&[
+        "encrypt",
+        "--key",
+        &key,
+        "--key",
+        "local:backups",
+        "--context",
+        "db=emr",
+        "-o",
+        "d.phi",
+        "dump.sql",
+    ]);
+    let o = hsm(&["inspect", "--json", "d.phi"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["recipients"][0]["provider"], "pkcs11");
+    assert_eq!(v["recipients"][1]["key_ref"], "local:backups");
+
+    hsm(&["keys", "rotate", &key]);
+    let o = hsm(&["rewrap", "--context", "db=emr", "d.phi"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("v2"));
+    // Disaster recovery: the keystore is gone, the HSM key restores.
+    fs::remove_dir_all(env.keystore.parent().unwrap()).unwrap();
+    hsm(&["decrypt", "--context", "db=emr", "-o", "out", "d.phi"]);
+    assert_eq!(fs::read(env.path("out")).unwrap(), b"dump under the HSM");
+}
+
+#[cfg(not(feature = "pkcs11"))]
+#[test]
+fn hsm_tests_need_the_pkcs11_feature() {
+    eprintln!("skipped: build the tests with --features pkcs11 (scripts/test.sh does)");
+}
