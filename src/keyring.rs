@@ -183,7 +183,7 @@ pub struct KeyringBuilder {
     sink: Arc<dyn EventSink>,
     fail_closed: bool,
     policy: Arc<dyn Policy>,
-    fingerprint_key: Option<Vec<u8>>,
+    fingerprint_key: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// Whether `event_sink` / `policy` were called (else the no-op
     /// defaults, which the keyring skips outright).
     sink_set: bool,
@@ -240,11 +240,12 @@ impl KeyringBuilder {
         self
     }
 
-    /// The secret key of context fingerprints (at least 32 bytes). Configure
-    /// the same key everywhere to make fingerprints comparable across
-    /// processes; by default each keyring draws a random one.
+    /// The secret key of context fingerprints (at least 32 bytes, all of
+    /// them used as the HMAC key). Configure the same key everywhere to make
+    /// fingerprints comparable across processes; by default each keyring
+    /// draws a random one.
     pub fn context_fingerprint_key(mut self, key: &[u8]) -> Self {
-        self.fingerprint_key = Some(key.to_vec());
+        self.fingerprint_key = Some(zeroize::Zeroizing::new(key.to_vec()));
         self
     }
 
@@ -301,16 +302,19 @@ impl KeyringBuilder {
                 "at most {MAX_RECIPIENTS} recipients"
             )));
         }
-        let mut fp = zeroize::Zeroizing::new(vec![0u8; 32]);
-        match self.fingerprint_key {
-            Some(k) if k.len() >= 32 => fp.copy_from_slice(&k[..32]),
+        let fp = match self.fingerprint_key {
+            Some(k) if k.len() >= 32 => k,
             Some(_) => {
                 return Err(Error::InvalidArgument(
                     "the context fingerprint key must be at least 32 bytes".into(),
                 ))
             }
-            None => fill_random(&mut fp)?,
-        }
+            None => {
+                let mut k = zeroize::Zeroizing::new(vec![0u8; 32]);
+                fill_random(&mut k)?;
+                k
+            }
+        };
         let mut key_policies = HashMap::new();
         for (key, policy) in self.key_policies {
             if !self.providers.iter().any(|p| p.id() == key.scheme()) {
@@ -1621,6 +1625,12 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::Audit(_) => "audit",
         Error::NoMatchingKey(_) => "no-matching-key",
         Error::KeyLifecycle(_) => "key-lifecycle",
+        Error::Keystore { .. } => "keystore",
+        Error::Truncated
+        | Error::NotEnvelope
+        | Error::UnsupportedVersion(_)
+        | Error::UnsupportedSuite(_)
+        | Error::Malformed(_) => "malformed",
         Error::Io(_) => "io",
         Error::Rng => "rng",
         _ => "other",
