@@ -12,7 +12,8 @@
 //! profile file-roundtrip DIR MIB T
 //!                                encrypt_file + decrypt_file of a MIB MiB
 //!                                file in DIR, T threads (for peak RSS)
-//! profile cpu-scaling            the file engine on 1 and 2 threads: wall
+//! profile cpu-scaling            the file engine on 1 and 2 threads (on
+//!                                PHI_SCALING_MIB MiB, default 64): wall
 //!                                time and CPU time of the whole process, so
 //!                                the cost of going parallel shows even when
 //!                                other processes hold the cores
@@ -437,15 +438,20 @@ fn cpu_scaling() {
     use phi_envelope::message::OpeningKey;
     use phi_envelope::Header;
 
-    const LEN: usize = 64 << 20;
+    // PHI_SCALING_MIB sets the size (default 64 MiB).
+    let len = std::env::var("PHI_SCALING_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(64)
+        << 20;
     let ctx = context();
     let (dek, key) = sealing_key();
-    let pt = data(LEN);
+    let pt = data(len);
     let mut message = Vec::new();
     file::encrypt_with_key(&key, &pt[..], &mut message, &ctx, &FileOptions::new()).unwrap();
     let (header, used) = Header::parse(&message).unwrap();
     let opening = OpeningKey::new(&dek, &header).unwrap();
-    println!("file engine, {LEN} bytes in memory to io::sink(), best of 5");
+    println!("file engine, {len} bytes in memory to io::sink(), best of 5");
     println!(
         "{:10} {:>8} {:>12} {:>12} {:>14}",
         "op", "threads", "wall GiB/s", "CPU GiB/s", "CPU vs 1 thread"
@@ -469,7 +475,7 @@ fn cpu_scaling() {
             if threads == 1 {
                 cpu1 = cpu;
             }
-            let gib = |s: f64| LEN as f64 / s / (1u64 << 30) as f64;
+            let gib = |s: f64| len as f64 / s / (1u64 << 30) as f64;
             println!(
                 "{op:10} {threads:>8} {:>12.2} {:>12.2} {:>13.2}x",
                 gib(wall),

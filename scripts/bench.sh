@@ -117,6 +117,7 @@ for op in ("seal", "open"):
         (f"{g}/stream-1t", t["stream-1t"], S, ratio(t["raw-ring-copy"], t["stream-1t"]), "raw-ring-copy", None),
         (f"{g}/engine/1t", t["engine/1t"], S, ratio(t["raw-ring"], t["engine/1t"]), "raw-ring", 0.90),
         (f"{g}/engine/2t", t["engine/2t"], S, ratio(t["stream-1t"], t["engine/2t"]), "stream-1t", 1.7),
+        (f"{g}/engine/2t", t["engine/2t"], S, ratio(t["raw-ring-2t"], t["engine/2t"]), "raw-ring-2t (control)", None),
         (f"{g}/age-1t", t["age-1t"], S, ratio(t["raw-ring"], t["age-1t"]), "raw-ring", None),
         (f"engine-{op}/1t (256 MiB)", e["1t"], E, tratio(t["stream-1t"], S, e["1t"], E), "stream-1t", None),
         (f"engine-{op}/2t (256 MiB)", e["2t"], E, ratio(e["1t"], e["2t"]), "engine-1t (256 MiB)", 1.7),
