@@ -6,6 +6,7 @@
 //! profile record-cached N SIZE   N seals with a SealingKey built once
 //! profile record-floor N SIZE    N times: salt, HKDF-Expand, key setup, seal
 //! profile record-open N SIZE     N message::open with the DEK in hand
+//! profile envelope-cached N SIZE N Envelope::seal through the data-key cache
 //! profile raw-seal MIB           ring seal over MIB MiB in 16 KiB chunks
 //! profile stream-seal MIB        Encryptor over MIB MiB to io::sink()
 //! profile engine-seal MIB T      file engine over MIB MiB, T threads
@@ -102,6 +103,13 @@ fn main() {
                     .unwrap();
                 out.extend_from_slice(tag.as_ref());
                 std::hint::black_box(out);
+            }
+        }
+        Some("envelope-cached") => {
+            let env = support::cached_envelope();
+            let pt = data(arg(&args, 2, 1024));
+            for _ in 0..arg(&args, 1, 100_000) {
+                std::hint::black_box(block_on(env.seal(&pt, &ctx)).unwrap());
             }
         }
         Some("record-open") => {

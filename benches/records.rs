@@ -18,6 +18,9 @@
 //! - `ours-fresh`: `Envelope::seal` through the keyring and a provider that
 //!   wraps with ring in memory (a fresh DEK, generated and wrapped, per
 //!   record; policy check and event included).
+//! - `envelope-cached`: `Envelope::seal` / `Envelope::open` with the
+//!   keyring's data-key cache on (limits never reached): the cached path a
+//!   service uses, with the policy check and the event of every cache hit.
 //! - `envelopers-cached` / `envelopers-fresh`: `EnvelopeCipher` over
 //!   `CachingKeyWrapper<SimpleKeyProvider>` (limits set so the DEK stays
 //!   cached) / over `SimpleKeyProvider`, AES-256-GCM, returning its
@@ -171,6 +174,7 @@ fn records<M: Measurement>(c: &mut Criterion<M>) {
     };
     let cached = SealingKey::new(&dek, vec![entry]).unwrap();
     let env = support::envelope();
+    let envelope_cached = support::cached_envelope();
 
     let kek = [0x55u8; 16];
     let envelopers_fresh: EnvelopeCipher<SimpleKeyProvider<Aes256Gcm>> =
@@ -224,6 +228,9 @@ fn records<M: Measurement>(c: &mut Criterion<M>) {
         });
         g.bench_function(id("ours-fresh"), |b| {
             b.iter(|| block_on(env.seal(black_box(&pt), &ctx)).unwrap())
+        });
+        g.bench_function(id("envelope-cached"), |b| {
+            b.iter(|| block_on(envelope_cached.seal(black_box(&pt), &ctx)).unwrap())
         });
         g.bench_function(id("envelopers-cached"), |b| {
             b.iter(|| block_on(envelopers_cached.encrypt(black_box(&pt))).unwrap())
@@ -302,6 +309,10 @@ fn records<M: Measurement>(c: &mut Criterion<M>) {
         });
         g.bench_function(id("ours-fresh"), |b| {
             b.iter(|| block_on(env.open(black_box(&ours_fresh), &ctx)).unwrap())
+        });
+        let sealed_cached = block_on(envelope_cached.seal(&pt, &ctx)).unwrap();
+        g.bench_function(id("envelope-cached"), |b| {
+            b.iter(|| block_on(envelope_cached.open(black_box(&sealed_cached), &ctx)).unwrap())
         });
         let rec_cached = EncryptedRecord::from_vec(env_cached.clone()).unwrap();
         let rec_fresh = EncryptedRecord::from_vec(env_fresh.clone()).unwrap();

@@ -137,7 +137,7 @@ print(f"{'bench':42} {'k/s':>8} {'/floor':>8} {'/envelopers':>12} {'/kms-aead':>
 for op in ("seal", "open"):
     for size in (64, 1024, 16384):
         g = f"record-{op}"
-        names = ["raw-aead", "floor", "ours-cached", "ours-cached-hdr", "ours-fresh",
+        names = ["raw-aead", "floor", "ours-cached", "ours-cached-hdr", "envelope-cached", "ours-fresh",
                  "envelopers-cached", "envelopers-fresh", "envelopers-cached-bytes",
                  "kms-aead-cached", "kms-aead-fresh"]
         ns = {n: median_ns(g, f"{n}/{size}") for n in names}
@@ -148,15 +148,16 @@ for op in ("seal", "open"):
             kind = "cached" if "cached" in n else "fresh"
             if op == "open" and n == "ours-fresh":
                 kind = "fresh"
-            peer_e = ns.get(f"envelopers-{kind}") if n.startswith("ours") else None
-            peer_k = ns.get(f"kms-aead-{kind}") if n.startswith("ours") else None
+            ours = n.startswith("ours") or n.startswith("envelope-")
+            peer_e = ns.get(f"envelopers-{kind}") if ours else None
+            peer_k = ns.get(f"kms-aead-{kind}") if ours else None
             r_floor = ratio(floor, ns[n])
             r_env = ratio(peer_e, ns[n])
             r_kms = ratio(peer_k, ns[n])
             targets = ""
-            if size == 1024 and n == "ours-cached" and op == "seal":
+            if size == 1024 and n in ("ours-cached", "envelope-cached") and op == "seal":
                 targets = "; ".join([verdict(r_floor, 0.75) + " (floor)", verdict(r_env, 1.4) + " (envelopers)"])
-            elif size == 1024 and n.startswith("ours-cached") and op == "open":
+            elif size == 1024 and ("cached" in n and ours) and op == "open":
                 targets = verdict(r_env, 1.5) + " (envelopers)"
             print(f"{g + '/' + n + '/' + str(size):42} {1e6 / ns[n]:8.0f} {fmt_ratio(r_floor):>8} "
                   f"{fmt_ratio(r_env):>12} {fmt_ratio(r_kms):>10}  {targets}")

@@ -140,6 +140,25 @@ pub fn envelope() -> Envelope {
     Envelope::new(keyring)
 }
 
+/// [`envelope`] with the data-key cache on for sealing and opening, with
+/// limits no bench reaches: every record after the first is a cache hit
+/// (policy check and event included, as on every hit).
+pub fn cached_envelope() -> Envelope {
+    use phi_envelope::cache::{CacheConfig, CacheLimits};
+    let limits = CacheLimits::new(
+        std::time::Duration::from_secs(3600),
+        u64::MAX / 2,
+        u64::MAX / 2,
+    );
+    let keyring = Keyring::builder()
+        .provider(Arc::new(RingKms::new()))
+        .recipient("bench:records".parse().unwrap())
+        .data_key_cache(CacheConfig::new().encrypt(limits).decrypt(limits))
+        .build()
+        .unwrap();
+    Envelope::new(keyring)
+}
+
 /// The encryption context every bench uses.
 pub fn context() -> EncryptionContext {
     EncryptionContext::new()
