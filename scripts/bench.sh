@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-target_dir=$(cargo metadata --format-version 1 --no-deps |
+target_dir=$(cargo metadata --manifest-path benches/Cargo.toml --format-version 1 --no-deps |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 criterion_dir="$target_dir/criterion"
@@ -48,13 +48,13 @@ if [ "$run" = 1 ]; then
     echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
     nice_cmd=()
     if [ "$(id -u)" = 0 ]; then nice_cmd=(nice -n -10); fi
-    cargo bench --bench streams --bench records --no-run
-    "${nice_cmd[@]}" cargo bench --bench streams --bench records -- \
+    cargo bench --manifest-path benches/Cargo.toml --bench streams --bench records --no-run
+    "${nice_cmd[@]}" cargo bench --manifest-path benches/Cargo.toml --bench streams --bench records -- \
         --warm-up-time "$warmup" --measurement-time "$measure" "${extra[@]}"
 fi
 
 if [ "$rss" = 1 ]; then
-    cargo bench --bench profile --no-run
+    cargo bench --manifest-path benches/Cargo.toml --bench profile --no-run
     bin=$(ls -t "$target_dir"/release/deps/profile-* | grep -v '\.d$' | head -1)
     dir=$(mktemp -d "${TMPDIR:-/tmp}/phi-bench.XXXXXX")
     for t in 1 2; do
