@@ -23,6 +23,8 @@ pub mod aws_kms;
 mod keyref;
 #[cfg(feature = "local")]
 pub mod local;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 
 use std::fmt;
 use std::future::Future;
