@@ -241,9 +241,9 @@ impl KeyringBuilder {
     }
 
     /// The secret key of context fingerprints (at least 32 bytes, all of
-    /// them used as the HMAC key). Configure the same key everywhere to make
-    /// fingerprints comparable across processes; by default each keyring
-    /// draws a random one.
+    /// them used as the HMAC key). Set it in production: with the default (a
+    /// random key per keyring) fingerprints in the audit log cannot be
+    /// correlated across restarts or processes.
     pub fn context_fingerprint_key(mut self, key: &[u8]) -> Self {
         self.fingerprint_key = Some(zeroize::Zeroizing::new(key.to_vec()));
         self
@@ -332,6 +332,7 @@ impl KeyringBuilder {
             sink: self.sink,
             records_events: self.sink_set,
             checks_policy: self.policy_set,
+            dropped_events: std::sync::atomic::AtomicU64::new(0),
             fail_closed: self.fail_closed,
             policy: self.policy,
             fingerprint_key: hmac::Key::new(hmac::HMAC_SHA256, &fp),
@@ -356,6 +357,8 @@ pub struct Keyring {
     records_events: bool,
     /// False with the default allow-all policy: requests are not built.
     checks_policy: bool,
+    /// Events the sink failed to record while failing open.
+    dropped_events: std::sync::atomic::AtomicU64,
     fail_closed: bool,
     policy: Arc<dyn Policy>,
     fingerprint_key: hmac::Key,
@@ -524,8 +527,24 @@ impl Keyring {
         match self.sink.record(&event) {
             Ok(()) => Ok(()),
             Err(e) if self.fail_closed => Err(Error::Audit(e.0)),
-            Err(_) => Ok(()),
+            Err(_e) => {
+                // Failing open: the operation goes on, but the loss is
+                // counted (and logged with the `tracing` feature), never
+                // silent.
+                self.dropped_events
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                #[cfg(feature = "tracing")]
+                tracing::warn!(target: "phi_envelope::audit", "event not recorded: {_e}");
+                Ok(())
+            }
         }
+    }
+
+    /// How many events the sink failed to record while the keyring was
+    /// configured to fail open ([`KeyringBuilder::fail_closed`]`(false)`).
+    pub fn dropped_events(&self) -> u64 {
+        self.dropped_events
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Asks the policy; a denial is recorded and returned as an error.
@@ -563,6 +582,34 @@ impl Keyring {
     {
         self.authorize(&call)?;
         self.provider_calls.fetch_add(1, Ordering::Relaxed);
+        self.timed(call, fut, outcome_of).await
+    }
+
+    /// Policy, then `fut` timed and recorded as one event: the path of
+    /// operations that are not themselves provider calls (a rewrap as a
+    /// whole), which [`call`](Self::call) shares.
+    async fn guarded<T, F>(
+        &self,
+        call: Call<'_>,
+        fut: F,
+        outcome_of: impl FnOnce(&T) -> (Outcome, Option<u32>),
+    ) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        self.authorize(&call)?;
+        self.timed(call, fut, outcome_of).await
+    }
+
+    async fn timed<T, F>(
+        &self,
+        call: Call<'_>,
+        fut: F,
+        outcome_of: impl FnOnce(&T) -> (Outcome, Option<u32>),
+    ) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
         let start = Instant::now();
         let result = fut.await;
         let elapsed = start.elapsed();
@@ -1045,19 +1092,16 @@ impl Keyring {
                 continue;
             }
             let result = self
-                .call(call, provider.unwrap(entry, context), |u| match u {
-                    Unwrapped::Key(_) => (Outcome::Success, None),
-                    Unwrapped::Rejected => (Outcome::Rejected, None),
-                    Unwrapped::NotMine => (Outcome::Failed("not-mine".into()), None),
-                })
+                .call(
+                    call,
+                    verified_unwrap(&**provider, entry, header, context),
+                    |u| u.outcome(),
+                )
                 .await;
             match result {
-                Ok(Unwrapped::Key(dek)) => match OpeningKey::new(&dek, header) {
-                    Ok(key) => return Ok((dek, key, index)),
-                    Err(_) => rejected = true,
-                },
-                Ok(Unwrapped::Rejected) => rejected = true,
-                Ok(Unwrapped::NotMine) => {}
+                Ok(Verified::Key(dek, key)) => return Ok((dek, key, index)),
+                Ok(Verified::Rejected) => rejected = true,
+                Ok(Verified::NotMine) => {}
                 Err(e @ Error::Audit(_)) => return Err(e),
                 Err(e) => {
                     operational.get_or_insert(e);
@@ -1170,21 +1214,16 @@ impl Keyring {
                         caller,
                         fingerprint: Some(fingerprint.clone()),
                     },
-                    provider.unwrap(entry, context),
-                    |u| match u {
-                        Unwrapped::Key(_) => (Outcome::Success, None),
-                        Unwrapped::Rejected => (Outcome::Rejected, None),
-                        Unwrapped::NotMine => (Outcome::Failed("not-mine".into()), None),
-                    },
+                    verified_unwrap(&**provider, entry, header, context),
+                    |u| u.outcome(),
                 )
                 .await?;
             match unwrapped {
-                Unwrapped::Key(dek) => {
-                    let key = OpeningKey::new(&dek, header)?;
+                Verified::Key(_, key) => {
                     opening.get_or_insert(key);
                 }
-                Unwrapped::Rejected => return Err(Error::Decrypt),
-                Unwrapped::NotMine => {
+                Verified::Rejected => return Err(Error::Decrypt),
+                Verified::NotMine => {
                     return Err(Error::NoMatchingKey(format!(
                         "{} v{} (its provider does not hold it)",
                         entry.key_ref, entry.key_version
@@ -1223,11 +1262,42 @@ impl Keyring {
             )));
         }
         let fingerprint = self.context_fingerprint(context);
+        let first = &recipients[0];
+        // The rewrap as a whole is asked of the policy (before any provider
+        // call) and recorded, failed or not; its unwrap and wraps are asked
+        // and recorded as well.
+        self.guarded(
+            Call {
+                operation: Operation::Rewrap,
+                provider: first.scheme(),
+                key_ref: Some(first.as_str()),
+                key_version: None,
+                caller,
+                fingerprint: Some(fingerprint.clone()),
+            },
+            self.rewrap_header_inner(header, recipients, context, caller, &fingerprint),
+            |h| {
+                (
+                    Outcome::Success,
+                    h.recipients().first().map(|r| r.key_version),
+                )
+            },
+        )
+        .await
+    }
+
+    async fn rewrap_header_inner(
+        &self,
+        header: &Header,
+        recipients: &[KeyRef],
+        context: &EncryptionContext,
+        caller: &Caller,
+        fingerprint: &str,
+    ) -> Result<Header> {
         // A refused cryptoperiod costs no unwrap.
-        self.check_cryptoperiods(recipients, caller, &fingerprint)
+        self.check_cryptoperiods(recipients, caller, fingerprint)
             .await?;
         let (dek, _) = self.unwrap_header(header, context, caller).await?;
-        let start = Instant::now();
         let mut entries = Vec::with_capacity(recipients.len());
         for key in recipients {
             // Where the provider can re-encrypt an old entry itself (AWS KMS
@@ -1252,22 +1322,7 @@ impl Keyring {
             };
             entries.push(entry);
         }
-        let new_header = crate::message::rewrap_header(header, &dek, entries)?;
-        let first = &recipients[0];
-        self.record(
-            &Call {
-                operation: Operation::Rewrap,
-                provider: first.scheme(),
-                key_ref: Some(first.as_str()),
-                key_version: new_header.recipients().first().map(|r| r.key_version),
-                caller,
-                fingerprint: Some(fingerprint),
-            },
-            None,
-            Outcome::Success,
-            start.elapsed(),
-        )?;
-        Ok(new_header)
+        crate::message::rewrap_header(header, &dek, entries)
     }
 
     /// A rewrap that reused the new header of an identical one in the same
@@ -1614,6 +1669,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// colon (references are `scheme:rest`).
 fn provider_of(key_ref: &str) -> &str {
     key_ref.split(':').next().unwrap_or(key_ref)
+}
+
+/// An unwrap whose DEK has also verified the header tag.
+enum Verified {
+    NotMine,
+    Rejected,
+    Key(Dek, OpeningKey),
+}
+
+impl Verified {
+    /// The event outcome: a DEK that does not verify the header tag is a
+    /// rejection, not a success.
+    fn outcome(&self) -> (Outcome, Option<u32>) {
+        match self {
+            Verified::Key(..) => (Outcome::Success, None),
+            Verified::Rejected => (Outcome::Rejected, None),
+            Verified::NotMine => (Outcome::Failed("not-mine".into()), None),
+        }
+    }
+}
+
+/// Unwraps `entry` and checks the DEK against the header tag.
+async fn verified_unwrap(
+    provider: &dyn KeyProvider,
+    entry: &WrappedKey,
+    header: &Header,
+    context: &EncryptionContext,
+) -> Result<Verified> {
+    Ok(match provider.unwrap(entry, context).await? {
+        Unwrapped::Key(dek) => match OpeningKey::new(&dek, header) {
+            Ok(key) => Verified::Key(dek, key),
+            Err(_) => Verified::Rejected,
+        },
+        Unwrapped::Rejected => Verified::Rejected,
+        Unwrapped::NotMine => Verified::NotMine,
+    })
 }
 
 /// A stable, data-free name for an error, for events.

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use conformance::{bytes, ctx, MemoryKms};
-use phi_envelope::events::{MemorySink, Operation};
+use phi_envelope::events::{MemorySink, Operation, Outcome};
 use phi_envelope::keyring::KeyringBuilder;
 use phi_envelope::provider::local::LocalKeystore;
 use phi_envelope::provider::{KeyProvider, ProviderErrorKind};
@@ -237,13 +237,18 @@ async fn batch_rewrap_gives_a_result_per_record(f: Fixture) {
     assert!(results[50].as_ref().unwrap_err().is_decrypt());
     assert!(matches!(results[51], Err(Error::NotEnvelope)));
     assert!(matches!(results[52], Err(Error::Truncated)));
-    // Every rewrapped record has its own rewrap event.
-    let rewraps = sink
-        .events()
-        .iter()
-        .filter(|e| e.operation == Operation::Rewrap)
-        .count();
-    assert_eq!(rewraps, 50);
+    // Every rewrapped record has its own rewrap event, and the rewrap that
+    // failed (wrong context) is recorded as failed; the malformed inputs
+    // never reached the keyring.
+    let events = sink.events();
+    let rewraps = |ok: bool| {
+        events
+            .iter()
+            .filter(|e| e.operation == Operation::Rewrap && (e.outcome == Outcome::Success) == ok)
+            .count()
+    };
+    assert_eq!(rewraps(true), 50);
+    assert_eq!(rewraps(false), 1);
 }
 
 fn write(path: &Path, data: &[u8]) {
