@@ -609,9 +609,13 @@ fn audit_key_and_log_print_no_key_and_log_no_context_values() {
     let key_bytes = secret(32, 0x77);
     let key = AuditKey::new(&key_bytes).unwrap();
     assert_debug_clean("AuditKey", &key, &[&key_bytes]);
+    let verifier = phi_envelope::audit::Verifier::new().key(key.clone());
+    assert_debug_clean("audit::Verifier", &verifier, &[&key_bytes]);
+    let builder = AuditLog::builder().audit_key(key);
+    assert_debug_clean("AuditLogBuilder", &builder, &[&key_bytes]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let log = Arc::new(AuditLog::builder().audit_key(key).open(&path).unwrap());
+    let log = Arc::new(builder.open(&path).unwrap());
     assert_debug_clean("AuditLog", &*log, &[&key_bytes]);
 
     // The log as a keyring's sink: what lands in the file.
