@@ -1119,7 +1119,7 @@ async fn audit_cost_per_sealed_record() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let warm_up: usize = if n >= 1000 { 200 } else { 10 };
-    let group_total: usize = (16 * n).min(1600);
+    let group_total: usize = (4 * n).clamp(64, 1600);
     let kms = Arc::new(MemoryKms::new("kms"));
     let k = kms.add_key("records");
     let dir = tempfile::tempdir().unwrap();
