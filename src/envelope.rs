@@ -194,7 +194,11 @@ impl Envelope {
     /// Re-wraps a header to this envelope's recipients (the current primary
     /// versions of their keys). The body is untouched: write the new header
     /// followed by the old body.
-    pub async fn rewrap_header(&self, header: &Header, context: &EncryptionContext) -> Result<Header> {
+    pub async fn rewrap_header(
+        &self,
+        header: &Header,
+        context: &EncryptionContext,
+    ) -> Result<Header> {
         self.keyring
             .rewrap_header(header, self.recipients(), context, &self.caller)
             .await
