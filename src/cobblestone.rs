@@ -142,7 +142,11 @@ impl BodyKeys {
 
     /// Reads the prefix, derives the keys and checks the commitment in
     /// constant time.
-    fn from_prefix(prk: &Prk, context: &[u8], prefix: &[u8; PREFIX_LEN]) -> Result<BodyKeys> {
+    pub(crate) fn from_prefix(
+        prk: &Prk,
+        context: &[u8],
+        prefix: &[u8; PREFIX_LEN],
+    ) -> Result<BodyKeys> {
         let salt: &[u8; SALT_LEN] = prefix[..SALT_LEN].try_into().expect("fixed split");
         let (keys, commitment) = BodyKeys::derive(prk, salt, context);
         if !ct_eq(&commitment, &prefix[SALT_LEN..]) {
@@ -172,7 +176,7 @@ impl BodyKeys {
 }
 
 /// Starts a body: a fresh salt, the derived keys, and the 56-byte prefix.
-fn start_body(
+pub(crate) fn start_body(
     prk: &Prk,
     context: &[u8],
     salt: Option<&[u8; SALT_LEN]>,

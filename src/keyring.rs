@@ -1099,7 +1099,10 @@ impl Keyring {
                 )
                 .await;
             match result {
-                Ok(Verified::Key(dek, key)) => return Ok((dek, key, index)),
+                Ok(Verified::Key(found)) => {
+                    let (dek, key) = *found;
+                    return Ok((dek, key, index));
+                }
                 Ok(Verified::Rejected) => rejected = true,
                 Ok(Verified::NotMine) => {}
                 Err(e @ Error::Audit(_)) => return Err(e),
@@ -1219,8 +1222,8 @@ impl Keyring {
                 )
                 .await?;
             match unwrapped {
-                Verified::Key(_, key) => {
-                    opening.get_or_insert(key);
+                Verified::Key(found) => {
+                    opening.get_or_insert(found.1);
                 }
                 Verified::Rejected => return Err(Error::Decrypt),
                 Verified::NotMine => {
@@ -1308,7 +1311,7 @@ impl Keyring {
                 .find(|e| e.provider == key.scheme());
             let reused = match old {
                 Some(entry) if self.provider_for(key)?.supports_rewrap() => {
-                    self.rewrap_one(entry, key, context, caller, &fingerprint)
+                    self.rewrap_one(entry, key, context, caller, fingerprint)
                         .await?
                 }
                 _ => None,
@@ -1316,7 +1319,7 @@ impl Keyring {
             let entry = match reused {
                 Some(e) => e,
                 None => {
-                    self.wrap_one(key, &dek, context, caller, &fingerprint)
+                    self.wrap_one(key, &dek, context, caller, fingerprint)
                         .await?
                 }
             };
@@ -1675,7 +1678,7 @@ fn provider_of(key_ref: &str) -> &str {
 enum Verified {
     NotMine,
     Rejected,
-    Key(Dek, OpeningKey),
+    Key(Box<(Dek, OpeningKey)>),
 }
 
 impl Verified {
@@ -1699,7 +1702,7 @@ async fn verified_unwrap(
 ) -> Result<Verified> {
     Ok(match provider.unwrap(entry, context).await? {
         Unwrapped::Key(dek) => match OpeningKey::new(&dek, header) {
-            Ok(key) => Verified::Key(dek, key),
+            Ok(key) => Verified::Key(Box::new((dek, key))),
             Err(_) => Verified::Rejected,
         },
         Unwrapped::Rejected => Verified::Rejected,

@@ -19,6 +19,8 @@ pub mod policy;
 pub mod primitives;
 pub mod provider;
 pub mod rewrap;
+#[cfg(feature = "tokio")]
+pub mod tokio_io;
 
 pub use envelope::Envelope;
 pub use error::{Error, Result};

@@ -83,6 +83,17 @@ impl SealingKey {
         self.encryptor_with_salt(inner, context, None)
     }
 
+    /// The body keys and the 56-byte body prefix of a new message (fresh
+    /// salt), for adapters that write the body themselves.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn start_body(
+        &self,
+        context: &EncryptionContext,
+    ) -> Result<(cobblestone::BodyKeys, [u8; cobblestone::PREFIX_LEN])> {
+        let ctx = body_context(self.header.suite(), context);
+        cobblestone::start_body(&self.prk, &ctx, None)
+    }
+
     pub(crate) fn encryptor_with_salt<W: Write>(
         &self,
         mut inner: W,
@@ -120,6 +131,17 @@ impl OpeningKey {
             prk,
             suite: header.suite(),
         })
+    }
+
+    /// The body keys for a body whose 56-byte prefix is `prefix`, after the
+    /// commitment check, for adapters that read the body themselves.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn body_keys(
+        &self,
+        prefix: &[u8; cobblestone::PREFIX_LEN],
+        context: &EncryptionContext,
+    ) -> Result<cobblestone::BodyKeys> {
+        cobblestone::BodyKeys::from_prefix(&self.prk, &body_context(self.suite, context), prefix)
     }
 
     /// Decrypts a whole body (the bytes after the header) held in memory.
