@@ -611,7 +611,18 @@ impl Keyring {
         F: Future<Output = Result<T>>,
     {
         let start = Instant::now();
+        // If the caller drops this future mid-call (a timeout, a cancelled
+        // task), the provider may still have done the work (a KMS call that
+        // completed server-side, an HSM call on a blocking thread): the
+        // guard records the access as cancelled.
+        let mut guard = CancelGuard {
+            keyring: self,
+            call: &call,
+            start,
+            armed: true,
+        };
         let result = fut.await;
+        guard.armed = false;
         let elapsed = start.elapsed();
         match result {
             Ok(value) => {
@@ -1672,6 +1683,34 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// colon (references are `scheme:rest`).
 fn provider_of(key_ref: &str) -> &str {
     key_ref.split(':').next().unwrap_or(key_ref)
+}
+
+/// Records a provider call whose future was dropped before it finished.
+struct CancelGuard<'a> {
+    keyring: &'a Keyring,
+    call: &'a Call<'a>,
+    start: Instant,
+    armed: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // Nothing can be returned from a drop: a sink failure here is
+            // counted like any failing-open loss.
+            let recorded = self.keyring.record(
+                self.call,
+                None,
+                Outcome::Failed("cancelled".into()),
+                self.start.elapsed(),
+            );
+            if recorded.is_err() {
+                self.keyring
+                    .dropped_events
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// An unwrap whose DEK has also verified the header tag.
