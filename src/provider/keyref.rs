@@ -154,6 +154,14 @@ impl KeyRef {
             KeyRefKind::Pkcs11(uri) => uri.to_uri(),
             _ => text.to_owned(),
         };
+        // The canonical text is what headers carry: percent-encoding can
+        // make it longer than the input, so the bound applies to it too.
+        if text.len() > MAX_KEY_REF_LEN {
+            return Err(invalid(
+                &text,
+                "its canonical form is longer than 1024 bytes",
+            ));
+        }
         Ok(KeyRef { text, kind })
     }
 
