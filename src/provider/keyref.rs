@@ -92,9 +92,26 @@ pub struct Pkcs11Uri {
 
 fn invalid(reference: &str, reason: impl Into<String>) -> Error {
     Error::InvalidKeyRef {
-        reference: reference.chars().take(200).collect(),
+        reference: redact_pin(reference).chars().take(200).collect(),
         reason: reason.into(),
     }
+}
+
+/// A reference as it may be echoed in an error: the value of any
+/// `pin-value` attribute (a secret that has no place in a reference) is
+/// replaced, so the error that refuses it does not repeat it.
+fn redact_pin(reference: &str) -> String {
+    let mut out = String::with_capacity(reference.len());
+    let mut rest = reference;
+    while let Some(i) = rest.find("pin-value=") {
+        let start = i + "pin-value=".len();
+        out.push_str(&rest[..start]);
+        out.push_str("<redacted>");
+        let value_len = rest[start..].find(['&', ';']).unwrap_or(rest.len() - start);
+        rest = &rest[start + value_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl KeyRef {
@@ -484,6 +501,15 @@ mod tests {
         ] {
             assert!(KeyRef::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn errors_never_echo_a_pin() {
+        let e = KeyRef::parse("pkcs11:object=k?pin-value=1234&module-path=/m;x").unwrap_err();
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains("1234"), "{text}");
+        assert!(text.contains("pin-value=<redacted>"), "{text}");
+        assert_eq!(redact_pin("a;pin-value=9;b"), "a;pin-value=<redacted>;b");
     }
 
     #[test]
