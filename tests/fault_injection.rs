@@ -484,9 +484,9 @@ async fn a_cancelled_cache_leader_does_not_strand_its_waiters() {
 /// provider may have performed (a KMS `GenerateDataKey` or `Decrypt` that
 /// completed server-side, an HSM unwrap on a blocking thread): the audit
 /// trail must show it, as DESIGN.md requires an event for "every generate,
-/// wrap, unwrap ... and provider failure". The keyring records an event
-/// only after the provider's future completes, so a cancelled call leaves no
-/// trace at all.
+/// wrap, unwrap ... and provider failure". Found by this test (the keyring
+/// used to record only after the provider's future completed, so a cancelled
+/// call left no trace); now recorded as `failed:cancelled`.
 #[tokio::test]
 async fn a_cancelled_provider_call_is_recorded() {
     let inner = Arc::new(MemoryKms::new("vault-slow"));
@@ -514,7 +514,9 @@ async fn a_cancelled_provider_call_is_recorded() {
     let events = sink.events();
     for op in [Operation::Generate, Operation::Unwrap] {
         assert!(
-            events.iter().any(|e| e.operation == op),
+            events
+                .iter()
+                .any(|e| e.operation == op && e.outcome == Outcome::Failed("cancelled".into())),
             "a {op} call that reached the provider and was cancelled left no event (events: {events:?})"
         );
     }
