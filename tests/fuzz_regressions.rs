@@ -47,6 +47,7 @@ fn assert_canonical_round_trip(input: &str) {
 /// `KeyRef::parse` refuses ("length must be 1..=1024 bytes") and that
 /// `Header::build` refuses (`Malformed`): a provider configured with it
 /// could never seal, and a message naming it could not be parsed back.
+/// Fixed in 6fdc800: the bound now applies to the canonical form.
 #[test]
 fn pkcs11_id_canonical_form_exceeds_the_key_ref_bound() {
     let input = format!("pkcs11:id={}", "a".repeat(400));
