@@ -179,21 +179,43 @@ pub fn open_every_way(
 ) -> Vec<(&'static str, Result<Vec<u8>, Error>)> {
     let ids = provider_ids(m);
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let env = envelope_for(dek, &ids);
+    open_every_way_with(m, dek, ctx, &ids, true)
+}
+
+/// Every decoder on `m`: those that go through a keyring hold a provider
+/// for each id in `providers` (each answers with `dek`); those given the
+/// DEK directly run only when `with_dek` is set.
+pub fn open_every_way_with(
+    m: &[u8],
+    dek: &[u8],
+    ctx: &EncryptionContext,
+    providers: &[&str],
+    with_dek: bool,
+) -> Vec<(&'static str, Result<Vec<u8>, Error>)> {
+    let env = envelope_for(dek, providers);
     let d = Dek::from_slice(dek).unwrap();
-    let mut out = vec![
-        ("message::open", message::open(m, &d, ctx)),
+    let mut out = Vec::new();
+    if with_dek {
+        out.extend([
+            ("message::open", message::open(m, &d, ctx)),
+            ("Decryptor", streaming(m, &d, ctx)),
+            ("SeekableDecryptor", seeking(m, &d, ctx)),
+            ("decrypt_with_key/1", engine(m, &d, ctx, 1)),
+            ("decrypt_with_key/3", engine(m, &d, ctx, 3)),
+        ]);
+    }
+    out.extend([
         ("Envelope::open", block_on(env.open(m, ctx))),
-        ("Decryptor", streaming(m, &d, ctx)),
         (
             "Envelope::decryptor",
             block_on(env.decryptor(m, ctx)).and_then(|r| drain(r, 1000)),
         ),
-        ("SeekableDecryptor", seeking(m, &d, ctx)),
-        ("decrypt_with_key/1", engine(m, &d, ctx, 1)),
-        ("decrypt_with_key/3", engine(m, &d, ctx, 3)),
+        (
+            "Envelope::seekable_decryptor",
+            block_on(env.seekable_decryptor(Cursor::new(m), ctx)).and_then(|r| drain(r, 3000)),
+        ),
         ("Envelope::decrypt_file", decrypt_file(&env, m, ctx)),
-    ];
+    ]);
     #[cfg(feature = "tokio")]
     out.push(("AsyncDecryptor", async_reader(&env, m, ctx)));
     out
