@@ -85,3 +85,48 @@ fn a_backup_cut_short_says_truncated_and_asks_for_a_complete_copy() {
 fn cli_bytes(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 % 251) as u8).collect()
 }
+
+/// docs/CLI.md, "Encryption context": `--context` splits at the first `=`,
+/// keeps every other byte (spaces and `=` included) as given, and refuses
+/// an argument without `=`, an empty key and a duplicate key.
+#[test]
+fn context_pairs_split_at_the_first_equals_sign_and_keep_spaces() {
+    let env = Env::new();
+    env.ok(&["keys", "init"]);
+    fs::write(env.path("f"), b"payload").unwrap();
+    env.ok(&[
+        "encrypt",
+        "--context",
+        "note= a=b ",
+        "--context",
+        "k=",
+        "-o",
+        "f.phi",
+        "f",
+    ]);
+    // Exactly the same pairs (in any order) restore it.
+    env.ok(&[
+        "decrypt",
+        "--context",
+        "k=",
+        "--context",
+        "note= a=b ",
+        "-o",
+        "out",
+        "f.phi",
+    ]);
+    assert_eq!(fs::read(env.path("out")).unwrap(), b"payload");
+    // The value is " a=b " with its spaces: trimmed or split differently,
+    // it is another context (exit 2).
+    for other in ["note=a=b", "note= a=b", "note= a", " note= a=b "] {
+        env.fails(
+            &["verify", "--context", "k=", "--context", other, "f.phi"],
+            2,
+        );
+    }
+    // Refused as usage errors (exit 1), before any key is used.
+    for bad in ["note", "=x", "k=1"] {
+        let err = env.fails(&["verify", "--context", "k=", "--context", bad, "f.phi"], 1);
+        assert!(err.contains("--context"), "{bad:?}: {err}");
+    }
+}

@@ -277,3 +277,140 @@ fn damage_to_the_final_chunk_after_full_chunks_is_truncated_chunk() {
     assert_every_decoder_fails(&m, &r.dek, &ctx, "Decrypt", "record flipped");
     let _ = Error::Decrypt;
 }
+
+// ---------------------------------------------------------------------------
+// Section 7.2: mixed unwrap outcomes; section 4.2: provider id and scheme.
+// ---------------------------------------------------------------------------
+
+mod scripted {
+    use phi_envelope::provider::{
+        BoxFuture, KeyInfo, KeyProvider, KeyRef, ProviderError, ProviderErrorKind, Unwrapped,
+    };
+    use phi_envelope::{Dek, EncryptionContext, Error, Result, WrappedKey};
+
+    /// Answers by key version: 1 down, 2 rejected, 3 the DEK, 4 a DEK that
+    /// does not verify the header tag, anything else not mine.
+    #[derive(Debug)]
+    pub struct Scripted {
+        pub dek: [u8; 32],
+    }
+
+    impl KeyProvider for Scripted {
+        fn id(&self) -> &str {
+            "scripted"
+        }
+        fn wrap<'a>(
+            &'a self,
+            _: &'a KeyRef,
+            _: &'a Dek,
+            _: &'a EncryptionContext,
+        ) -> BoxFuture<'a, Result<WrappedKey>> {
+            Box::pin(async { Err(phi_envelope::provider::unsupported("scripted", "wrap")) })
+        }
+        fn unwrap<'a>(
+            &'a self,
+            entry: &'a WrappedKey,
+            _: &'a EncryptionContext,
+        ) -> BoxFuture<'a, Result<Unwrapped>> {
+            Box::pin(async move {
+                Ok(match entry.key_version {
+                    1 => {
+                        return Err(Error::Provider(ProviderError::new(
+                            "scripted",
+                            ProviderErrorKind::Unavailable,
+                            "down for the test",
+                        )))
+                    }
+                    2 => Unwrapped::Rejected,
+                    3 => Unwrapped::Key(Dek::from_slice(&self.dek)?),
+                    4 => Unwrapped::Key(Dek::generate()?),
+                    _ => Unwrapped::NotMine,
+                })
+            })
+        }
+        fn describe<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
+            Box::pin(async move { Ok(KeyInfo::new(key.clone(), None, Vec::new())) })
+        }
+    }
+}
+
+#[test]
+fn mixed_unwrap_outcomes_follow_the_documented_precedence() {
+    use phi_envelope::message::SealingKey;
+    use phi_envelope::provider::ProviderErrorKind;
+    use phi_envelope::{Dek, Envelope, Keyring};
+    use std::sync::Arc;
+
+    let dek = Dek::generate().unwrap();
+    let env = Envelope::new(
+        Keyring::builder()
+            .provider(Arc::new(scripted::Scripted {
+                dek: *dek.expose_secret(),
+            }))
+            .build()
+            .unwrap(),
+    );
+    let ctx = test_context();
+    let open = |versions: &[u32], provider: &str| {
+        let entries = versions
+            .iter()
+            .map(|&v| common::entry(provider, "scripted:k", v, &[1]))
+            .collect();
+        let msg = SealingKey::new(&dek, entries)
+            .unwrap()
+            .seal(b"x", &ctx)
+            .unwrap();
+        decoders::block_on(env.open(&msg, &ctx))
+    };
+    // A success anywhere wins, whatever failed before it.
+    for order in [[1, 2, 3], [2, 1, 3], [3, 1, 2], [4, 1, 3], [5, 2, 3]] {
+        assert_eq!(open(&order, "scripted").unwrap(), b"x", "{order:?}");
+    }
+    // Then an operational failure, wherever it is.
+    for order in [&[1, 2][..], &[2, 1], &[4, 1, 5], &[1]] {
+        match open(order, "scripted") {
+            Err(Error::Provider(p)) => assert_eq!(p.kind(), ProviderErrorKind::Unavailable),
+            other => panic!("{order:?}: {other:?}"),
+        }
+    }
+    // Then a rejection (by the provider, or a DEK that fails the tag).
+    for order in [&[2][..], &[4], &[5, 2], &[4, 5, 2]] {
+        assert!(
+            matches!(open(order, "scripted"), Err(Error::Decrypt)),
+            "{order:?}"
+        );
+    }
+    // Then nobody's key.
+    assert!(matches!(
+        open(&[5, 6], "scripted"),
+        Err(Error::NoMatchingKey(_))
+    ));
+    assert!(matches!(open(&[3], "other"), Err(Error::NoMatchingKey(_))));
+}
+
+#[test]
+fn a_key_reference_of_another_scheme_is_well_formed() {
+    // Provider `local` with an `aws-kms:` reference: not Malformed (4.2).
+    let (dek, key) = sealing_key(vec![common::entry("local", "aws-kms:alias/x", 1, &[1])]);
+    let msg = key.seal(b"x", &test_context()).unwrap();
+    let (h, _) = Header::parse(&msg).unwrap();
+    assert_eq!(h.recipients()[0].key_ref, "aws-kms:alias/x");
+    assert_eq!(
+        phi_envelope::message::open(&msg, &dek, &test_context()).unwrap(),
+        b"x"
+    );
+}
+
+#[test]
+fn suite_and_malformed_names_are_the_documented_ones() {
+    use phi_envelope::format::Suite;
+    assert_eq!(Suite::Aes256GcmHkdfSha512.name(), "Aes256GcmHkdfSha512");
+    assert_eq!(
+        format!("{:?}", Suite::Aes256GcmHkdfSha512),
+        "Aes256GcmHkdfSha512"
+    );
+    assert_eq!(Suite::from_id(1).unwrap().id(), 1);
+    let e = Header::parse(b"PHIENV\x01\x01\x09").unwrap_err();
+    assert_eq!(e.malformed_field(), Some("count"));
+    assert_eq!(e.to_string(), "malformed header: count: out of range 1..=8");
+}
