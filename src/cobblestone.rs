@@ -11,8 +11,12 @@
 //!   decrypted: a wrong key or wrong context fails there.
 //! - No plaintext of a chunk is released before its tag has verified.
 //! - A body that ends without its short final chunk is
-//!   [`Error::Truncated`], never a short read; a decryptor that failed keeps
-//!   failing on every later read.
+//!   [`Error::Truncated`], never a short read; a final chunk that fails
+//!   after full chunks authenticated (a copy cut inside a chunk) is
+//!   [`Error::TruncatedChunk`]; a decryptor that failed keeps failing on
+//!   every later read.
+//! - Every decoder reports the first defect in stream order, whether or not
+//!   it knows the length in advance (docs/FORMAT.md section 7.3).
 //!
 //! ```
 //! use std::io::{Read, Write};

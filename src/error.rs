@@ -8,6 +8,12 @@
 //! (bad magic, an unknown version or suite, an oversized field, a truncated
 //! message) and operational failures (I/O, a provider that is down, a policy
 //! denial) are specific, carry their source and say what to do.
+//!
+//! One refinement keeps truncated copies recognisable: a final chunk that
+//! fails after full chunks that authenticated is [`Error::TruncatedChunk`]
+//! (a copy cut inside a chunk, or its end damaged), not `Decrypt`; it tells
+//! a caller nothing it does not already know (docs/FORMAT.md section 7.4).
+//! Every decoder reports the first defect in stream order (section 7.3).
 
 use std::io;
 

@@ -217,8 +217,10 @@ impl Envelope {
     /// renamed to `output` only after every chunk authenticated and the
     /// final chunk was seen. A modified, truncated or extended file, a
     /// wrong key or a wrong context is an error (authentication failures are
-    /// the opaque [`Error::Decrypt`]) and leaves neither `output` nor a
-    /// temporary file. An existing `output` is refused unless
+    /// the opaque [`Error::Decrypt`]; a copy cut short is
+    /// [`Error::Truncated`] or [`Error::TruncatedChunk`]) and leaves neither
+    /// `output` nor a temporary file. The error is the one every other
+    /// decoder gives for the same bytes (docs/FORMAT.md section 7.3). An existing `output` is refused unless
     /// [`FileOptions::overwrite`] is set. Blocks the calling thread for the
     /// I/O (see the [module docs](crate::file#blocking)).
     pub async fn decrypt_file(
