@@ -456,7 +456,15 @@ impl From<phi_envelope::Error> for CliError {
                     .into(),
             ),
             E::Truncated => CliError::integrity(
-                "the backup is truncated: it ends before its final chunk (an incomplete copy); use another copy"
+                "the backup is truncated: it ends before its final chunk (an incomplete copy, e.g. a full disk \
+                 or an interrupted transfer); a complete copy is needed: use another copy"
+                    .into(),
+            ),
+            E::TruncatedChunk => CliError::integrity(
+                "the backup is truncated: it ends inside a chunk; everything before that chunk authenticated \
+                 (so the key and --context are right), the last chunk did not: the copy was cut short \
+                 (a full disk, an interrupted transfer) or its end was damaged; a complete copy is needed: \
+                 use another copy"
                     .into(),
             ),
             E::NotEnvelope => CliError::integrity(
