@@ -951,6 +951,58 @@ mod tests {
         assert_eq!(w.key_version, 2);
     }
 
+    fn fast() -> Argon2idParams {
+        Argon2idParams::new(8 * 1024, 1, 1).unwrap()
+    }
+
+    fn reads(s: &LocalKeystore) -> (u64, u64) {
+        (
+            s.file_reads.load(Ordering::Relaxed),
+            s.kdf_runs.load(Ordering::Relaxed),
+        )
+    }
+
+    #[test]
+    fn calls_neither_reread_nor_rederive_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.json");
+        let pass = SecretString::from("pass phrase");
+        let a = LocalKeystore::create_with_params(&path, pass.clone(), fast()).unwrap();
+        let key: KeyRef = "local:k".parse().unwrap();
+        a.add_key(&key).unwrap();
+        assert_eq!(reads(&a), (0, 1), "create derives once and reads nothing");
+        let b = LocalKeystore::open(&path, pass).unwrap();
+        assert_eq!(reads(&b), (1, 1));
+        let ctx = EncryptionContext::new();
+        let dek = Dek::generate().unwrap();
+        for _ in 0..20 {
+            let w = block_on(b.wrap(&key, &dek, &ctx)).unwrap();
+            assert!(matches!(
+                block_on(b.unwrap(&w, &ctx)),
+                Ok(Unwrapped::Key(_))
+            ));
+            block_on(b.describe(&key)).unwrap();
+        }
+        assert_eq!(reads(&b), (1, 1), "no re-read, no re-derivation per call");
+        // A change through another value is seen at the next call: one
+        // reload, still no derivation.
+        block_on(a.rotate(&key)).unwrap();
+        let w = block_on(b.wrap(&key, &dek, &ctx)).unwrap();
+        assert_eq!(w.key_version, 2);
+        assert_eq!(reads(&b), (2, 1));
+        // Its own writes do not make it reload either.
+        block_on(b.rotate(&key)).unwrap();
+        block_on(b.wrap(&key, &dek, &ctx)).unwrap();
+        assert_eq!(reads(&b), (2, 1));
+        assert_eq!(reads(&a), (0, 1));
+        // Quick changes in a row, the last back to an earlier size.
+        block_on(a.set_state(&key, 1, KeyState::Disabled)).unwrap();
+        block_on(a.set_state(&key, 1, KeyState::DecryptOnly)).unwrap();
+        block_on(a.set_state(&key, 1, KeyState::Disabled)).unwrap();
+        let info = block_on(b.describe(&key)).unwrap();
+        assert_eq!(info.version(1).unwrap().state, KeyState::Disabled);
+    }
+
     #[test]
     fn wrap_aad_layout() {
         let ctx = EncryptionContext::from_pairs([("a", "b")]).unwrap();
