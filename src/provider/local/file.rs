@@ -231,7 +231,7 @@ fn invalid(reason: impl Into<String>) -> ParseError {
 
 const OUR_PREFIX: &[u8] = b"{\"format\":\"phi-envelope-keystore\",";
 
-fn header_aad(version: u32, kdf: &KdfJson) -> Vec<u8> {
+pub(super) fn header_aad(version: u32, kdf: &KdfJson) -> Vec<u8> {
     serde_json::to_vec(&HeaderJson {
         format: FORMAT,
         version,
@@ -380,6 +380,12 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed, ParseError> {
 }
 
 impl Parsed {
+    /// The header bytes that are the AAD of the table (test vectors).
+    #[cfg(test)]
+    pub fn header_aad_for_tests(&self) -> &[u8] {
+        &self.header_aad
+    }
+
     /// Authenticates and decrypts the table. `key` is the derived key of a
     /// protected file (ignored for an unprotected one). The error is one
     /// message for every authentication failure.
@@ -423,11 +429,21 @@ pub(super) fn seal(
     key: Option<&[u8; 32]>,
     table: &Table,
 ) -> crate::Result<Zeroizing<Vec<u8>>> {
+    seal_version(FORMAT_VERSION, kdf, key, table)
+}
+
+/// [`seal`] as a file of format `version` (1 only to make test vectors).
+pub(super) fn seal_version(
+    version: u32,
+    kdf: &Kdf,
+    key: Option<&[u8; 32]>,
+    table: &Table,
+) -> crate::Result<Zeroizing<Vec<u8>>> {
     let kdf_json = KdfJson::of(kdf);
-    let aad = header_aad(FORMAT_VERSION, &kdf_json);
+    let aad = header_aad(version, &kdf_json);
     let mut nonce = [0u8; 12];
     fill_random(&mut nonce)?;
-    let json = table.to_json();
+    let json = table.to_json_for(version);
     let (ciphertext, clear, tag) = match kdf {
         Kdf::Argon2id { .. } => {
             let key = key.expect("a protected keystore is sealed with its key");
@@ -447,7 +463,7 @@ pub(super) fn seal(
     };
     let file = FileJson {
         format: FORMAT.into(),
-        version: FORMAT_VERSION,
+        version,
         kdf: kdf_json,
         nonce: hex::encode(&nonce),
         ciphertext,

@@ -920,6 +920,9 @@ impl KeyProvider for LocalKeystore {
 }
 
 #[cfg(test)]
+mod vector_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

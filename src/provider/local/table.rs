@@ -372,7 +372,8 @@ struct VersionIn {
 
 #[derive(Serialize)]
 struct TableOut<'a> {
-    generation: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<u64>,
     keys: Vec<KeyOut<'a>>,
 }
 
@@ -392,11 +393,18 @@ struct VersionOut<'a> {
 }
 
 impl Table {
-    /// The table as JSON, in a zeroizing buffer sized up front so that it
-    /// never reallocates (which would leave copies of key bytes behind).
+    /// The table as JSON (format version 2), in a zeroizing buffer sized
+    /// up front so that it never reallocates (which would leave copies of
+    /// key bytes behind).
     pub fn to_json(&self) -> Zeroizing<Vec<u8>> {
+        self.to_json_for(super::file::FORMAT_VERSION)
+    }
+
+    /// The table as JSON for a file of format `version`: version 1 has no
+    /// generation member.
+    pub fn to_json_for(&self, version: u32) -> Zeroizing<Vec<u8>> {
         let out = TableOut {
-            generation: self.generation,
+            generation: (version >= 2).then_some(self.generation),
             keys: self
                 .keys
                 .iter()
