@@ -225,3 +225,35 @@ async fn the_independent_decoder_recovers_a_keystore_and_message_made_now() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn the_worked_example_in_keystore_md_is_the_committed_vector() {
+    let doc = fs::read_to_string(manifest().join("docs/KEYSTORE.md")).unwrap();
+    let (_, v) = vector(2);
+    let m = &v["message"];
+    let wrapped = m["wrapped_dek_hex"].as_str().unwrap();
+    for (what, value) in [
+        (
+            "keystore file",
+            v["keystore_file"].as_str().unwrap().trim_end(),
+        ),
+        ("table", v["table_plaintext"].as_str().unwrap()),
+        ("derived key", v["kdf_key_hex"].as_str().unwrap()),
+        ("KEK", m["kek_hex"].as_str().unwrap()),
+        ("DEK", m["dek_hex"].as_str().unwrap()),
+        ("wrap nonce", &wrapped[..24]),
+        ("wrap ciphertext", &wrapped[24..88]),
+        ("wrap tag", &wrapped[88..]),
+        ("plaintext", m["plaintext"].as_str().unwrap()),
+    ] {
+        assert!(
+            doc.contains(value),
+            "docs/KEYSTORE.md lacks the vector's {what}: {value}"
+        );
+    }
+    let header = String::from_utf8(unhex(&v["header_aad_hex"])).unwrap();
+    assert!(
+        doc.contains(&header),
+        "docs/KEYSTORE.md lacks the header AAD"
+    );
+}

@@ -231,7 +231,7 @@ fn invalid(reason: impl Into<String>) -> ParseError {
 
 const OUR_PREFIX: &[u8] = b"{\"format\":\"phi-envelope-keystore\",";
 
-pub(super) fn header_aad(version: u32, kdf: &KdfJson) -> Vec<u8> {
+fn header_aad(version: u32, kdf: &KdfJson) -> Vec<u8> {
     serde_json::to_vec(&HeaderJson {
         format: FORMAT,
         version,

@@ -85,65 +85,60 @@
 //!
 //! # The file
 //!
-//! One JSON document, written by phi-envelope in compact form followed by
-//! a newline, and read back only if it is byte for byte what phi-envelope
-//! would write (a reformatted file is refused). A protected keystore:
+//! One JSON document on one line, written by phi-envelope in compact form,
+//! and read back only if it is byte for byte what phi-envelope would write
+//! (a reformatted file is refused). **docs/KEYSTORE.md specifies it byte
+//! for byte**, with committed vectors and an independent decoder: the
+//! cleartext header (format, version, Argon2id parameters and salt), the
+//! key table sealed as one AES-256-GCM message under the 32-byte key that
+//! Argon2id (version 0x13) derives from the passphrase, with the header as
+//! additional data and a fresh nonce on every write. This build writes
+//! format version [`KEYSTORE_FORMAT_VERSION`] (2) and reads versions
+//! [`OLDEST_READ_VERSION`] (1) to 2.
 //!
-//! ```text
-//! {"format":"phi-envelope-keystore","version":1,
-//!  "kdf":{"alg":"argon2id","m_kib":65536,"t":3,"p":4,"salt":"<16 bytes, hex>"},
-//!  "nonce":"<12 bytes, hex>","ciphertext":"<AES-256-GCM(table) || tag, hex>"}
-//! ```
-//!
-//! (on one line). The cleartext header is the first three fields; the
-//! whole key table is encrypted as one AES-256-GCM message under the
-//! 32-byte key that Argon2id (version 0x13) derives from the passphrase and
-//! the random salt, with a fresh random nonce on every write, and with the
-//! additional data `{"format":"phi-envelope-keystore","version":1,"kdf":{...}}`
-//! exactly as in the file. The default parameters are the second
-//! recommended option of RFC 9106, section 4 (m = 64 MiB, t = 3, p = 4).
-//! Before running the KDF, parameters read from a file must lie within
-//! m 8 MiB ..= 1 GiB, t 1 ..= 10, p 1 ..= 16 and m × t ≤ 4 GiB, so that a
-//! hostile file cannot make us allocate or compute without limit. The
-//! derived key stays in memory (zeroized on drop) for later writes; the
-//! passphrase itself is not kept.
-//!
-//! The key table, the plaintext, is
-//!
-//! ```text
-//! {"keys":[{"name":"records","versions":[
-//!   {"version":1,"state":"destroyed","created_at":1767225600},
-//!   {"version":2,"state":"enabled","created_at":1769904000,"key":"<32 bytes, hex>"}]}]}
-//! ```
-//!
-//! with states `enabled`, `decrypt-only`, `disabled`, `destroyed`,
-//! `created_at` in seconds since the Unix epoch, and `key` present exactly
-//! when the version is not destroyed. On reading: at most [`MAX_KEYS`]
-//! keys, [`MAX_VERSIONS`] versions a key, versions ascending from 1, at
-//! most one enabled, valid names, no duplicates. The whole file is at most
-//! [`MAX_KEYSTORE_FILE_LEN`] bytes, checked before it is read.
+//! New keystores use [`Argon2idParams::RFC_9106_SECOND`] (m = 64 MiB,
+//! t = 3, p = 4); [`change_passphrase`](LocalKeystore::change_passphrase)
+//! may raise them. Before running the KDF, parameters read from a file
+//! must lie within m 8 MiB ..= 1 GiB, t 1 ..= 10, p 1 ..= 16 and
+//! m × t ≤ 4 GiB, so that a hostile file cannot make us allocate or compute
+//! without limit. The derived key stays in memory (zeroized on drop) for
+//! later writes; the passphrase itself is not kept. On reading: at most
+//! [`MAX_KEYS`] keys, [`MAX_VERSIONS`] versions a key, versions ascending
+//! from 1, at most one enabled, valid names, no duplicates; the whole file
+//! at most [`MAX_KEYSTORE_FILE_LEN`] bytes, checked before it is read.
 //!
 //! An **unprotected** keystore (tests only: [`create_unprotected_for_tests`](
-//! LocalKeystore::create_unprotected_for_tests)) has
-//! `"kdf":{"alg":"none-unprotected-insecure"}` and carries the table in
-//! clear, as a JSON string, in a `"table"` field, followed by a `"tag"`: the
-//! AES-256-GCM tag over an empty plaintext with the additional data
-//! `header || table`, under the fixed, **public** key
-//! `"phi-envelope-UNPROTECTED-PUBLIC!"` (32 ASCII bytes). That tag catches
-//! accidental corruption only; anyone can read the keys and forge the file.
-//! A protected opener refuses an unprotected file and vice versa.
+//! LocalKeystore::create_unprotected_for_tests)) carries the table in
+//! clear with a checksum tag under a public key; anyone can read its keys
+//! and forge it. A protected opener refuses an unprotected file and vice
+//! versa.
 //!
 //! Every failure to read a keystore is an [`Error::Keystore`] that says
 //! what is wrong and what to do: not found, permissions, not a keystore,
 //! truncated, unsupported version, modified, wrong passphrase (which cannot
 //! be told apart from a modified ciphertext), protected/unprotected
-//! mismatch.
+//! mismatch, rolled back.
+//!
+//! # Rollback
+//!
+//! An older copy of the file put back in place would still authenticate and
+//! bring back the versions destroyed since. The key table carries a
+//! *generation*, raised by one on every write ([`generation`](
+//! LocalKeystore::generation)). A file whose generation is lower than the
+//! highest this process has seen of the same path is refused, by the
+//! running value at its next call and by a new [`open`](LocalKeystore::open);
+//! with a generation file ([`with_generation_file`](
+//! LocalKeystore::with_generation_file)) kept where whoever can replace the
+//! keystore cannot write, a new process refuses it too.
 //!
 //! # Files, permissions, concurrency, crashes
 //!
 //! - New keystores are created with mode 0600; opening a file that grants
-//!   any permission to group or others (`mode & 0o077 != 0`) is refused,
-//!   with the `chmod 600` to run. Symbolic links are refused.
+//!   any permission to group or others (`mode & 0o077 != 0`), that belongs
+//!   to another user or that is not a regular file is refused, with the
+//!   `chmod 600` to run. Symbolic links are refused (`O_NOFOLLOW`). A
+//!   directory that others can write (unless sticky) or that belongs to
+//!   another user (not root) is refused.
 //! - Every change is written atomically: a temporary file
 //!   `.NAME.<random>.tmp` in the same directory, created with `O_EXCL` and
 //!   mode 0600, written, fsynced, renamed over the keystore, then the
@@ -151,21 +146,27 @@
 //!   the old keystore intact; temporary files left by a process killed
 //!   mid-write are ignored by readers and removed by the next write.
 //! - Writers take an exclusive advisory lock ([`std::fs::File::lock`]) on
-//!   the sidecar file `PATH.lock` (created mode 0600, never deleted), re-read
-//!   the keystore under the lock, apply the change, write, and only then
-//!   release it: two processes (or two `LocalKeystore` values) rotating the
-//!   same keystore lose no update. A keystore that cannot be read is never
-//!   overwritten.
-//! - Every operation first re-reads the file (a few KiB) and reloads the
-//!   table if its bytes changed, so that a rotation, state change or
-//!   destruction made by another process applies here at the next call;
-//!   destroyed keys are not served from memory.
+//!   the sidecar file `PATH.lock` (created mode 0600, never deleted; opened
+//!   with `O_NOFOLLOW | O_NONBLOCK` and refused unless it is a regular file
+//!   of the user's own), re-read the keystore under the lock, apply the
+//!   change, write, and only then release it: two processes (or two
+//!   `LocalKeystore` values) rotating the same keystore lose no update. A
+//!   keystore that cannot be read is never overwritten.
+//! - Every operation first checks the file's identity (device, inode, size,
+//!   modification and change time: one `lstat`) and reloads the table only
+//!   when it changed, so that a rotation, state change or destruction made
+//!   by another process applies here at the next call, without re-reading
+//!   the file or re-running Argon2id on every wrap and unwrap; destroyed
+//!   keys are not served from memory. Writers give each new file a later
+//!   modification time than the one it replaces, so two versions never
+//!   share an identity.
 //!
 //! The provider's futures do this small file I/O inline, on the thread that
-//! polls them (a read of the keystore for each call; for the lifecycle
-//! verbs a lock, a write and two fsyncs). That is usually negligible; an
-//! application that cannot afford it on its async executor runs the calls
-//! on a blocking pool, or relies on the data-key cache to make them rare.
+//! polls them (an `lstat` for each call, a read when the file changed; for
+//! the lifecycle verbs a lock, a write and two fsyncs). That is usually
+//! negligible; an application that cannot afford it on its async executor
+//! runs the calls on a blocking pool, or relies on the data-key cache to
+//! make them rare.
 
 mod file;
 mod fsio;

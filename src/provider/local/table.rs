@@ -396,6 +396,7 @@ impl Table {
     /// The table as JSON (format version 2), in a zeroizing buffer sized
     /// up front so that it never reallocates (which would leave copies of
     /// key bytes behind).
+    #[cfg(test)]
     pub fn to_json(&self) -> Zeroizing<Vec<u8>> {
         self.to_json_for(super::file::FORMAT_VERSION)
     }
