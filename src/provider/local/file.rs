@@ -55,9 +55,12 @@ impl Argon2idParams {
     /// (m 8 MiB ..= 1 GiB, t 1 ..= 10, p 1 ..= 16, m × t ≤ 4 GiB).
     pub fn new(m_kib: u32, t: u32, p: u32) -> crate::Result<Argon2idParams> {
         let params = Argon2idParams { m_kib, t, p };
-        params
-            .check()
-            .map_err(|why| crate::Error::InvalidArgument(why.replace("in the file ", "")))?;
+        params.check().map_err(|_| {
+            crate::Error::InvalidArgument(format!(
+                "Argon2id parameters m_kib={m_kib}, t={t}, p={p} are outside the accepted range \
+                 (m_kib 8192..=1048576, t 1..=10, p 1..=16, m_kib*t <= 4194304)"
+            ))
+        })?;
         Ok(params)
     }
 

@@ -400,7 +400,11 @@ pub(super) fn write_atomic(
         })?;
     let written = f
         .write_all(bytes)
-        .and_then(|()| later_than(&f, replaced))
+        .map(|()| {
+            // Best effort: where times cannot be set, the change time and
+            // the inode still tell versions apart in practice.
+            let _ = later_than(&f, replaced);
+        })
         .and_then(|()| f.sync_all())
         .map_err(|e| {
             io_error(

@@ -352,7 +352,7 @@ impl LocalKeystore {
         if passphrase.expose_secret().is_empty() {
             return Err(keystore_error(path, "the passphrase must not be empty"));
         }
-        params.check().map_err(|r| keystore_error(path, r))?;
+        Argon2idParams::new(params.m_kib, params.t, params.p)?;
         refuse_existing(path)?;
         fsio::check_dir(path)?;
         let mut salt = [0u8; 16];
@@ -586,7 +586,7 @@ impl LocalKeystore {
                 "the new passphrase must not be empty",
             ));
         }
-        params.check().map_err(|r| keystore_error(&self.path, r))?;
+        Argon2idParams::new(params.m_kib, params.t, params.p)?;
         let mut salt = [0u8; 16];
         fill_random(&mut salt)?;
         let key = file::derive(&new_passphrase, params, &salt)
