@@ -74,6 +74,8 @@ Exit codes:
 Environment:
   PHI_ENVELOPE_KEYSTORE     keystore file (default $XDG_DATA_HOME/phi-envelope/keystore.json)
   PHI_ENVELOPE_PASSPHRASE   keystore passphrase (else --passphrase-file, else a prompt)
+  PHI_ENVELOPE_NEW_PASSPHRASE  new passphrase of `keys passwd` (else --new-passphrase-file, else a prompt)
+  PHI_ENVELOPE_KEYSTORE_GENERATION_FILE  rollback mark of the keystore (as --keystore-generation-file)
   PHI_ENVELOPE_AUDIT_LOG    audit log (JSON Lines, hash-chained)
   PHI_ENVELOPE_ACTOR        who runs the command, for the audit log (default $USER)
 
@@ -137,6 +139,17 @@ pub struct Global {
         hide_env = true
     )]
     pub actor: Option<String>,
+    /// Keep the keystore's rollback high-water mark in this file too, and
+    /// refuse an older keystore file (put it where whoever can replace the
+    /// keystore cannot write) [env: PHI_ENVELOPE_KEYSTORE_GENERATION_FILE]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "PHI_ENVELOPE_KEYSTORE_GENERATION_FILE",
+        hide_env = true
+    )]
+    pub keystore_generation_file: Option<PathBuf>,
     /// Read the keystore passphrase from this file (else
     /// PHI_ENVELOPE_PASSPHRASE, else a prompt on the terminal)
     #[arg(long, global = true, value_name = "FILE")]
@@ -311,6 +324,23 @@ enum KeysCmd {
         /// Do not ask for confirmation on the terminal
         #[arg(long)]
         yes: bool,
+    },
+    /// Change the keystore's passphrase (and raise its Argon2id
+    /// parameters), atomically; the keys do not change
+    Passwd {
+        /// Read the new passphrase from this file (else
+        /// PHI_ENVELOPE_NEW_PASSPHRASE, else a prompt asked twice)
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+        /// Argon2id memory in MiB (default: the current value, at least 64)
+        #[arg(long, value_name = "MIB")]
+        kdf_memory_mib: Option<u32>,
+        /// Argon2id passes (default: the current value, at least 3)
+        #[arg(long, value_name = "N")]
+        kdf_passes: Option<u32>,
+        /// Argon2id lanes (default: the current value, at least 4)
+        #[arg(long, value_name = "N")]
+        kdf_lanes: Option<u32>,
     },
 }
 
@@ -528,6 +558,20 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
                 keys::set_state(g, &key, version, KeyState::DecryptOnly)
             }
             KeysCmd::Destroy { key, version, yes } => keys::destroy(g, &key, version, yes),
+            KeysCmd::Passwd {
+                new_passphrase_file,
+                kdf_memory_mib,
+                kdf_passes,
+                kdf_lanes,
+            } => keys::passwd(
+                g,
+                new_passphrase_file.as_deref(),
+                &keys::KdfArgs {
+                    memory_mib: kdf_memory_mib,
+                    passes: kdf_passes,
+                    lanes: kdf_lanes,
+                },
+            ),
         },
         Command::Encrypt {
             keys,

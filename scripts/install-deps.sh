@@ -3,6 +3,7 @@
 #   - SoftHSM2 (Debian package `softhsm2`)      -> PKCS#11 provider tests
 #   - OpenSC's pkcs11-tool (Debian `opensc`)    -> debugging the token (optional)
 #   - moto[server] from PyPI (pinned)           -> local AWS KMS for the KMS provider tests
+#   - cryptography + argon2-cffi (pinned)       -> tests/independent/keystore_recover.py
 #
 # Idempotent: anything already installed is skipped; `apt-get update` only runs when a
 # package has no install candidate or an install fails (stale lists).
@@ -103,6 +104,24 @@ else
     log "pip install moto[server]==$MOTO_VERSION"
     PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q "moto[server]==$MOTO_VERSION"
     moto_ok || { log "moto[server] still not importable after install"; exit 1; }
+fi
+
+# --- the independent keystore decoder (tests/keystore_vectors.rs) ------------
+KEYSTORE_PY_PACKAGES=("cryptography==48.0.0" "argon2-cffi==25.1.0")
+keystore_py_ok() {
+    "$PYTHON" - <<'EOF' >/dev/null 2>&1
+from importlib.metadata import version
+assert version("cryptography") == "48.0.0", version("cryptography")
+assert version("argon2-cffi") == "25.1.0", version("argon2-cffi")
+import argon2.low_level, cryptography.hazmat.primitives.ciphers.aead  # noqa: F401
+EOF
+}
+if keystore_py_ok; then
+    log "pip: ${KEYSTORE_PY_PACKAGES[*]} already installed"
+else
+    log "pip install ${KEYSTORE_PY_PACKAGES[*]}"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q "${KEYSTORE_PY_PACKAGES[@]}"
+    keystore_py_ok || { log "cryptography/argon2-cffi still not importable after install"; exit 1; }
 fi
 
 # With pyenv, a newly installed console script needs its shim.
