@@ -1262,7 +1262,9 @@ impl Keyring {
     // -----------------------------------------------------------------------
 
     /// Re-wraps the DEK of `header` to `recipients` and re-tags it; the body
-    /// is untouched. The context is required: providers bind it.
+    /// is untouched. The context is required: providers bind it. Only the
+    /// entry whose DEK verified the header tag is re-encrypted by a provider;
+    /// the new header is checked (`check_rewrapped`) before it is returned.
     pub(crate) async fn rewrap_header(
         &self,
         header: &Header,
@@ -1311,32 +1313,47 @@ impl Keyring {
         // A refused cryptoperiod costs no unwrap.
         self.check_cryptoperiods(recipients, caller, fingerprint)
             .await?;
-        let (dek, _) = self.unwrap_header(header, context, caller).await?;
+        let (dek, _, index) = self.unwrap_header_entry(header, context, caller).await?;
+        // The one entry known to hold this message's DEK: the one whose DEK
+        // verified the header tag. Another entry of the same provider may
+        // hold anything (a crafted message can carry a valid wrapped key
+        // that is not this message's), so no other entry is ever handed to
+        // a provider's re-encryption.
+        let verified = &header.recipients()[index];
         let mut entries = Vec::with_capacity(recipients.len());
         for key in recipients {
-            // Where the provider can re-encrypt an old entry itself (AWS KMS
+            let provider = self.provider_for(key)?;
+            // Where the provider can re-encrypt the entry itself (AWS KMS
             // ReEncrypt), the plaintext DEK is not sent to it again.
-            let old = header
-                .recipients()
-                .iter()
-                .find(|e| e.provider == key.scheme());
-            let reused = match old {
-                Some(entry) if self.provider_for(key)?.supports_rewrap() => {
-                    self.rewrap_one(entry, key, context, caller, fingerprint)
-                        .await?
-                }
-                _ => None,
+            let reencrypted = if verified.provider == key.scheme() && provider.supports_rewrap() {
+                self.rewrap_one(verified, key, context, caller, fingerprint)
+                    .await?
+            } else {
+                None
             };
-            let entry = match reused {
+            let entry = match reencrypted {
                 Some(e) => e,
                 None => {
                     self.wrap_one(key, &dek, context, caller, fingerprint)
                         .await?
                 }
             };
+            if entry.provider != key.scheme() {
+                return Err(ProviderError::new(
+                    provider.id(),
+                    crate::provider::ProviderErrorKind::Other,
+                    format!(
+                        "asked to wrap to {key}, the provider returned an entry of provider {:?}; nothing was rewrapped",
+                        entry.provider
+                    ),
+                )
+                .into());
+            }
             entries.push(entry);
         }
-        crate::message::rewrap_header(header, &dek, entries)
+        let new = crate::message::rewrap_header(header, &dek, entries)?;
+        check_rewrapped(&new, &dek, recipients)?;
+        Ok(new)
     }
 
     /// A rewrap that reused the new header of an identical one in the same
@@ -1747,6 +1764,38 @@ async fn verified_unwrap(
         Unwrapped::Rejected => Verified::Rejected,
         Unwrapped::NotMine => Verified::NotMine,
     })
+}
+
+/// The check of every rewrapped header before it is returned, with no
+/// provider call: it reads back as built, has one entry per recipient, each
+/// of the recipient's provider, and its tag verifies under the DEK that
+/// verified the old header (the entries themselves were made from that DEK:
+/// wrapped from it, or re-encrypted by the provider from the entry it came
+/// from). [`Envelope::rewrap_file`](crate::Envelope::rewrap_file)
+/// additionally unwraps every new entry before it commits.
+fn check_rewrapped(new: &Header, dek: &Dek, recipients: &[KeyRef]) -> Result<()> {
+    let refused = |what: &str| {
+        Err(Error::Io(std::io::Error::other(format!(
+            "the rewrapped header failed its check ({what}); nothing was rewrapped, the message is unchanged"
+        ))))
+    };
+    let (parsed, used) = Header::parse(new.as_bytes())?;
+    if used != new.len() || parsed.as_bytes() != new.as_bytes() {
+        return refused("it does not read back as built");
+    }
+    if parsed.recipients().len() != recipients.len()
+        || parsed
+            .recipients()
+            .iter()
+            .zip(recipients)
+            .any(|(e, r)| e.provider != r.scheme())
+    {
+        return refused("its entries are not the recipients asked for");
+    }
+    if OpeningKey::new(dek, &parsed).is_err() {
+        return refused("its tag does not verify under the message's data key");
+    }
+    Ok(())
 }
 
 /// A stable, data-free name for an error, for events.
