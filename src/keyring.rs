@@ -67,7 +67,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -84,6 +84,21 @@ use crate::provider::{KeyInfo, KeyProvider, KeyRef, KeyState, ProviderError, Unw
 
 /// Who performs an operation and why: supplied by the caller, recorded in
 /// every event, shown to the policy hook.
+///
+/// An actor is required for key management: [`Keyring::create_key`],
+/// [`rotate`](Keyring::rotate), [`set_state`](Keyring::set_state),
+/// [`disable`](Keyring::disable) and [`destroy`](Keyring::destroy) refuse a
+/// caller whose actor is unset, empty or only whitespace (the
+/// [`Default`] caller, and an [`Envelope`](crate::Envelope) not given one
+/// with [`as_caller`](crate::Envelope::as_caller)), with
+/// [`Error::InvalidArgument`] and an event with outcome `failed:no-actor`,
+/// before the policy hook or any provider is asked. Key use (seal, open,
+/// rewrap, describe, and the rotation a
+/// [`RotateFirst`](OnExpired::RotateFirst) policy makes on behalf of a
+/// seal) goes on without one, but is counted in
+/// [`Keyring::calls_without_actor`], logged once per keyring as a
+/// `tracing` warning (feature `tracing`), and its events carry
+/// `"actor":null`. No placeholder such as `unknown` is ever recorded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Caller {
     /// The actor (a service, a user, an operator).
@@ -99,6 +114,11 @@ impl Caller {
             actor: Some(actor.into()),
             purpose: Some(purpose.into()),
         }
+    }
+
+    /// True when the actor is set and not empty or only whitespace.
+    pub fn has_actor(&self) -> bool {
+        self.actor.as_deref().is_some_and(|a| !a.trim().is_empty())
     }
 }
 
@@ -342,6 +362,8 @@ impl KeyringBuilder {
             cache,
             flights: Flights::default(),
             provider_calls: AtomicU64::new(0),
+            calls_without_actor: AtomicU64::new(0),
+            warned_without_actor: AtomicBool::new(false),
             rotated_away: Mutex::new(HashMap::new()),
         })
     }
@@ -370,6 +392,10 @@ pub struct Keyring {
     /// Single flight for cache misses, describes and rotate-first.
     flights: Flights,
     provider_calls: AtomicU64,
+    /// Key uses (provider calls, cache hits) made for a caller without an
+    /// actor, and whether that was logged already.
+    calls_without_actor: AtomicU64,
+    warned_without_actor: AtomicBool,
     /// By key reference: the primary (version, creation time) that the last
     /// successful rotation through this keyring rotated away from.
     rotated_away: Mutex<HashMap<String, PrimaryId>>,
@@ -398,6 +424,8 @@ struct Call<'a> {
     provider: &'a str,
     key_ref: Option<&'a str>,
     key_version: Option<u32>,
+    /// The target state of a lifecycle verb (see [`Event::key_state`]).
+    key_state: Option<KeyState>,
     caller: &'a Caller,
     fingerprint: Option<String>,
 }
@@ -518,6 +546,7 @@ impl Keyring {
             provider: call.provider.to_owned(),
             key_ref: call.key_ref.map(str::to_owned),
             key_version: version.or(call.key_version),
+            key_state: call.key_state,
             actor: call.caller.actor.clone(),
             purpose: call.caller.purpose.clone(),
             context_fingerprint: call.fingerprint.clone(),
@@ -545,6 +574,64 @@ impl Keyring {
     pub fn dropped_events(&self) -> u64 {
         self.dropped_events
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many key uses (provider calls and cache hits) this keyring made
+    /// for a caller without an actor (see [`Caller`]). Anything but zero in
+    /// production means some code path does not say who it acts for: its
+    /// events read `"actor":null`.
+    pub fn calls_without_actor(&self) -> u64 {
+        self.calls_without_actor.load(Ordering::Relaxed)
+    }
+
+    /// Counts a key use without an actor (and logs the first one).
+    #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
+    fn note_caller(&self, operation: Operation, caller: &Caller) {
+        if caller.has_actor() {
+            return;
+        }
+        self.calls_without_actor.fetch_add(1, Ordering::Relaxed);
+        if !self.warned_without_actor.swap(true, Ordering::Relaxed) {
+            #[cfg(feature = "tracing")]
+            tracing::warn!(
+                target: "phi_envelope::audit",
+                operation = operation.as_str(),
+                "a key is used without an actor: events record no one; give the caller one (Envelope::as_caller, Caller::new). Logged once; Keyring::calls_without_actor counts them all"
+            );
+        }
+    }
+
+    /// Refuses a key-management verb for a caller without an actor, before
+    /// the policy hook or any provider is asked; the refusal is an event
+    /// (outcome `failed:no-actor`).
+    fn require_actor(
+        &self,
+        operation: Operation,
+        key: &KeyRef,
+        version: Option<u32>,
+        target: Option<KeyState>,
+        caller: &Caller,
+    ) -> Result<()> {
+        if caller.has_actor() {
+            return Ok(());
+        }
+        self.record(
+            &Call {
+                operation,
+                provider: key.scheme(),
+                key_ref: Some(key.as_str()),
+                key_version: version,
+                key_state: target,
+                caller,
+                fingerprint: None,
+            },
+            None,
+            Outcome::Failed("no-actor".into()),
+            Duration::ZERO,
+        )?;
+        Err(Error::InvalidArgument(format!(
+            "{operation} of {key} refused: key management needs an actor, who is doing it, for the audit trail; pass Caller::new(actor, purpose) (the backup CLI: --actor or PHI_ENVELOPE_ACTOR)"
+        )))
     }
 
     /// Asks the policy; a denial is recorded and returned as an error.
@@ -580,6 +667,7 @@ impl Keyring {
     where
         F: Future<Output = Result<T>>,
     {
+        self.note_caller(call.operation, call.caller);
         self.authorize(&call)?;
         self.provider_calls.fetch_add(1, Ordering::Relaxed);
         self.timed(call, fut, outcome_of).await
@@ -597,6 +685,7 @@ impl Keyring {
     where
         F: Future<Output = Result<T>>,
     {
+        self.note_caller(call.operation, call.caller);
         self.authorize(&call)?;
         self.timed(call, fut, outcome_of).await
     }
@@ -649,6 +738,7 @@ impl Keyring {
         caller: &Caller,
         fingerprint: &[u8; 16],
     ) -> Result<()> {
+        self.note_caller(operation, caller);
         if !self.records_events && !self.checks_policy {
             return Ok(());
         }
@@ -657,6 +747,7 @@ impl Keyring {
             provider: provider_of(key_ref),
             key_ref: Some(key_ref),
             key_version: Some(version),
+            key_state: None,
             caller,
             fingerprint: Some(hex(fingerprint)),
         };
@@ -722,6 +813,7 @@ impl Keyring {
                     provider: provider.id(),
                     key_ref: Some(first.as_str()),
                     key_version: None,
+                    key_state: None,
                     caller,
                     fingerprint: Some(fingerprint.clone()),
                 },
@@ -846,6 +938,7 @@ impl Keyring {
                         provider: key.scheme(),
                         key_ref: Some(key.as_str()),
                         key_version: Some(primary.version),
+                        key_state: None,
                         caller,
                         fingerprint: Some(fingerprint.to_owned()),
                     },
@@ -928,7 +1021,7 @@ impl Keyring {
                     if done(&*self.described(key, caller).await?) {
                         return Ok(());
                     }
-                    self.rotate(key, caller).await?;
+                    self.rotate_unchecked(key, caller).await?;
                     return Ok(());
                 }
                 Join::Waiter(wait) => {
@@ -998,6 +1091,7 @@ impl Keyring {
                 provider: provider.id(),
                 key_ref: Some(key.as_str()),
                 key_version: None,
+                key_state: None,
                 caller,
                 fingerprint: Some(fingerprint.to_owned()),
             },
@@ -1022,6 +1116,7 @@ impl Keyring {
                 provider: provider.id(),
                 key_ref: Some(key.as_str()),
                 key_version: None,
+                key_state: None,
                 caller,
                 fingerprint: Some(fingerprint.to_owned()),
             },
@@ -1085,6 +1180,7 @@ impl Keyring {
                 provider: provider.id(),
                 key_ref: Some(&entry.key_ref),
                 key_version: Some(entry.key_version),
+                key_state: None,
                 caller,
                 fingerprint: Some(fingerprint.clone()),
             };
@@ -1225,6 +1321,7 @@ impl Keyring {
                         provider: provider.id(),
                         key_ref: Some(&entry.key_ref),
                         key_version: Some(entry.key_version),
+                        key_state: None,
                         caller,
                         fingerprint: Some(fingerprint.clone()),
                     },
@@ -1262,7 +1359,9 @@ impl Keyring {
     // -----------------------------------------------------------------------
 
     /// Re-wraps the DEK of `header` to `recipients` and re-tags it; the body
-    /// is untouched. The context is required: providers bind it.
+    /// is untouched. The context is required: providers bind it. Only the
+    /// entry whose DEK verified the header tag is re-encrypted by a provider;
+    /// the new header is checked (`check_rewrapped`) before it is returned.
     pub(crate) async fn rewrap_header(
         &self,
         header: &Header,
@@ -1286,6 +1385,7 @@ impl Keyring {
                 provider: first.scheme(),
                 key_ref: Some(first.as_str()),
                 key_version: None,
+                key_state: None,
                 caller,
                 fingerprint: Some(fingerprint.clone()),
             },
@@ -1311,32 +1411,47 @@ impl Keyring {
         // A refused cryptoperiod costs no unwrap.
         self.check_cryptoperiods(recipients, caller, fingerprint)
             .await?;
-        let (dek, _) = self.unwrap_header(header, context, caller).await?;
+        let (dek, _, index) = self.unwrap_header_entry(header, context, caller).await?;
+        // The one entry known to hold this message's DEK: the one whose DEK
+        // verified the header tag. Another entry of the same provider may
+        // hold anything (a crafted message can carry a valid wrapped key
+        // that is not this message's), so no other entry is ever handed to
+        // a provider's re-encryption.
+        let verified = &header.recipients()[index];
         let mut entries = Vec::with_capacity(recipients.len());
         for key in recipients {
-            // Where the provider can re-encrypt an old entry itself (AWS KMS
+            let provider = self.provider_for(key)?;
+            // Where the provider can re-encrypt the entry itself (AWS KMS
             // ReEncrypt), the plaintext DEK is not sent to it again.
-            let old = header
-                .recipients()
-                .iter()
-                .find(|e| e.provider == key.scheme());
-            let reused = match old {
-                Some(entry) if self.provider_for(key)?.supports_rewrap() => {
-                    self.rewrap_one(entry, key, context, caller, fingerprint)
-                        .await?
-                }
-                _ => None,
+            let reencrypted = if verified.provider == key.scheme() && provider.supports_rewrap() {
+                self.rewrap_one(verified, key, context, caller, fingerprint)
+                    .await?
+            } else {
+                None
             };
-            let entry = match reused {
+            let entry = match reencrypted {
                 Some(e) => e,
                 None => {
                     self.wrap_one(key, &dek, context, caller, fingerprint)
                         .await?
                 }
             };
+            if entry.provider != key.scheme() {
+                return Err(ProviderError::new(
+                    provider.id(),
+                    crate::provider::ProviderErrorKind::Other,
+                    format!(
+                        "asked to wrap to {key}, the provider returned an entry of provider {:?}; nothing was rewrapped",
+                        entry.provider
+                    ),
+                )
+                .into());
+            }
             entries.push(entry);
         }
-        crate::message::rewrap_header(header, &dek, entries)
+        let new = crate::message::rewrap_header(header, &dek, entries)?;
+        check_rewrapped(&new, &dek, recipients)?;
+        Ok(new)
     }
 
     /// A rewrap that reused the new header of an identical one in the same
@@ -1354,9 +1469,11 @@ impl Keyring {
             provider: provider_of(&first.key_ref),
             key_ref: Some(&first.key_ref),
             key_version: Some(first.key_version),
+            key_state: None,
             caller,
             fingerprint: Some(self.context_fingerprint(context)),
         };
+        self.note_caller(call.operation, caller);
         self.authorize(&call)?;
         self.record(&call, None, Outcome::Success, Duration::ZERO)
     }
@@ -1379,11 +1496,16 @@ impl Keyring {
     // Lifecycle verbs
     // -----------------------------------------------------------------------
 
+    /// One lifecycle verb through [`call`](Self::call). `target` is the
+    /// state the verb moves the version to (recorded in its event whatever
+    /// the outcome); the public verbs check the actor first
+    /// ([`require_actor`](Self::require_actor)).
     async fn manage<'a>(
         &'a self,
         operation: Operation,
         key: &'a KeyRef,
         version: Option<u32>,
+        target: Option<KeyState>,
         caller: &'a Caller,
         fut: impl FnOnce(&'a Arc<dyn KeyProvider>) -> crate::provider::BoxFuture<'a, Result<KeyInfo>>,
     ) -> Result<KeyInfo> {
@@ -1408,6 +1530,7 @@ impl Keyring {
                     provider: provider.id(),
                     key_ref: Some(key.as_str()),
                     key_version: version,
+                    key_state: target,
                     caller,
                     fingerprint: None,
                 },
@@ -1460,8 +1583,10 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn describe(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::Describe, key, None, caller, |p| p.describe(key))
-            .await
+        self.manage(Operation::Describe, key, None, None, caller, |p| {
+            p.describe(key)
+        })
+        .await
     }
 
     /// Creates `key` with version 1 enabled and primary.
@@ -1483,7 +1608,9 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn create_key(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::CreateKey, key, None, caller, |p| {
+        let target = Some(KeyState::Enabled);
+        self.require_actor(Operation::CreateKey, key, None, target, caller)?;
+        self.manage(Operation::CreateKey, key, None, target, caller, |p| {
             p.create_key(key)
         })
         .await
@@ -1522,8 +1649,29 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn rotate(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::Rotate, key, None, caller, |p| p.rotate(key))
-            .await
+        self.require_actor(
+            Operation::Rotate,
+            key,
+            None,
+            Some(KeyState::Enabled),
+            caller,
+        )?;
+        self.rotate_unchecked(key, caller).await
+    }
+
+    /// [`rotate`](Self::rotate) without the actor check: the rotation that
+    /// a [`OnExpired::RotateFirst`] policy makes on behalf of a key use,
+    /// which follows the rule of key use (warned, counted, not refused).
+    async fn rotate_unchecked(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
+        self.manage(
+            Operation::Rotate,
+            key,
+            None,
+            Some(KeyState::Enabled),
+            caller,
+            |p| p.rotate(key),
+        )
+        .await
     }
 
     /// Moves `version` of `key` to `state`: decrypt-only, disabled, or
@@ -1570,9 +1718,15 @@ impl Keyring {
                 "set_state cannot destroy {key} version {version}: use destroy, which erases the key material (backup keys destroy {key} --version {version})"
             )));
         }
-        self.manage(Operation::SetState, key, Some(version), caller, |p| {
-            p.set_state(key, version, state)
-        })
+        self.require_actor(Operation::SetState, key, Some(version), Some(state), caller)?;
+        self.manage(
+            Operation::SetState,
+            key,
+            Some(version),
+            Some(state),
+            caller,
+            |p| p.set_state(key, version, state),
+        )
         .await
     }
 
@@ -1654,9 +1808,16 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn destroy(&self, key: &KeyRef, version: u32, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::Destroy, key, Some(version), caller, |p| {
-            p.destroy(key, version)
-        })
+        let target = Some(KeyState::Destroyed);
+        self.require_actor(Operation::Destroy, key, Some(version), target, caller)?;
+        self.manage(
+            Operation::Destroy,
+            key,
+            Some(version),
+            target,
+            caller,
+            |p| p.destroy(key, version),
+        )
         .await
     }
 }
@@ -1747,6 +1908,38 @@ async fn verified_unwrap(
         Unwrapped::Rejected => Verified::Rejected,
         Unwrapped::NotMine => Verified::NotMine,
     })
+}
+
+/// The check of every rewrapped header before it is returned, with no
+/// provider call: it reads back as built, has one entry per recipient, each
+/// of the recipient's provider, and its tag verifies under the DEK that
+/// verified the old header (the entries themselves were made from that DEK:
+/// wrapped from it, or re-encrypted by the provider from the entry it came
+/// from). [`Envelope::rewrap_file`](crate::Envelope::rewrap_file)
+/// additionally unwraps every new entry before it commits.
+fn check_rewrapped(new: &Header, dek: &Dek, recipients: &[KeyRef]) -> Result<()> {
+    let refused = |what: &str| {
+        Err(Error::Io(std::io::Error::other(format!(
+            "the rewrapped header failed its check ({what}); nothing was rewrapped, the message is unchanged"
+        ))))
+    };
+    let (parsed, used) = Header::parse(new.as_bytes())?;
+    if used != new.len() || parsed.as_bytes() != new.as_bytes() {
+        return refused("it does not read back as built");
+    }
+    if parsed.recipients().len() != recipients.len()
+        || parsed
+            .recipients()
+            .iter()
+            .zip(recipients)
+            .any(|(e, r)| e.provider != r.scheme())
+    {
+        return refused("its entries are not the recipients asked for");
+    }
+    if OpeningKey::new(dek, &parsed).is_err() {
+        return refused("its tag does not verify under the message's data key");
+    }
+    Ok(())
 }
 
 /// A stable, data-free name for an error, for events.

@@ -8,7 +8,7 @@
 //! # async fn demo() -> phi_envelope::Result<()> {
 //! use std::sync::Arc;
 //! use phi_envelope::provider::pkcs11::{Pin, Pkcs11Config, Pkcs11Provider};
-//! use phi_envelope::{Envelope, Keyring, KeyRef};
+//! use phi_envelope::{Caller, Envelope, Keyring, KeyRef};
 //!
 //! let config = Pkcs11Config::new(
 //!     "/usr/lib/softhsm/libsofthsm2.so",
@@ -22,7 +22,7 @@
 //!     .provider(Arc::new(hsm))
 //!     .recipient(key.clone())
 //!     .build()?;
-//! keyring.create_key(&key, &Default::default()).await?; // once
+//! keyring.create_key(&key, &Caller::new("alice@ops", "setup")).await?; // once
 //! let envelope = Envelope::new(keyring);
 //! # Ok(()) }
 //! ```
