@@ -206,7 +206,14 @@ impl Proxy {
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
         let child = Command::new(python)
             .arg(&script)
-            .args(["--upstream", &upstream, "--host", "127.0.0.1", "--port", "0"])
+            .args([
+                "--upstream",
+                &upstream,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+            ])
             .arg("--quiet")
             .arg("--port-file")
             .arg(&port_file)
@@ -255,7 +262,11 @@ impl Proxy {
         let mut response = String::new();
         s.read_to_string(&mut response).unwrap();
         assert!(response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"));
-        assert!(response.contains("\"enforce_key_state\": true") || response.contains("\"enforce_key_state\":true"), "{response}");
+        assert!(
+            response.contains("\"enforce_key_state\": true")
+                || response.contains("\"enforce_key_state\":true"),
+            "{response}"
+        );
     }
 }
 
@@ -289,7 +300,10 @@ async fn destroy_by_key_arn_flushes_what_the_alias_cached() {
     assert_eq!(env.open(&m1, &c).await.unwrap(), b"first");
     assert_eq!(env.keyring().cache_stats().decrypt_hits, 1, "cache warm");
 
-    env.keyring().destroy(&k.by_arn(), 1, &operator()).await.unwrap();
+    env.keyring()
+        .destroy(&k.by_arn(), 1, &operator())
+        .await
+        .unwrap();
 
     let hits = env.keyring().cache_stats().encrypt_hits;
     let sealed = env.seal(b"after destroy", &c).await;
@@ -361,7 +375,10 @@ async fn disable_by_key_id_or_alias_arn_flushes_every_spelling() {
             } else {
                 k.by_alias_arn()
             };
-            env.keyring().disable(&target, 1, &operator()).await.unwrap();
+            env.keyring()
+                .disable(&target, 1, &operator())
+                .await
+                .unwrap();
             let what = format!("recipient {recipient}, disabled as {target}");
             let e = env.seal(b"r", &c).await.expect_err(&what);
             assert_eq!(kind(&e), ProviderErrorKind::KeyDisabled, "{what}: {e}");
@@ -552,7 +569,11 @@ async fn references_failing_a_local_check_are_refused_before_any_request() {
         for (verb, r) in results {
             let e = r.expect_err(&format!("{verb} {key} must be refused"));
             let text = e.to_string();
-            assert_eq!(kind(&e), ProviderErrorKind::Misconfigured, "{verb} {key}: {text}");
+            assert_eq!(
+                kind(&e),
+                ProviderErrorKind::Misconfigured,
+                "{verb} {key}: {text}"
+            );
             assert!(
                 text.contains(why) && text.contains("no request was sent"),
                 "{verb} {key}: the refusal does not say why: {text}"
@@ -560,7 +581,11 @@ async fn references_failing_a_local_check_are_refused_before_any_request() {
         }
         let env = cached_envelope(kms.clone(), key.clone());
         let e = env.seal(b"x", &c).await.unwrap_err();
-        assert_eq!(kind(&e), ProviderErrorKind::Misconfigured, "seal {key}: {e}");
+        assert_eq!(
+            kind(&e),
+            ProviderErrorKind::Misconfigured,
+            "seal {key}: {e}"
+        );
         assert_eq!(rec.connections(), 0, "{key} reached the endpoint");
     }
 }

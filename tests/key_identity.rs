@@ -18,7 +18,8 @@ use phi_envelope::cache::CacheConfig;
 use phi_envelope::keyring::KeyPolicy;
 use phi_envelope::provider::local::LocalKeystore;
 use phi_envelope::provider::{
-    BoxFuture, KeyInfo, KeyProvider, KeyRefKind, KeyState, ProviderErrorKind, Unwrapped,
+    BoxFuture, KeyIdentity, KeyInfo, KeyProvider, KeyRefKind, KeyState, ProviderErrorKind,
+    Unwrapped,
 };
 use phi_envelope::{
     Caller, Dek, EncryptionContext, Envelope, Error, KeyRef, Keyring, Result, WrappedKey,
@@ -31,7 +32,6 @@ const ID: &str = "alias-kms";
 #[derive(Debug)]
 struct Aliasing {
     inner: MemoryKms,
-    #[allow(dead_code)]
     reports_identity: bool,
 }
 
@@ -83,6 +83,12 @@ impl KeyProvider for Aliasing {
     }
     fn describe<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
         Box::pin(async move { self.inner.describe(&Self::canonical(key)).await })
+    }
+    fn identity<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<Option<KeyIdentity>>> {
+        let id = self
+            .reports_identity
+            .then(|| KeyIdentity::new(ID, Self::canonical(key).as_str()));
+        Box::pin(async move { Ok(id) })
     }
     fn rotate<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
         Box::pin(async move { self.inner.rotate(&Self::canonical(key)).await })
@@ -163,11 +169,13 @@ async fn verb_flushes_both_caches(reports_identity: bool, verb: Verb, by_alias: 
 
     apply(&env, verb, &target).await;
 
-    let what = format!("{verb:?} through {target}, sealed to {recipient}, identity {reports_identity}");
+    let what =
+        format!("{verb:?} through {target}, sealed to {recipient}, identity {reports_identity}");
     let sealed = env.seal(b"after", &c).await;
-    let e = env.open(&m, &c).await.expect_err(&format!(
-        "{what}: the decryption cache served the key"
-    ));
+    let e = env
+        .open(&m, &c)
+        .await
+        .expect_err(&format!("{what}: the decryption cache served the key"));
     let s = env.keyring().cache_stats();
     assert_eq!(
         (s.encrypt_hits, s.decrypt_hits),
@@ -193,6 +201,48 @@ async fn without_reported_identity_every_spelling_flushes_both_caches() {
     }
 }
 
+#[tokio::test]
+async fn with_reported_identity_every_spelling_flushes_both_caches() {
+    for verb in [Verb::Destroy, Verb::Disable] {
+        for by_alias in [false, true] {
+            verb_flushes_both_caches(true, verb, by_alias).await;
+        }
+    }
+}
+
+/// With identities reported, a verb flushes that key only: another key of
+/// the same provider keeps its cached data keys. Without identities the
+/// whole provider is flushed (safe, at the cost of provider calls).
+#[tokio::test]
+async fn a_reported_identity_flushes_that_key_only() {
+    for reports_identity in [true, false] {
+        let p = Aliasing::new(reports_identity);
+        let (alias, key) = p.add("records");
+        let (other_alias, _) = p.add("archive");
+        let env = cached(p.clone(), &alias);
+        let other = env.to_recipients([other_alias.clone()]);
+        let c = ctx("1");
+        other.seal(b"o", &c).await.unwrap();
+        env.seal(b"r", &c).await.unwrap();
+        env.seal(b"r", &c).await.unwrap();
+        env.keyring().rotate(&key, &operator()).await.unwrap();
+
+        let s = env.keyring().cache_stats();
+        env.seal(b"r", &c).await.unwrap();
+        assert_eq!(
+            env.keyring().cache_stats().encrypt_hits,
+            s.encrypt_hits,
+            "rotated key served from the cache (identity {reports_identity})"
+        );
+        other.seal(b"o", &c).await.unwrap();
+        let kept = env.keyring().cache_stats().encrypt_hits == s.encrypt_hits + 1;
+        assert_eq!(
+            kept, reports_identity,
+            "another key's cached data key (identity {reports_identity})"
+        );
+    }
+}
+
 /// The local keystore: `local:NAME` is the only spelling; every verb
 /// flushes both caches.
 #[tokio::test]
@@ -210,7 +260,11 @@ async fn local_keystore_verbs_flush_both_caches() {
 
     env.keyring().rotate(&key, &operator()).await.unwrap();
     let m2 = env.seal(b"v2", &c).await.unwrap();
-    let v = phi_envelope::envelope::inspect(&m2).unwrap().header.recipients()[0].key_version;
+    let v = phi_envelope::envelope::inspect(&m2)
+        .unwrap()
+        .header
+        .recipients()[0]
+        .key_version;
     assert_eq!(v, 2, "sealed under the rotated-away version from the cache");
 
     env.keyring().disable(&key, 1, &operator()).await.unwrap();
@@ -246,12 +300,16 @@ async fn key_policies_apply_by_reported_identity() {
         other => panic!("the alias's policy did not apply to the header: {other:?}"),
     }
     // A cryptoperiod on the key- spelling applies to the alias recipient.
-    p.inner.backdate("key-records", 1, Duration::from_secs(3600));
+    p.inner
+        .backdate("key-records", 1, Duration::from_secs(3600));
     let env = Envelope::new(
         Keyring::builder()
             .provider(p.clone())
             .recipient(alias.clone())
-            .key_policy(key.clone(), KeyPolicy::new().cryptoperiod(Duration::from_secs(60)))
+            .key_policy(
+                key.clone(),
+                KeyPolicy::new().cryptoperiod(Duration::from_secs(60)),
+            )
             .build()
             .unwrap(),
     );
