@@ -38,7 +38,13 @@
 //!
 //! Rotating, disabling or destroying a key through the keyring flushes every
 //! entry that involves the key, and a key unwrapped by a call that started
-//! before the flush is not cached afterwards. A change made elsewhere (by
+//! before the flush is not cached afterwards. "The key" is its identity,
+//! whatever it is called ([`KeyIdentity`]):
+//! each entry remembers its recipients and header entries with the
+//! identities their provider reported, and a flush removes every entry that
+//! shares the spelling or the identity (a KMS key destroyed by its ARN
+//! takes the entries sealed to its alias). Where an identity is unknown, a
+//! flush removes every entry of that provider. A change made elsewhere (by
 //! another process, in the HSM console, in KMS) is not seen: an entry lives
 //! at most [`CacheLimits::max_age`], so keep that short, or call
 //! [`Keyring::flush_cache`](crate::Keyring::flush_cache).

@@ -17,7 +17,8 @@
 //!   [`describe`](Keyring::describe)), each checked by the provider against
 //!   the state machine of `docs/KEY-LIFECYCLE.md`, recorded as an event, and
 //!   flushing the [data-key cache](crate::cache) of the key they change;
-//! - a [`KeyPolicy`] per key reference: a minimum decryption version
+//! - a [`KeyPolicy`] per key, applied by key identity (any spelling of the
+//!   key: see [`KeyIdentity`]): a minimum decryption version
 //!   (older entries are refused before any provider call) and a
 //!   cryptoperiod (encrypting under a primary version older than it is
 //!   refused, or rotates first);
@@ -379,7 +380,7 @@ pub struct Keyring {
     described: Mutex<HashMap<String, (Arc<KeyInfo>, Instant)>>,
     /// Recent identity answers (see [`KeyIdentity`]), by reference text and
     /// whether it came from a header entry, for the describe TTL.
-    identities: Mutex<HashMap<(bool, String), (Option<KeyIdentity>, Instant)>>,
+    identities: Mutex<HashMap<(bool, String), IdentityAnswer>>,
     cache: Option<DataKeyCache>,
     /// Single flight for cache misses, describes and rotate-first.
     flights: Flights,
@@ -1190,7 +1191,20 @@ impl Keyring {
     /// Whether a rotation through this keyring already moved `key` away
     /// from the primary `id`.
     fn was_rotated_away(&self, key: &KeyRef, id: PrimaryId) -> bool {
-        lock(&self.rotated_away).get(key.as_str()) == Some(&id)
+        let slots = self.rotation_slots(key);
+        let away = lock(&self.rotated_away);
+        slots.iter().any(|slot| away.get(slot) == Some(&id))
+    }
+
+    /// Where a rotation of `key` is remembered: its spelling, and its
+    /// identity where known, so that a rotation through one spelling counts
+    /// for the others.
+    fn rotation_slots(&self, key: &KeyRef) -> Vec<String> {
+        let mut slots = vec![key.as_str().to_owned()];
+        if let Some(identity) = self.cached_identity(false, key.as_str()) {
+            slots.push(format!("{}\x00{}", identity.provider(), identity.as_str()));
+        }
+        slots
     }
 
     /// `describe(key)`, reused for the describe TTL; one call however many
@@ -1670,15 +1684,20 @@ impl Keyring {
         }
         if let Ok(info) = &result {
             self.remember(key, info);
+            let slots = self.rotation_slots(key);
             let mut away = lock(&self.rotated_away);
             match rotated_away {
                 Some(old) => {
-                    away.insert(key.as_str().to_owned(), old);
+                    for slot in slots {
+                        away.insert(slot, old);
+                    }
                 }
                 // A state change (e.g. a rollback that re-enables the old
                 // primary) means the operator took over.
                 None if changes => {
-                    away.remove(key.as_str());
+                    for slot in &slots {
+                        away.remove(slot);
+                    }
                 }
                 None => {}
             }
@@ -1920,6 +1939,9 @@ fn hex(bytes: &[u8]) -> String {
     }
     s
 }
+
+/// A provider's identity answer and when it was given.
+type IdentityAnswer = (Option<KeyIdentity>, Instant);
 
 /// A primary version as described: (version, creation time).
 type PrimaryId = (u32, Option<SystemTime>);

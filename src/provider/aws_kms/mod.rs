@@ -37,6 +37,7 @@
 //! | open (`unwrap`) | Decrypt with KeyId pinned to the entry's key ARN (one more per previous context key, only when the current one is rejected) |
 //! | rewrap (`rewrap`) | ReEncrypt with SourceKeyId pinned and DestinationKeyId: the DEK never leaves KMS |
 //! | alias reference | DescribeKey once per alias per [`AwsKmsConfig::alias_cache_ttl`] |
+//! | `identity` | none for a key ARN; DescribeKey for a key id, alias or alias ARN (aliases through the alias cache) |
 //! | `describe` | DescribeKey |
 //! | `create_key` (alias refs only) | CreateKey, CreateAlias, EnableKeyRotation |
 //! | `rotate` | RotateKeyOnDemand, DescribeKey |
@@ -52,6 +53,23 @@
 //! existing messages readable. The KeyId in every KMS answer is checked
 //! against the key asked for; a mismatch is an error and any plaintext in
 //! that answer is zeroized unused.
+//!
+//! Every spelling has one identity, `aws-kms:` + the key ARN
+//! ([`KeyProvider::identity`]): the keyring's caches, key policies and
+//! lifecycle verbs treat an alias and the key it names as one key.
+//!
+//! # Local checks first
+//!
+//! Every request path (generate, wrap, unwrap, rewrap, describe, identity,
+//! the lifecycle verbs) checks the reference before anything is sent: a key
+//! or alias ARN must be in the client's partition and region and, with
+//! [`AwsKmsConfig::allowed_accounts`], in an allowed account. A recipient or
+//! lifecycle target that fails is refused with
+//! [`Misconfigured`](ProviderErrorKind::Misconfigured), saying why and that
+//! no request was sent. A header entry that fails, or that names an alias
+//! at all (headers record key ARNs; resolving a foreign alias would tell
+//! its owner who opens which message when), is
+//! [`Unwrapped::NotMine`], with no request.
 //!
 //! # Versions and lifecycle
 //!
@@ -942,5 +960,24 @@ impl KeyProvider for AwsKmsProvider {
     /// ScheduleKeyDeletion with the configured waiting period.
     fn destroy<'a>(&'a self, key: &'a KeyRef, version: u32) -> BoxFuture<'a, Result<KeyInfo>> {
         Box::pin(self.destroy_key(key, version))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_of;
+
+    #[test]
+    fn partitions_by_region() {
+        for (region, partition) in [
+            ("us-east-1", "aws"),
+            ("eu-west-3", "aws"),
+            ("cn-north-1", "aws-cn"),
+            ("us-gov-west-1", "aws-us-gov"),
+            ("us-iso-east-1", "aws-iso"),
+            ("us-isob-east-1", "aws-iso-b"),
+        ] {
+            assert_eq!(partition_of(region), partition, "{region}");
+        }
     }
 }

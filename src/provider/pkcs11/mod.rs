@@ -233,6 +233,13 @@
 //! compared with the connected token; an absent attribute matches).
 //! `slot-id` and the query attributes (`module-path`, ...) are not
 //! compared: slot numbers change, and module paths differ between hosts.
+//!
+//! For the same reason they are not part of a key's identity
+//! ([`KeyProvider::identity`]): every URI of this token naming the same
+//! `object` and `id` is one key to the keyring's caches, key policies and
+//! lifecycle verbs, reported as `pkcs11:token=LABEL;serial=SERIAL;object=...;id=...`
+//! of the connected token. (The wrapped DEK itself stays bound to the exact
+//! URI text in its header entry, as the AAD above says.)
 
 mod errors;
 mod objects;
