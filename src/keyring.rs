@@ -263,7 +263,9 @@ impl KeyringBuilder {
     /// reference exactly as message headers record it: `backup inspect`
     /// shows it). An alias is followed to the key it names now (resolved
     /// again after the describe TTL). Setting it twice for the same
-    /// spelling keeps the last.
+    /// spelling keeps the last; set one policy per key (with policies on
+    /// two spellings of one key, the exact spelling's wins, else the first
+    /// spelling in text order).
     pub fn key_policy(mut self, key: KeyRef, policy: KeyPolicy) -> Self {
         self.key_policies.retain(|(k, _)| k != &key);
         self.key_policies.push((key, policy));
@@ -646,10 +648,16 @@ impl Keyring {
         let Some(identity) = identity else {
             return Ok(None);
         };
-        for (text, policy) in &self.key_policies {
-            if provider_of(text) != provider {
-                continue;
-            }
+        // In the order of their spellings, so that the answer does not
+        // depend on hashing when two spellings of one key both have a
+        // policy (set one per key).
+        let mut candidates: Vec<(&String, &KeyPolicy)> = self
+            .key_policies
+            .iter()
+            .filter(|(text, _)| provider_of(text) == provider)
+            .collect();
+        candidates.sort_by(|a, b| a.0.cmp(b.0));
+        for (text, policy) in candidates {
             let Ok(key) = KeyRef::parse(text) else {
                 continue;
             };

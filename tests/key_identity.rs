@@ -84,11 +84,24 @@ impl KeyProvider for Aliasing {
     fn describe<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
         Box::pin(async move { self.inner.describe(&Self::canonical(key)).await })
     }
+    /// Fails for a name containing `unreachable` (a provider that cannot
+    /// resolve it now).
     fn identity<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<Option<KeyIdentity>>> {
         let id = self
             .reports_identity
             .then(|| KeyIdentity::new(ID, Self::canonical(key).as_str()));
-        Box::pin(async move { Ok(id) })
+        let fails = key.as_str().contains("unreachable");
+        Box::pin(async move {
+            if fails {
+                return Err(phi_envelope::provider::ProviderError::new(
+                    ID,
+                    ProviderErrorKind::Unavailable,
+                    "cannot resolve (simulated)",
+                )
+                .into());
+            }
+            Ok(id)
+        })
     }
     fn rotate<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
         Box::pin(async move { self.inner.rotate(&Self::canonical(key)).await })
@@ -316,5 +329,32 @@ async fn key_policies_apply_by_reported_identity() {
     match env.seal(b"x", &c).await {
         Err(Error::KeyLifecycle(m)) => assert!(m.contains("cryptoperiod"), "{m}"),
         other => panic!("the key's cryptoperiod did not apply to its alias: {other:?}"),
+    }
+}
+
+/// When the identity of a policy's key cannot be resolved, it is unknown
+/// whether the policy applies: the keyring refuses rather than guess.
+#[tokio::test]
+async fn an_unresolvable_policy_key_fails_closed() {
+    let p = Aliasing::new(true);
+    let (alias, _) = p.add("records");
+    let c = ctx("1");
+    let sealed = cached(p.clone(), &alias).seal(b"v1", &c).await.unwrap();
+    let unreachable: KeyRef = format!("{ID}:alias-unreachable").parse().unwrap();
+    let env = Envelope::new(
+        Keyring::builder()
+            .provider(p.clone())
+            .recipient(alias.clone())
+            .key_policy(unreachable, KeyPolicy::new().min_decrypt_version(2))
+            .build()
+            .unwrap(),
+    );
+    match env.open(&sealed, &c).await {
+        Err(Error::KeyLifecycle(m)) => assert!(m.contains("cannot tell whether"), "{m}"),
+        other => panic!("opened although a policy might apply: {other:?}"),
+    }
+    match env.seal(b"x", &c).await {
+        Err(Error::KeyLifecycle(m)) => assert!(m.contains("cannot tell whether"), "{m}"),
+        other => panic!("sealed although a policy might apply: {other:?}"),
     }
 }

@@ -351,13 +351,15 @@ impl AwsKmsProvider {
         let partition = partition_of(&self.region);
         if arn.partition != partition {
             return Err(format!(
-                "it is in partition {}, but this provider's client (region {}) is in partition                  {partition}",
+                "it is in partition {}, but this provider's client (region {}) is in partition \
+                 {partition}",
                 arn.partition, self.region
             ));
         }
         if arn.region != self.region {
             return Err(format!(
-                "it is in region {}, but this provider's client is in {}; KMS keys are                  regional: use a provider whose client is in that region",
+                "it is in region {}, but this provider's client is in {}; KMS keys are \
+                 regional: use a provider whose client is in that region",
                 arn.region, self.region
             ));
         }
