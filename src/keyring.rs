@@ -17,7 +17,8 @@
 //!   [`describe`](Keyring::describe)), each checked by the provider against
 //!   the state machine of `docs/KEY-LIFECYCLE.md`, recorded as an event, and
 //!   flushing the [data-key cache](crate::cache) of the key they change;
-//! - a [`KeyPolicy`] per key reference: a minimum decryption version
+//! - a [`KeyPolicy`] per key, applied by key identity (any spelling of the
+//!   key: see [`KeyIdentity`]): a minimum decryption version
 //!   (older entries are refused before any provider call) and a
 //!   cryptoperiod (encrypting under a primary version older than it is
 //!   refused, or rotates first);
@@ -73,14 +74,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ring::hmac;
 
-use crate::cache::{CacheConfig, CacheStats, DataKeyCache, Flights, Join, KeyUse};
+use crate::cache::{
+    CacheConfig, CacheStats, DataKeyCache, Flights, FlushTarget, Join, KeyTag, KeyUse,
+};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventSink, NoopSink, Operation, Outcome};
 use crate::format::{EncryptionContext, Header, WrappedKey, MAX_RECIPIENTS};
 use crate::message::{OpeningKey, SealingKey};
 use crate::policy::{AllowAll, Decision, Policy, PolicyRequest};
 use crate::primitives::{fill_random, Dek};
-use crate::provider::{KeyInfo, KeyProvider, KeyRef, KeyState, ProviderError, Unwrapped};
+use crate::provider::{
+    KeyIdentity, KeyInfo, KeyProvider, KeyRef, KeyState, ProviderError, Unwrapped,
+};
 
 /// Who performs an operation and why: supplied by the caller, recorded in
 /// every event, shown to the policy hook.
@@ -270,9 +275,17 @@ impl KeyringBuilder {
     }
 
     /// Sets the lifecycle rules of `key` (a minimum decryption version, a
-    /// cryptoperiod). Give the reference as it appears in message headers
-    /// (`backup inspect` shows it; for AWS KMS that is the key ARN, not an
-    /// alias). Setting it twice keeps the last.
+    /// cryptoperiod). Any spelling of the key works (for AWS KMS its alias,
+    /// alias ARN, key ARN or key id): the rules apply by key identity (see
+    /// [`KeyIdentity`]), to recipients and header entries however they
+    /// name the key, as far as the provider reports identities (all the
+    /// built-in ones do; for a provider that reports none, give the
+    /// reference exactly as message headers record it: `backup inspect`
+    /// shows it). An alias is followed to the key it names now (resolved
+    /// again after the describe TTL). Setting it twice for the same
+    /// spelling keeps the last; set one policy per key (with policies on
+    /// two spellings of one key, the exact spelling's wins, else the first
+    /// spelling in text order).
     pub fn key_policy(mut self, key: KeyRef, policy: KeyPolicy) -> Self {
         self.key_policies.retain(|(k, _)| k != &key);
         self.key_policies.push((key, policy));
@@ -359,6 +372,7 @@ impl KeyringBuilder {
             key_policies,
             describe_ttl: self.describe_ttl,
             described: Mutex::new(HashMap::new()),
+            identities: Mutex::new(HashMap::new()),
             cache,
             flights: Flights::default(),
             provider_calls: AtomicU64::new(0),
@@ -388,6 +402,9 @@ pub struct Keyring {
     describe_ttl: Duration,
     /// Recent `describe` answers, by key reference, for cryptoperiod checks.
     described: Mutex<HashMap<String, (Arc<KeyInfo>, Instant)>>,
+    /// Recent identity answers (see [`KeyIdentity`]), by reference text and
+    /// whether it came from a header entry, for the describe TTL.
+    identities: Mutex<HashMap<(bool, String), IdentityAnswer>>,
     cache: Option<DataKeyCache>,
     /// Single flight for cache misses, describes and rotate-first.
     flights: Flights,
@@ -448,7 +465,9 @@ impl Keyring {
         }
     }
 
-    /// The lifecycle rules set for `key`, if any.
+    /// The lifecycle rules set for exactly this spelling of `key`, if any.
+    /// (Encryption and decryption apply them by key identity: to every
+    /// spelling of the key.)
     pub fn key_policy(&self, key: &KeyRef) -> Option<&KeyPolicy> {
         self.key_policies.get(key.as_str())
     }
@@ -479,15 +498,207 @@ impl Keyring {
         }
     }
 
-    /// Drops every cached data key that involves `key` (any version), and
-    /// forgets its cached description. The lifecycle verbs do this
-    /// themselves; call it after changing the key elsewhere (another
-    /// process, the provider's console).
+    /// Drops every cached data key that involves `key` (any version, any
+    /// spelling of the same key), and forgets its cached description. The
+    /// lifecycle verbs do this themselves; call it after changing the key
+    /// elsewhere (another process, the provider's console).
+    ///
+    /// This makes no provider call: where the identity of `key` is not
+    /// known yet (this keyring has not seen the spelling within the
+    /// describe TTL) or the provider reports none, every cached data key of
+    /// the provider is dropped.
     pub fn flush_cache_for(&self, key: &KeyRef) {
-        if let Some(c) = &self.cache {
-            c.flush_key(key.as_str());
+        let identity = self.cached_identity(false, key.as_str());
+        self.flush_identity(key, identity.as_ref());
+    }
+
+    // -----------------------------------------------------------------------
+    // Key identity
+    // -----------------------------------------------------------------------
+
+    /// Most identity answers kept at once (references can come from
+    /// headers).
+    const IDENTITY_CACHE_MAX: usize = 4096;
+
+    /// A fresh cached identity answer; `None` when unknown or not cached.
+    fn cached_identity(&self, entry: bool, text: &str) -> Option<KeyIdentity> {
+        lock(&self.identities)
+            .get(&(entry, text.to_owned()))
+            .filter(|(_, at)| at.elapsed() < self.describe_ttl)
+            .and_then(|(id, _)| id.clone())
+    }
+
+    fn remember_identity(&self, entry: bool, text: &str, identity: &Option<KeyIdentity>) {
+        if self.describe_ttl.is_zero() {
+            return;
         }
-        lock(&self.described).remove(key.as_str());
+        let mut map = lock(&self.identities);
+        if map.len() >= Self::IDENTITY_CACHE_MAX {
+            map.clear();
+        }
+        map.insert((entry, text.to_owned()), (identity.clone(), Instant::now()));
+    }
+
+    /// The identity of `key` as its provider reports it (reused for the
+    /// describe TTL). Not a key access: no policy request, no event (for
+    /// AWS KMS it is the DescribeKey that resolving an alias makes anyway).
+    async fn identity_of(&self, key: &KeyRef) -> Result<Option<KeyIdentity>> {
+        let known = lock(&self.identities)
+            .get(&(false, key.as_str().to_owned()))
+            .filter(|(_, at)| at.elapsed() < self.describe_ttl)
+            .map(|(id, _)| id.clone());
+        if let Some(known) = known {
+            return Ok(known);
+        }
+        let Some(provider) = self.provider(key.scheme()) else {
+            return Ok(None);
+        };
+        let identity = provider
+            .identity(key)
+            .await?
+            .filter(|i| i.provider() == provider.id());
+        self.remember_identity(false, key.as_str(), &identity);
+        Ok(identity)
+    }
+
+    /// The identity of the key a header entry names
+    /// ([`KeyProvider::entry_identity`]), reused for the describe TTL.
+    async fn entry_identity_of(&self, entry: &WrappedKey) -> Result<Option<KeyIdentity>> {
+        let text = format!("{}\x00{}", entry.provider, entry.key_ref);
+        let known = lock(&self.identities)
+            .get(&(true, text.clone()))
+            .filter(|(_, at)| at.elapsed() < self.describe_ttl)
+            .map(|(id, _)| id.clone());
+        if let Some(known) = known {
+            return Ok(known);
+        }
+        let Some(provider) = self.provider(&entry.provider) else {
+            return Ok(None);
+        };
+        let identity = provider
+            .entry_identity(entry)
+            .await?
+            .filter(|i| i.provider() == provider.id());
+        self.remember_identity(true, &text, &identity);
+        Ok(identity)
+    }
+
+    /// Drops cached data keys and descriptions of the key `key` names,
+    /// whose identity is `identity` (`None`: unknown, so every key of its
+    /// provider).
+    fn flush_identity(&self, key: &KeyRef, identity: Option<&KeyIdentity>) {
+        let target = FlushTarget {
+            provider: key.scheme(),
+            text: key.as_str(),
+            identity,
+        };
+        if let Some(c) = &self.cache {
+            c.flush_key(&target);
+        }
+        let described: Vec<String> = lock(&self.described).keys().cloned().collect();
+        let stale: Vec<String> = described
+            .into_iter()
+            .filter(|text| {
+                KeyTag {
+                    provider: provider_of(text).to_owned(),
+                    text: text.clone(),
+                    identity: self.cached_identity(false, text),
+                }
+                .hit_by(&target)
+            })
+            .collect();
+        let mut map = lock(&self.described);
+        for text in stale {
+            map.remove(&text);
+        }
+    }
+
+    /// Resolves the identity of `key` (an unknown one, or a failure to
+    /// resolve it, flushes every key of the provider) and flushes it: the
+    /// first step of a lifecycle verb, once the policy allowed it.
+    async fn flush_key_identity(&self, key: &KeyRef) {
+        let identity = self.identity_of(key).await.ok().flatten();
+        self.flush_identity(key, identity.as_ref());
+    }
+
+    /// Runs a lifecycle verb's provider call after flushing what is cached
+    /// of its key, by identity (see [`flush_key_identity`](Self::flush_key_identity)).
+    async fn flushed_first<T>(
+        &self,
+        key: &KeyRef,
+        changes: bool,
+        verb: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        if changes {
+            self.flush_key_identity(key).await;
+        }
+        verb.await
+    }
+
+    /// The key policy that applies to `key` (a recipient): the one set for
+    /// this spelling, else the one set for another spelling of the same key
+    /// by identity. Fails closed when an identity cannot be resolved: it
+    /// is then unknown whether a policy applies.
+    async fn policy_for_key(&self, key: &KeyRef) -> Result<Option<&KeyPolicy>> {
+        if let Some(p) = self.key_policies.get(key.as_str()) {
+            return Ok(Some(p));
+        }
+        if !self.has_policies_for(key.scheme()) {
+            return Ok(None);
+        }
+        let identity = self.identity_of(key).await?;
+        self.policy_by_identity(key.scheme(), identity).await
+    }
+
+    /// [`policy_for_key`](Self::policy_for_key) for a header entry.
+    async fn policy_for_entry(&self, entry: &WrappedKey) -> Result<Option<&KeyPolicy>> {
+        if let Some(p) = self.key_policies.get(&entry.key_ref) {
+            return Ok(Some(p));
+        }
+        if !self.has_policies_for(&entry.provider) {
+            return Ok(None);
+        }
+        let identity = self.entry_identity_of(entry).await?;
+        self.policy_by_identity(&entry.provider, identity).await
+    }
+
+    fn has_policies_for(&self, provider: &str) -> bool {
+        self.key_policies
+            .keys()
+            .any(|text| provider_of(text) == provider)
+    }
+
+    async fn policy_by_identity(
+        &self,
+        provider: &str,
+        identity: Option<KeyIdentity>,
+    ) -> Result<Option<&KeyPolicy>> {
+        let Some(identity) = identity else {
+            return Ok(None);
+        };
+        // In the order of their spellings, so that the answer does not
+        // depend on hashing when two spellings of one key both have a
+        // policy (set one per key).
+        let mut candidates: Vec<(&String, &KeyPolicy)> = self
+            .key_policies
+            .iter()
+            .filter(|(text, _)| provider_of(text) == provider)
+            .collect();
+        candidates.sort_by(|a, b| a.0.cmp(b.0));
+        for (text, policy) in candidates {
+            let Ok(key) = KeyRef::parse(text) else {
+                continue;
+            };
+            let theirs = self.identity_of(&key).await.map_err(|e| {
+                Error::KeyLifecycle(format!(
+                    "cannot tell whether the key policy set for {key} applies to {identity}: the identity of {key} could not be resolved, so nothing was done. Cause: {e}"
+                ))
+            })?;
+            if theirs.as_ref() == Some(&identity) {
+                return Ok(Some(policy));
+            }
+        }
+        Ok(None)
     }
 
     /// The default recipients of new messages.
@@ -879,12 +1090,55 @@ impl Keyring {
                     let epoch = cache.epoch();
                     let (key, deadline) =
                         self.fresh_sealing_key(recipients, context, caller).await?;
-                    let key_refs = recipients.iter().map(|r| r.as_str().to_owned()).collect();
-                    return Ok(cache.put_sealing(id, key, deadline, key_refs, len, epoch));
+                    let keys = self.seal_tags(recipients, key.header()).await;
+                    return Ok(cache.put_sealing(id, key, deadline, keys, len, epoch));
                 }
                 Join::Waiter(wait) => wait.await,
             }
         }
+    }
+
+    /// What a sealing-cache entry involves: each recipient and the header
+    /// entry it wrote, with the identity of that entry's key (unknown where
+    /// the provider reports none).
+    async fn seal_tags(&self, recipients: &[KeyRef], header: &Header) -> Vec<KeyTag> {
+        let mut tags = Vec::with_capacity(recipients.len() * 2);
+        for (recipient, entry) in recipients.iter().zip(header.recipients()) {
+            let identity = self.entry_identity_of(entry).await.ok().flatten();
+            tags.push(KeyTag {
+                provider: recipient.scheme().to_owned(),
+                text: recipient.as_str().to_owned(),
+                identity: identity.clone(),
+            });
+            tags.push(KeyTag {
+                provider: entry.provider.clone(),
+                text: entry.key_ref.clone(),
+                identity,
+            });
+        }
+        tags
+    }
+
+    /// What an opening-cache entry involves: every header entry; the
+    /// identity of the one that unwrapped (`used`) where its provider
+    /// reports it, the others unknown (so that no other entry of a header,
+    /// which anyone may have written, costs a lookup; a verb on any key of
+    /// their provider flushes the entry).
+    async fn open_tags(&self, header: &Header, used: usize) -> Vec<KeyTag> {
+        let mut tags = Vec::with_capacity(header.recipients().len());
+        for (i, entry) in header.recipients().iter().enumerate() {
+            let identity = if i == used {
+                self.entry_identity_of(entry).await.ok().flatten()
+            } else {
+                None
+            };
+            tags.push(KeyTag {
+                provider: entry.provider.clone(),
+                text: entry.key_ref.clone(),
+                identity,
+            });
+        }
+        tags
     }
 
     /// Checks the cryptoperiod of every recipient that has one: refuses or
@@ -899,7 +1153,7 @@ impl Keyring {
     ) -> Result<Option<SystemTime>> {
         let mut earliest: Option<SystemTime> = None;
         for key in recipients {
-            let Some(policy) = self.key_policies.get(key.as_str()) else {
+            let Some(policy) = self.policy_for_key(key).await? else {
                 continue;
             };
             let Some(period) = policy.cryptoperiod else {
@@ -1038,7 +1292,20 @@ impl Keyring {
     /// Whether a rotation through this keyring already moved `key` away
     /// from the primary `id`.
     fn was_rotated_away(&self, key: &KeyRef, id: PrimaryId) -> bool {
-        lock(&self.rotated_away).get(key.as_str()) == Some(&id)
+        let slots = self.rotation_slots(key);
+        let away = lock(&self.rotated_away);
+        slots.iter().any(|slot| away.get(slot) == Some(&id))
+    }
+
+    /// Where a rotation of `key` is remembered: its spelling, and its
+    /// identity where known, so that a rotation through one spelling counts
+    /// for the others.
+    fn rotation_slots(&self, key: &KeyRef) -> Vec<String> {
+        let mut slots = vec![key.as_str().to_owned()];
+        if let Some(identity) = self.cached_identity(false, key.as_str()) {
+            slots.push(format!("{}\x00{}", identity.provider(), identity.as_str()));
+        }
+        slots
     }
 
     /// `describe(key)`, reused for the describe TTL; one call however many
@@ -1130,12 +1397,14 @@ impl Keyring {
     // Decryption
     // -----------------------------------------------------------------------
 
-    /// The minimum decryption version that refuses `entry`, if any.
-    fn refused_version(&self, entry: &WrappedKey) -> Option<u32> {
-        self.key_policies
-            .get(&entry.key_ref)
+    /// The minimum decryption version that refuses `entry`, if any (the
+    /// policy of its key by identity, whatever spelling it was set for).
+    async fn refused_version(&self, entry: &WrappedKey) -> Result<Option<u32>> {
+        Ok(self
+            .policy_for_entry(entry)
+            .await?
             .and_then(|p| p.min_decrypt_version)
-            .filter(|min| entry.key_version < *min)
+            .filter(|min| entry.key_version < *min))
     }
 
     /// Unwraps the DEK of `header` with the first entry that a configured
@@ -1184,7 +1453,14 @@ impl Keyring {
                 caller,
                 fingerprint: Some(fingerprint.clone()),
             };
-            if let Some(min) = self.refused_version(entry) {
+            let refused = match self.refused_version(entry).await {
+                Ok(refused) => refused,
+                Err(e) => {
+                    operational.get_or_insert(e);
+                    continue;
+                }
+            };
+            if let Some(min) = refused {
                 let e = self.lifecycle_refusal(
                     &call,
                     format!(
@@ -1277,16 +1553,12 @@ impl Keyring {
                         self.unwrap_header_entry(header, context, caller).await?;
                     drop(dek);
                     let used = &header.recipients()[index];
-                    let key_refs = header
-                        .recipients()
-                        .iter()
-                        .map(|r| r.key_ref.clone())
-                        .collect();
+                    let keys = self.open_tags(header, index).await;
                     return Ok(cache.put_opening(
                         id,
                         key,
                         (used.key_ref.clone(), used.key_version),
-                        key_refs,
+                        keys,
                         len,
                         epoch,
                     ));
@@ -1519,10 +1791,6 @@ impl Keyring {
         } else {
             None
         };
-        if changes {
-            // Keys fetched by calls under way are not cached after this.
-            self.flush_cache_for(key);
-        }
         let result = self
             .call(
                 Call {
@@ -1534,7 +1802,10 @@ impl Keyring {
                     caller,
                     fingerprint: None,
                 },
-                fut(provider),
+                // Once the policy allowed the verb: what is cached of the
+                // key (by identity, any spelling) is flushed, and keys
+                // fetched by calls under way are not cached after this.
+                self.flushed_first(key, changes, fut(provider)),
                 |info| (Outcome::Success, version.or(info.primary_version)),
             )
             .await;
@@ -1544,15 +1815,20 @@ impl Keyring {
         }
         if let Ok(info) = &result {
             self.remember(key, info);
+            let slots = self.rotation_slots(key);
             let mut away = lock(&self.rotated_away);
             match rotated_away {
                 Some(old) => {
-                    away.insert(key.as_str().to_owned(), old);
+                    for slot in slots {
+                        away.insert(slot, old);
+                    }
                 }
                 // A state change (e.g. a rollback that re-enables the old
                 // primary) means the operator took over.
                 None if changes => {
-                    away.remove(key.as_str());
+                    for slot in &slots {
+                        away.remove(slot);
+                    }
                 }
                 None => {}
             }
@@ -1832,6 +2108,9 @@ fn hex(bytes: &[u8]) -> String {
     }
     s
 }
+
+/// A provider's identity answer and when it was given.
+type IdentityAnswer = (Option<KeyIdentity>, Instant);
 
 /// A primary version as described: (version, creation time).
 type PrimaryId = (u32, Option<SystemTime>);

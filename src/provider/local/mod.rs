@@ -898,6 +898,16 @@ impl KeyProvider for LocalKeystore {
         Box::pin(async move { self.describe_sync(key) })
     }
 
+    /// `local:NAME` is the only spelling of a local key: it is its identity.
+    fn identity<'a>(
+        &'a self,
+        key: &'a KeyRef,
+    ) -> BoxFuture<'a, Result<Option<super::KeyIdentity>>> {
+        let id = matches!(key.kind(), KeyRefKind::Local { .. })
+            .then(|| super::KeyIdentity::new(PROVIDER_ID, key.as_str()));
+        Box::pin(async move { Ok(id) })
+    }
+
     fn create_key<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
         Box::pin(async move { self.add_key(key) })
     }
