@@ -23,7 +23,7 @@ use rustix::fs::{renameat_with, RenameFlags, CWD};
 
 /// How many backups run while the entries are swapped. On the walker that
 /// opened entries by path, a secret got in within the first ten.
-const BACKUPS: usize = 25;
+const BACKUPS: usize = 20;
 /// Swapped regular files and directories in the tree.
 const FILES: usize = 48;
 const DIRS: usize = 16;
