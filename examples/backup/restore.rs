@@ -209,6 +209,7 @@ pub fn read<R: Read>(input: R, dest: Option<&Path>) -> Result<Stats, CliError> {
     if let (Some(mut r), Some(d)) = (out, dest) {
         check_links_on_disk(d, &tree)?;
         r.finish(dirs, &marker)?;
+        r.still_in_place()?;
     }
     Ok(stats)
 }
@@ -272,6 +273,31 @@ impl Restorer {
             path: dest.to_path_buf(),
             open: Vec::new(),
         })
+    }
+
+    /// The restore directory is still under its name: someone who can
+    /// write beside it may have moved it and put something else there,
+    /// which the caller would then release under the final name. (No
+    /// write went astray either way: they all went through descriptors.)
+    fn still_in_place(&self) -> Result<(), CliError> {
+        let here = fstat(&self.root).map_err(|e| sys(e, &self.path))?;
+        let named =
+            openat(rustix::fs::CWD, &self.path, DIR_FLAGS, Mode::empty()).and_then(|fd| fstat(&fd));
+        match named {
+            Ok(st) if st.st_dev == here.st_dev && st.st_ino == here.st_ino => Ok(()),
+            _ => Err(Self::replaced(&self.path)),
+        }
+    }
+
+    fn replaced(dest: &Path) -> CliError {
+        CliError::new(
+            crate::exit::IO,
+            format!(
+                "{}: the temporary restore directory was moved or replaced while restoring \
+                 (is someone else writing in its parent directory?); nothing was restored",
+                dest.display()
+            ),
+        )
     }
 
     fn err(&self, e: Errno, rel: &Path) -> CliError {
