@@ -132,3 +132,38 @@ fn paths_at_the_limits_restore() {
     env.ok(&["decrypt", "-o", "out", "ok.phi"]);
     assert_eq!(fs::read(env.path("out").join(&path)).unwrap(), b"deep");
 }
+
+/// `encrypt` walks a tree as deep as a restore accepts (the walk keeps
+/// its own stack: a recursive walk overflowed the thread's stack here),
+/// and refuses, with exit 1, a tree with an entry one level deeper.
+#[test]
+fn encrypt_walks_the_deepest_tree_and_refuses_a_deeper_one() {
+    let env = Env::new();
+    env.ok(&["keys", "init"]);
+    // 1024 directories below the root, made relative to one another (the
+    // absolute path would pass PATH_MAX).
+    let mut dir = fs::File::open(env.dir.path()).unwrap();
+    for name in std::iter::once("tree").chain(std::iter::repeat_n("a", 1_024)) {
+        rustix::fs::mkdirat(&dir, name, rustix::fs::Mode::from_raw_mode(0o755)).unwrap();
+        let next = rustix::fs::openat(
+            &dir,
+            name,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        dir = fs::File::from(next);
+    }
+    // A file at level 1025.
+    let f = rustix::fs::openat(
+        &dir,
+        "f",
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CREATE,
+        rustix::fs::Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    drop(f);
+    let err = env.fails(&["encrypt", "-o", "tree.phi", "tree"], 1);
+    assert!(err.contains("deeper than 1024"), "{err}");
+    assert!(!env.path("tree.phi").exists());
+}

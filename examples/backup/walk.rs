@@ -104,7 +104,7 @@ pub fn write<W: Write>(
         bar,
         buf: Zeroizing::new(vec![0u8; COPY_BUF]),
     };
-    w.walk(&root_fd, root, Path::new(""))?;
+    w.walk(root_fd, root)?;
     w.tree.check_all_symlinks().map_err(|e| {
         CliError::usage(format!(
             "{}; remove the link, or pass --skip-outside-links",
@@ -174,6 +174,15 @@ enum Seen {
     /// Not there any more, or something else now (a link, another file):
     /// it changed while the backup ran.
     Changed,
+}
+
+/// A directory being walked: its descriptor, its paths, the names not yet
+/// archived.
+struct Frame {
+    fd: OwnedFd,
+    abs: PathBuf,
+    rel: PathBuf,
+    names: std::vec::IntoIter<OsString>,
 }
 
 /// True when `a` and `b` are the same file: device, inode and type.
@@ -254,9 +263,8 @@ impl<W: Write> Walker<'_, W> {
         })
     }
 
-    /// The names in `dir` (read from its descriptor), sorted bytewise,
-    /// with the inode the listing gave.
-    fn list(dir: &OwnedFd, abs: &Path) -> Result<Vec<(OsString, u64)>, CliError> {
+    /// The names in `dir` (read from its descriptor), sorted bytewise.
+    fn list(dir: &OwnedFd, abs: &Path) -> Result<Vec<OsString>, CliError> {
         let mut entries = Vec::new();
         for e in Dir::read_from(dir).map_err(|e| sys(e, abs))? {
             let e = e.map_err(|e| sys(e, abs))?;
@@ -264,26 +272,57 @@ impl<W: Write> Walker<'_, W> {
             if name == b"." || name == b".." {
                 continue;
             }
-            entries.push((OsString::from_vec(name.to_vec()), e.ino()));
+            entries.push(OsString::from_vec(name.to_vec()));
         }
         entries.sort();
         Ok(entries)
     }
 
-    fn walk(&mut self, dir: &OwnedFd, abs_dir: &Path, rel_dir: &Path) -> Result<(), CliError> {
-        for (name, ino) in Self::list(dir, abs_dir)? {
+    /// Walks the tree below `root` depth first, with an explicit stack
+    /// (a tree [`MAX_DEPTH`](super::MAX_DEPTH) deep must not overflow the
+    /// thread's stack): one open directory per level.
+    fn walk(&mut self, root: OwnedFd, root_abs: &Path) -> Result<(), CliError> {
+        let names = Self::list(&root, root_abs)?;
+        let mut stack = vec![Frame {
+            fd: root,
+            abs: root_abs.to_path_buf(),
+            rel: PathBuf::new(),
+            names: names.into_iter(),
+        }];
+        while let Some(top) = stack.last_mut() {
+            let Some(name) = top.names.next() else {
+                stack.pop();
+                continue;
+            };
             check_interrupt().map_err(CliError::pipe)?;
-            let abs = abs_dir.join(&name);
-            let rel = rel_dir.join(&name);
-            let listed = match statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) if st.st_ino == ino => st,
-                Ok(_) => {
-                    self.skip_changed(&abs);
-                    continue;
-                }
+            if let Some(child) = self.entry(&top.fd, &top.abs, &top.rel, &name)? {
+                stack.push(child);
+            }
+        }
+        Ok(())
+    }
+
+    /// Archives the entry `name` of the directory `dir`; a directory is
+    /// returned, opened and listed, for the walk to go into.
+    fn entry(
+        &mut self,
+        dir: &OwnedFd,
+        abs_dir: &Path,
+        rel_dir: &Path,
+        name: &OsStr,
+    ) -> Result<Option<Frame>, CliError> {
+        {
+            let abs = abs_dir.join(name);
+            let rel = rel_dir.join(name);
+            // What the listing saw: the entry as it is now, links not
+            // followed. (The inode the directory listing gave is not
+            // compared: on overlay and some network file systems it
+            // legitimately differs from what stat reports.)
+            let listed = match statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
                 Err(e) if changed_errno(e) => {
                     self.skip_changed(&abs);
-                    continue;
+                    return Ok(None);
                 }
                 Err(e) => return Err(sys(e, &abs)),
             };
@@ -297,10 +336,10 @@ impl<W: Write> Walker<'_, W> {
             match FileType::from_raw_mode(listed.st_mode) {
                 FileType::Directory => {
                     let flags = OFlags::RDONLY | OFlags::DIRECTORY;
-                    let Seen::Same(fd, st) = Self::open_checked(dir, &name, flags, &listed, &abs)?
+                    let Seen::Same(fd, st) = Self::open_checked(dir, name, flags, &listed, &abs)?
                     else {
                         self.skip_changed(&abs);
-                        continue;
+                        return Ok(None);
                     };
                     self.tree.nodes.insert(rel.clone(), Node::Dir);
                     let mut h = Self::header(&st, EntryType::Directory, 0);
@@ -308,25 +347,31 @@ impl<W: Write> Walker<'_, W> {
                         .append_data(&mut h, &rel, io::empty())
                         .map_err(CliError::pipe)?;
                     self.stats.dirs += 1;
-                    self.walk(&fd, &abs, &rel)?;
+                    let names = Self::list(&fd, &abs)?.into_iter();
+                    return Ok(Some(Frame {
+                        fd,
+                        abs,
+                        rel,
+                        names,
+                    }));
                 }
                 FileType::RegularFile => {
                     // O_NONBLOCK: a FIFO swapped in must not block the
                     // open (it then fails the check).
                     let flags = OFlags::RDONLY | OFlags::NONBLOCK;
-                    let Seen::Same(fd, st) = Self::open_checked(dir, &name, flags, &listed, &abs)?
+                    let Seen::Same(fd, st) = Self::open_checked(dir, name, flags, &listed, &abs)?
                     else {
                         self.skip_changed(&abs);
-                        continue;
+                        return Ok(None);
                     };
                     self.file(fd, &st, &abs, rel)?;
                 }
                 FileType::Symlink => {
-                    let target = match readlinkat(dir, &name, Vec::new()) {
+                    let target = match readlinkat(dir, name, Vec::new()) {
                         Ok(t) => PathBuf::from(OsString::from_vec(t.into_bytes())),
                         Err(e) if changed_errno(e) => {
                             self.skip_changed(&abs);
-                            continue;
+                            return Ok(None);
                         }
                         Err(e) => return Err(sys(e, &abs)),
                     };
@@ -341,7 +386,7 @@ impl<W: Write> Walker<'_, W> {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// A regular file, from its checked descriptor: the header (through
