@@ -908,3 +908,28 @@ async fn batch_rewrap_without_the_deks() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewable_token_is_renewed_and_a_root_token_is_not() {
+    let token = bao(&[
+        "token",
+        "create",
+        "-policy=default",
+        "-ttl=2m",
+        "-explicit-max-ttl=1h",
+        "-renewable=true",
+        "-field=token",
+    ]);
+    let p = provider_with(config().token(VaultToken::new(token).unwrap()));
+    let lease = p
+        .renew_token(Some(Duration::from_secs(1800)))
+        .await
+        .unwrap();
+    assert!(
+        lease > Duration::from_secs(600) && lease <= Duration::from_secs(3600),
+        "{lease:?}"
+    );
+    // The root token of the dev server has no lease to renew.
+    let e = provider().renew_token(None).await.unwrap_err();
+    assert_eq!(kind_of(&e), ProviderErrorKind::InvalidState);
+}

@@ -869,6 +869,56 @@ impl VaultTransitProvider {
         self.describe_key(key).await
     }
 
+    /// Renews the token (`POST auth/token/renew-self`), asking for
+    /// `increment` more time (the server's default TTL when `None`), and
+    /// returns the lease the server granted. Call it on a schedule shorter
+    /// than the token's TTL (half of it is customary) for a token from
+    /// `VAULT_TOKEN`; a token file renewed by a Vault Agent needs nothing.
+    /// A token that cannot be renewed (root or other non-renewable tokens,
+    /// or past its maximum TTL) is [`ProviderErrorKind::InvalidState`].
+    pub async fn renew_token(&self, increment: Option<Duration>) -> Result<Duration> {
+        #[derive(Deserialize)]
+        struct Renewed {
+            auth: Option<Lease>,
+        }
+        #[derive(Deserialize)]
+        struct Lease {
+            lease_duration: u64,
+            #[serde(default)]
+            renewable: bool,
+        }
+        let body = match increment {
+            Some(d) => serde_json::json!({ "increment": format!("{}s", d.as_secs()) }),
+            None => serde_json::json!({}),
+        };
+        let path = "auth/token/renew-self";
+        let answer = self.request(Method::POST, path, Some(body)).await?;
+        let shown = "the provider's token";
+        if answer.status != 200 {
+            let errors = serde_json::from_slice::<Errors>(&answer.body)
+                .map(|e| e.errors)
+                .unwrap_or_default();
+            return Err(
+                match classify(path, shown, Call::Manage, answer.status, &errors) {
+                    Failure::Error(e) | Failure::TooOld(e) => e,
+                    Failure::Rejected => other("token renewal failed"),
+                },
+            );
+        }
+        let lease = serde_json::from_slice::<Renewed>(&answer.body)
+            .ok()
+            .and_then(|r| r.auth)
+            .ok_or_else(|| other("Vault answered the token renewal without an auth block"))?;
+        if !lease.renewable || lease.lease_duration == 0 {
+            return Err(provider_error(
+                ProviderErrorKind::InvalidState,
+                "the provider's token is not renewable (a root or periodic-less token, or at \
+                 its maximum TTL): log in again for a new token",
+            ));
+        }
+        Ok(Duration::from_secs(lease.lease_duration))
+    }
+
     /// Deletes the whole key from Transit (`DELETE MOUNT/keys/KEY`): every
     /// version and everything wrapped under any of them is unreadable for
     /// good. Transit refuses unless the key's `deletion_allowed` was set
