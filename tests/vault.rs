@@ -933,3 +933,23 @@ async fn a_renewable_token_is_renewed_and_a_root_token_is_not() {
     let e = provider().renew_token(None).await.unwrap_err();
     assert_eq!(kind_of(&e), ProviderErrorKind::InvalidState);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_key_sets_the_configured_auto_rotate_period() {
+    let p = provider_with(
+        config()
+            .auto_rotate_period(Duration::from_secs(30 * 86_400))
+            .unwrap(),
+    );
+    let key = new_key(&p, "auto-rotate").await;
+    let settings = bao(&[
+        "read",
+        "-format=json",
+        &format!("transit/keys/{}", name_of(&key)),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&settings).unwrap();
+    assert_eq!(v["data"]["auto_rotate_period"], 30 * 86_400, "{settings}");
+    assert!(config()
+        .auto_rotate_period(Duration::from_secs(60))
+        .is_err());
+}
