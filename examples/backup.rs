@@ -17,7 +17,7 @@
 mod archive;
 #[path = "backup/keys.rs"]
 mod keys;
-#[cfg(any(feature = "pkcs11", feature = "aws-kms"))]
+#[cfg(any(feature = "pkcs11", feature = "aws-kms", feature = "vault"))]
 #[path = "backup/providers.rs"]
 mod providers;
 #[path = "backup/run.rs"]

@@ -200,15 +200,17 @@ pub fn supported(scheme: &str) -> bool {
     scheme == "local"
         || (scheme == "pkcs11" && cfg!(feature = "pkcs11"))
         || (scheme == "aws-kms" && cfg!(feature = "aws-kms"))
+        || (scheme == "vault-transit" && cfg!(feature = "vault"))
 }
 
 fn unsupported_hint(scheme: &str) -> String {
     match scheme {
-        "pkcs11" | "aws-kms" => format!(
-            "this build of backup has no {scheme} provider; build it with `cargo build --release --example backup --features {scheme}`"
+        "pkcs11" | "aws-kms" | "vault-transit" => format!(
+            "this build of backup has no {scheme} provider; build it with `cargo build --release --example backup --features {}`",
+            if scheme == "vault-transit" { "vault" } else { scheme }
         ),
         other => format!(
-            "no provider for {other:?} keys: backup knows local:NAME, pkcs11: URIs and aws-kms: keys"
+            "no provider for {other:?} keys: backup knows local:NAME, pkcs11: URIs, aws-kms: and vault-transit: keys"
         ),
     }
 }
@@ -279,6 +281,8 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
             "pkcs11" => builder = builder.provider(crate::providers::pkcs11(&rt)?),
             #[cfg(feature = "aws-kms")]
             "aws-kms" => builder = builder.provider(crate::providers::aws_kms(&rt)?),
+            #[cfg(feature = "vault")]
+            "vault-transit" => builder = builder.provider(crate::providers::vault()?),
             _ => {} // reported per message as "no provider holds a key"
         }
     }

@@ -3,7 +3,8 @@
 //! A provider generates data-encryption keys (DEKs) and wraps and unwraps
 //! them under a named, versioned KEK that never leaves it. phi-envelope ships
 //! the local keystore (`local`, default feature `local`), a PKCS#11 HSM provider
-//! (feature `pkcs11`) and an AWS KMS provider (feature `aws-kms`);
+//! (feature `pkcs11`), an AWS KMS provider (feature `aws-kms`) and a
+//! Vault / OpenBao Transit provider (feature `vault`);
 //! applications add their own (Vault, GCP, Azure) by implementing
 //! [`KeyProvider`] outside the crate.
 //!
@@ -25,6 +26,8 @@ mod keyref;
 pub mod local;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "vault")]
+pub mod vault;
 
 use std::fmt;
 use std::future::Future;
