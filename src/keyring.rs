@@ -1764,6 +1764,42 @@ impl Keyring {
         Some(out)
     }
 
+    /// True when `header` is wrapped, in order, to exactly `recipients` at
+    /// the versions `primaries` gives them. An entry matches its recipient
+    /// when it names the same key by the same text, or when both name one
+    /// key by identity ([`KeyProvider::identity`]: an AWS KMS alias
+    /// recipient and the key ARN its headers record); unknown identities
+    /// do not match. Not a key access: no event, no policy request.
+    pub(crate) async fn header_is_current(
+        &self,
+        header: &Header,
+        recipients: &[KeyRef],
+        primaries: &[u32],
+    ) -> bool {
+        let entries = header.recipients();
+        if entries.len() != recipients.len() || primaries.len() != recipients.len() {
+            return false;
+        }
+        for ((entry, key), &version) in entries.iter().zip(recipients).zip(primaries) {
+            if entry.provider != key.scheme() || entry.key_version != version {
+                return false;
+            }
+            if entry.key_ref == key.as_str() {
+                continue;
+            }
+            let (Ok(Some(ours)), Ok(Some(theirs))) = (
+                self.identity_of(key).await,
+                self.entry_identity_of(entry).await,
+            ) else {
+                return false;
+            };
+            if ours != theirs {
+                return false;
+            }
+        }
+        true
+    }
+
     // -----------------------------------------------------------------------
     // Lifecycle verbs
     // -----------------------------------------------------------------------
@@ -2232,6 +2268,7 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::KeyLifecycle(_) => "key-lifecycle",
         Error::Keystore { .. } => "keystore",
         Error::Truncated
+        | Error::TruncatedChunk
         | Error::NotEnvelope
         | Error::UnsupportedVersion(_)
         | Error::UnsupportedSuite(_)

@@ -51,7 +51,7 @@ use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::format::{EncryptionContext, Header};
 use crate::message::OpeningKey;
-use crate::provider::{KeyRef, ProviderError};
+use crate::provider::ProviderError;
 
 /// How many distinct headers [`Envelope::rewrap_batch`] rewraps at once.
 pub const DEFAULT_BATCH_CONCURRENCY: usize = 16;
@@ -352,8 +352,12 @@ impl Envelope {
         if header.recipients().len() != self.recipients().len() {
             return false;
         }
-        let primaries = self.current_primaries().await;
-        header_is_current(header, self.recipients(), primaries.as_deref())
+        let Some(primaries) = self.current_primaries().await else {
+            return false;
+        };
+        self.keyring()
+            .header_is_current(header, self.recipients(), &primaries)
+            .await
     }
 
     /// The current primary version of every recipient, from the keyring's
@@ -477,8 +481,20 @@ impl Envelope {
         } else {
             None
         };
+        let mut current = Vec::with_capacity(groups.len());
+        for g in &groups {
+            current.push(match &primaries {
+                Some(p) => {
+                    self.keyring()
+                        .header_is_current(&g.header, self.recipients(), p)
+                        .await
+                }
+                None => false,
+            });
+        }
+        let mut current = current.into_iter();
         groups.retain(|g| {
-            if header_is_current(&g.header, self.recipients(), primaries.as_deref()) {
+            if current.next().unwrap_or(false) {
                 for &(i, _) in &g.members {
                     results[i] = Some(RecordRewrap::Unchanged);
                 }
@@ -525,25 +541,6 @@ impl Envelope {
             .map(|r| r.expect("every item has a result"))
             .collect()
     }
-}
-
-/// True when `header` is wrapped, in order, to exactly `recipients` at the
-/// `primaries` (their current primary versions; `None`: unknown, so not
-/// current).
-fn header_is_current(header: &Header, recipients: &[KeyRef], primaries: Option<&[u32]>) -> bool {
-    let Some(primaries) = primaries else {
-        return false;
-    };
-    recipients.len() == header.recipients().len()
-        && primaries.len() == recipients.len()
-        && header
-            .recipients()
-            .iter()
-            .zip(recipients)
-            .zip(primaries)
-            .all(|((e, r), v)| {
-                e.provider == r.scheme() && e.key_ref == r.as_str() && e.key_version == *v
-            })
 }
 
 /// Runs `futures` with at most `limit` in progress at once, on the calling

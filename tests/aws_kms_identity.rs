@@ -27,7 +27,9 @@ use phi_envelope::cache::CacheConfig;
 use phi_envelope::keyring::KeyPolicy;
 use phi_envelope::provider::aws_kms::{AwsKmsConfig, AwsKmsProvider};
 use phi_envelope::provider::{KeyProvider, KeyState, ProviderErrorKind, Unwrapped};
-use phi_envelope::{Caller, Dek, EncryptionContext, Envelope, Error, KeyRef, Keyring, WrappedKey};
+use phi_envelope::{
+    Caller, Dek, EncryptionContext, Envelope, Error, Header, KeyRef, Keyring, WrappedKey,
+};
 
 const HOWTO: &str = "KMS endpoint not configured: run scripts/test-services.sh start and source \
     target/test-services/env.sh";
@@ -588,4 +590,47 @@ async fn references_failing_a_local_check_are_refused_before_any_request() {
         );
         assert_eq!(rec.connections(), 0, "{key} reached the endpoint");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Rewrap knows a current record by key identity too.
+// ---------------------------------------------------------------------------
+
+/// Recipients are usually aliases, headers record the key ARN: records
+/// sealed under the alias at the current primary version are current, so
+/// batch rewrap leaves them alone and uses no key for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_counts_records_sealed_under_the_alias_as_current() {
+    let admin = admin().await;
+    let k = key_with_alias(&admin, "rewrap-current").await;
+    let kms = provider_at(&moto_url(), config()).await;
+    let env = cached_envelope(kms, k.by_alias());
+    let c = ctx();
+    let mut messages = Vec::new();
+    for i in 0..4u8 {
+        messages.push(env.seal(&[i; 64], &c).await.unwrap());
+    }
+    let header = Header::parse(&messages[0]).unwrap().0;
+    assert_eq!(
+        header.recipients()[0].key_ref,
+        k.by_arn().as_str(),
+        "headers record the ARN"
+    );
+    let items: Vec<(&[u8], &EncryptionContext)> =
+        messages.iter().map(|m| (m.as_slice(), &c)).collect();
+    // The first run may describe the key (its primary version); a second
+    // run finds it in the describe cache and makes no provider call at all.
+    for _ in 0..2 {
+        let calls = env.keyring().provider_calls();
+        for r in env.rewrap_batch(&items).await {
+            assert!(r.is_unchanged(), "sealed under the alias, current: {r:?}");
+        }
+        assert!(
+            env.keyring().provider_calls() - calls <= 1,
+            "at most the describe: no key use for current records"
+        );
+    }
+    let calls = env.keyring().provider_calls();
+    let _ = env.rewrap_batch(&items).await;
+    assert_eq!(env.keyring().provider_calls(), calls, "describe cached");
 }
