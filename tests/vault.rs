@@ -25,10 +25,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phi_envelope::provider::vault::{VaultConfig, VaultToken, VaultTransitProvider, MAX_BATCH};
+use phi_envelope::provider::vault::{
+    VaultAppRole, VaultConfig, VaultToken, VaultTransitProvider, MAX_BATCH,
+};
 use phi_envelope::provider::{KeyState, ProviderErrorKind, Unwrapped};
 use phi_envelope::{
-    Dek, EncryptionContext, Envelope, Error, Header, KeyProvider, KeyRef, Keyring, WrappedKey,
+    Caller, Dek, EncryptionContext, Envelope, Error, Header, KeyProvider, KeyRef, Keyring,
+    WrappedKey,
 };
 
 const NOT_CONFIGURED: &str = "OpenBao not configured: run scripts/test-services.sh start and \
@@ -658,7 +661,7 @@ async fn the_token_is_read_from_its_file_and_never_printed() {
 async fn lifecycle_maps_onto_min_versions_and_trim_shreds() {
     let p = provider();
     let keyring = Keyring::builder().provider(p.clone()).build().unwrap();
-    let caller = Default::default();
+    let caller = Caller::new("vault-test", "lifecycle");
     let key = key_ref(&unique("lifecycle"));
 
     let info = keyring.create_key(&key, &caller).await.unwrap();
@@ -952,4 +955,254 @@ async fn create_key_sets_the_configured_auto_rotate_period() {
     assert!(config()
         .auto_rotate_period(Duration::from_secs(60))
         .is_err());
+}
+
+// ---------------------------------------------------------------------------
+// Staying logged in: renewal and AppRole.
+// ---------------------------------------------------------------------------
+
+/// The policy of a token that seals and opens under `key`.
+fn seal_open_policy(key: &KeyRef) -> String {
+    let name = name_of(key);
+    format!(
+        "path \"transit/encrypt/{name}\" {{ capabilities = [\"update\"] }}\n\
+         path \"transit/decrypt/{name}\" {{ capabilities = [\"update\"] }}\n\
+         path \"transit/keys/{name}\" {{ capabilities = [\"read\"] }}\n"
+    )
+}
+
+/// An AppRole mount of its own, a role on it with `policy` and `settings`
+/// (`key=value` for `auth/MOUNT/role/r`); returns the mount and role id.
+fn app_role_mount(policy: &str, settings: &[&str]) -> (String, String) {
+    let mount = unique("approle");
+    let policy_name = unique("approle-policy");
+    bao_at(
+        &addr(),
+        &var("VAULT_TOKEN"),
+        &["policy", "write", &policy_name, "-"],
+        Some(policy),
+    );
+    bao(&["auth", "enable", &format!("-path={mount}"), "approle"]);
+    let role = format!("auth/{mount}/role/r");
+    let mut args = vec![
+        "write".to_owned(),
+        role.clone(),
+        format!("token_policies={policy_name}"),
+    ];
+    args.extend(settings.iter().map(|s| s.to_string()));
+    bao(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let role_id = bao(&["read", "-field=role_id", &format!("{role}/role-id")]);
+    (mount, role_id)
+}
+
+fn new_secret_id(mount: &str) -> String {
+    bao(&[
+        "write",
+        "-f",
+        "-field=secret_id",
+        &format!("auth/{mount}/role/r/secret-id"),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewable_token_is_renewed_before_it_expires() {
+    let admin = provider();
+    let key = new_key(&admin, "renewed").await;
+    let policy = unique("renewed-policy");
+    bao_at(
+        &addr(),
+        &var("VAULT_TOKEN"),
+        &["policy", "write", &policy, "-"],
+        Some(&seal_open_policy(&key)),
+    );
+    // Six seconds to live, renewable for an hour; its policies include
+    // `default` (lookup-self, renew-self).
+    let token = bao(&[
+        "token",
+        "create",
+        &format!("-policy={policy}"),
+        "-ttl=6s",
+        "-explicit-max-ttl=1h",
+        "-renewable=true",
+        "-field=token",
+    ]);
+    let p = provider_with(config().token(VaultToken::new(token.clone()).unwrap()));
+    let env = envelope(p, &key);
+    let c = ctx("renewed");
+    let m = env.seal(b"kept alive", &c).await.unwrap();
+    // Past two thirds of the TTL: this request renews first ...
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"kept alive");
+    // ... so the token outlives its first six seconds.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"kept alive");
+    let lookup = bao(&["token", "lookup", "-format=json", &token]);
+    let v: serde_json::Value = serde_json::from_str(&lookup).unwrap();
+    assert!(v["data"]["ttl"].as_u64().unwrap() > 0, "{lookup}");
+    // Without renewal the same token is gone after its TTL.
+    let short = bao(&[
+        "token",
+        "create",
+        &format!("-policy={policy}"),
+        "-ttl=2s",
+        "-renewable=false",
+        "-field=token",
+    ]);
+    let p = provider_with(config().token(VaultToken::new(short).unwrap()));
+    let env = envelope(p, &key);
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"kept alive");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let e = env.open(&m, &c).await.unwrap_err();
+    assert_eq!(kind_of(&e), ProviderErrorKind::AccessDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_role_logs_in_renews_and_logs_in_again() {
+    let admin = provider();
+    let key = new_key(&admin, "approle").await;
+    let c = ctx("approle");
+    let m = envelope(admin.clone(), &key)
+        .seal(b"opened by a role", &c)
+        .await
+        .unwrap();
+
+    // A secret id good for one login: everything after it must be renewal.
+    let (mount, role_id) = app_role_mount(
+        &seal_open_policy(&key),
+        &["token_ttl=6s", "token_max_ttl=1h", "secret_id_num_uses=1"],
+    );
+    let secret = new_secret_id(&mount);
+    let role = VaultAppRole::new(&role_id, &secret)
+        .unwrap()
+        .mount(&mount)
+        .unwrap();
+    let p = provider_with(config().app_role(role));
+    let debug = format!("{p:?}");
+    assert!(
+        !debug.contains(&secret) && !debug.contains(&role_id),
+        "{debug}"
+    );
+    let env = envelope(p.clone(), &key);
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"opened by a role");
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"opened by a role");
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"opened by a role");
+
+    // Tokens revoked behind its back: the one secret id is used up, so the
+    // new login fails, and says so as access denied.
+    bao(&["token", "revoke", "-mode=path", &format!("auth/{mount}/")]);
+    let e = env.open(&m, &c).await.unwrap_err();
+    let (kind, message) = provider_error(&e);
+    assert_eq!(kind, ProviderErrorKind::AccessDenied, "{message}");
+    assert!(!message.contains(&secret), "{message}");
+    assert!(!e.is_decrypt());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_role_logs_in_again_after_expiry_or_revocation_from_its_secret_file() {
+    let admin = provider();
+    let key = new_key(&admin, "approle-file").await;
+    let c = ctx("approle-file");
+    let m = envelope(admin.clone(), &key)
+        .seal(b"opened again", &c)
+        .await
+        .unwrap();
+    // Short tokens that cannot be renewed past three seconds.
+    let (mount, role_id) = app_role_mount(
+        &seal_open_policy(&key),
+        &["token_ttl=3s", "token_max_ttl=3s"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret-id");
+    let first = new_secret_id(&mount);
+    std::fs::write(&file, format!("{first}\n")).unwrap();
+    let role = VaultAppRole::with_secret_id_file(&role_id, &file)
+        .unwrap()
+        .mount(&mount)
+        .unwrap();
+    let env = envelope(provider_with(config().app_role(role)), &key);
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"opened again");
+    // Past its maximum TTL: a new login, not an access denied.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"opened again");
+
+    // The orchestrator rotates the secret id: the old one is destroyed,
+    // the file rewritten, every token of the mount revoked.
+    let second = new_secret_id(&mount);
+    bao(&[
+        "write",
+        &format!("auth/{mount}/role/r/secret-id/destroy"),
+        &format!("secret_id={first}"),
+    ]);
+    std::fs::write(&file, &second).unwrap();
+    bao(&["token", "revoke", "-mode=path", &format!("auth/{mount}/")]);
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"opened again");
+
+    // A wrong secret id: access denied, never a bad message, never shown.
+    std::fs::write(&file, "00000000-0000-0000-0000-000000000000").unwrap();
+    bao(&["token", "revoke", "-mode=path", &format!("auth/{mount}/")]);
+    let e = env.open(&m, &c).await.unwrap_err();
+    let (kind, message) = provider_error(&e);
+    assert_eq!(kind, ProviderErrorKind::AccessDenied, "{message}");
+    assert!(
+        message.contains(&format!("auth/{mount}/login")),
+        "{message}"
+    );
+    assert!(!e.is_decrypt());
+    std::fs::remove_file(&file).unwrap();
+    bao(&["token", "revoke", "-mode=path", &format!("auth/{mount}/")]);
+    let e = env.open(&m, &c).await.unwrap_err();
+    assert_eq!(kind_of(&e), ProviderErrorKind::Misconfigured);
+}
+
+#[test]
+fn app_role_comes_from_the_environment_without_a_token() {
+    // The variables are read by from_env; this process's own VAULT_TOKEN
+    // is not touched (a child process gets the environment under test).
+    if std::env::var("PHI_APPROLE_ENV_CHILD").is_ok() {
+        let c = VaultConfig::from_env(&CONTEXT_KEY).unwrap();
+        let debug = format!("{c:?}");
+        assert!(debug.contains("AppRole"), "{debug}");
+        assert!(debug.contains("approle-env"), "{debug}");
+        assert!(!debug.contains("env-secret-id"), "{debug}");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let run = |extra: &[(&str, &str)]| {
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "--exact",
+            "app_role_comes_from_the_environment_without_a_token",
+            "--nocapture",
+        ])
+        .env("PHI_APPROLE_ENV_CHILD", "1")
+        .env("VAULT_ADDR", "http://127.0.0.1:8200")
+        .env_remove("VAULT_TOKEN")
+        .env_remove("BAO_TOKEN")
+        .env("VAULT_ROLE_ID", "env-role-id")
+        .env("VAULT_APPROLE_MOUNT", "approle-env");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let ok = run(&[("VAULT_SECRET_ID", "env-secret-id")]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    // Both a secret id and a file, or neither: a configuration error.
+    let both = run(&[
+        ("VAULT_SECRET_ID", "env-secret-id"),
+        ("VAULT_SECRET_ID_FILE", "/nonexistent"),
+    ]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&both.stdout),
+        String::from_utf8_lossy(&both.stderr)
+    );
+    assert!(!both.status.success(), "{said}");
+    assert!(said.contains("exactly one of VAULT_SECRET_ID"), "{said}");
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use ring::hmac;
 use zeroize::Zeroizing;
 
+use super::auth::VaultAppRole;
 use super::error::provider_error;
 use crate::error::{Error, Result};
 use crate::format::EncryptionContext;
@@ -71,6 +72,8 @@ pub(super) enum TokenSource {
     /// any process that renews and rewrites the token file) keeps the
     /// provider authenticated without a restart.
     File(PathBuf),
+    /// Logged in for with AppRole; the token lives in the provider.
+    AppRole(VaultAppRole),
 }
 
 impl fmt::Debug for TokenSource {
@@ -78,14 +81,17 @@ impl fmt::Debug for TokenSource {
         match self {
             TokenSource::Fixed(_) => f.write_str("Fixed(<redacted>)"),
             TokenSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            TokenSource::AppRole(r) => f.debug_tuple("AppRole").field(r).finish(),
         }
     }
 }
 
 impl TokenSource {
-    /// The current token.
+    /// The current token of a fixed or file source (an AppRole token is
+    /// the provider's session, not the configuration's).
     pub(super) fn token(&self) -> Result<VaultToken> {
         match self {
+            TokenSource::AppRole(_) => Err(config_error("an AppRole source holds no token")),
             TokenSource::Fixed(t) => Ok(t.clone()),
             TokenSource::File(path) => {
                 let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
@@ -246,6 +252,29 @@ fn check_address(address: &str) -> Result<String> {
     Ok(format!("{scheme}://{authority}"))
 }
 
+/// The AppRole identity of `VAULT_ROLE_ID` with `VAULT_SECRET_ID` or
+/// `VAULT_SECRET_ID_FILE` (and `VAULT_APPROLE_MOUNT`), if set.
+fn app_role_from_env() -> Result<Option<VaultAppRole>> {
+    let Some(role_id) = env(&["VAULT_ROLE_ID", "BAO_ROLE_ID"]) else {
+        return Ok(None);
+    };
+    let secret = Zeroizing::new(env(&["VAULT_SECRET_ID", "BAO_SECRET_ID"]));
+    let file = env(&["VAULT_SECRET_ID_FILE", "BAO_SECRET_ID_FILE"]);
+    let role = match (secret.as_deref(), file) {
+        (Some(s), None) => VaultAppRole::new(&role_id, s)?,
+        (None, Some(f)) => VaultAppRole::with_secret_id_file(&role_id, f)?,
+        _ => {
+            return Err(config_error(
+                "VAULT_ROLE_ID needs exactly one of VAULT_SECRET_ID and VAULT_SECRET_ID_FILE",
+            ))
+        }
+    };
+    match env(&["VAULT_APPROLE_MOUNT", "BAO_APPROLE_MOUNT"]) {
+        Some(m) => Ok(Some(role.mount(&m)?)),
+        None => Ok(Some(role)),
+    }
+}
+
 fn env(names: &[&str]) -> Option<String> {
     names
         .iter()
@@ -283,7 +312,9 @@ impl VaultConfig {
     /// | variable | meaning |
     /// | --- | --- |
     /// | `VAULT_ADDR` / `BAO_ADDR` | the server address (required) |
-    /// | `VAULT_TOKEN` / `BAO_TOKEN` | the token (required unless `token_file` is called next) |
+    /// | `VAULT_TOKEN` / `BAO_TOKEN` | the token (required unless `token_file` is called next, or AppRole is set) |
+    /// | `VAULT_ROLE_ID` + `VAULT_SECRET_ID` or `VAULT_SECRET_ID_FILE` (`BAO_*`) | without a token: log in with AppRole ([`app_role`](Self::app_role)) |
+    /// | `VAULT_APPROLE_MOUNT` / `BAO_APPROLE_MOUNT` | the AppRole mount (default `approle`) |
     /// | `VAULT_NAMESPACE` / `BAO_NAMESPACE` | the namespace |
     /// | `VAULT_CACERT` / `BAO_CACERT` | a PEM file of the CA certificates to trust instead of the system's |
     /// | `VAULT_CLIENT_CERT` + `VAULT_CLIENT_KEY` (`BAO_*`) | a PEM client certificate and key (TLS client authentication) |
@@ -310,7 +341,7 @@ impl VaultConfig {
         }
         let token = match env(&["VAULT_TOKEN", "BAO_TOKEN"]) {
             Some(t) => Some(TokenSource::Fixed(VaultToken::new(t)?)),
-            None => None,
+            None => app_role_from_env()?.map(TokenSource::AppRole),
         };
         let mut config = VaultConfig::new(&address, VaultToken::new("unset")?, context_key)?;
         config.token = token;
@@ -339,6 +370,25 @@ impl VaultConfig {
     pub fn token(mut self, token: VaultToken) -> VaultConfig {
         self.token = Some(TokenSource::Fixed(token));
         self
+    }
+
+    /// Logs in with `role` (AppRole) instead of using a token: the provider
+    /// logs in at its first request, renews the token it gets past two
+    /// thirds of its TTL, and logs in again when it is nearly over, when
+    /// renewal fails, or once when the server refuses it (revoked early).
+    pub fn app_role(mut self, role: VaultAppRole) -> VaultConfig {
+        self.token = Some(TokenSource::AppRole(role));
+        self
+    }
+
+    /// A configuration for the server at `address` that logs in with
+    /// `role`; otherwise as [`new`](Self::new).
+    pub fn with_app_role(
+        address: &str,
+        role: VaultAppRole,
+        context_key: &[u8],
+    ) -> Result<VaultConfig> {
+        Ok(VaultConfig::new(address, VaultToken::new("unset")?, context_key)?.app_role(role))
     }
 
     /// Reads the token from `path` before every request (a Vault Agent sink,

@@ -8,7 +8,7 @@
 //! body by [`MAX_ANSWER_LEN`] before it is parsed.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -22,7 +22,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use zeroize::Zeroizing;
 
-use super::config::{config_error, TokenSource, VaultConfig};
+use super::auth::{parse_auth, parse_lookup, Lease, Session};
+use super::config::{config_error, TokenSource, VaultConfig, VaultToken};
 use super::error::provider_error;
 use crate::error::{Error, Result};
 use crate::provider::ProviderErrorKind;
@@ -44,6 +45,8 @@ pub(super) struct Http {
     address: String,
     namespace: Option<HeaderValue>,
     token: Option<TokenSource>,
+    /// The AppRole token, or what is known of a fixed token's lease.
+    session: tokio::sync::Mutex<Session>,
     timeout: Duration,
 }
 
@@ -130,6 +133,7 @@ impl Http {
             address: config.address.clone(),
             namespace,
             token: config.token.clone(),
+            session: tokio::sync::Mutex::new(Session::default()),
             timeout: config.request_timeout,
         })
     }
@@ -138,41 +142,176 @@ impl Http {
         &self.address
     }
 
-    /// Sends `method /v1/{path}` with `body` (JSON) and reads the answer.
-    /// Transport failures and timeouts are [`ProviderErrorKind::Unavailable`].
+    /// Sends `method /v1/{path}` with `body` (JSON) and reads the answer,
+    /// with a valid token (see [`super::auth`]): an AppRole token the server
+    /// refuses (403) is replaced by a new login and the request sent once
+    /// more. Transport failures and timeouts are
+    /// [`ProviderErrorKind::Unavailable`].
     pub(super) async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Zeroizing<Vec<u8>>>,
     ) -> Result<Answer> {
-        let token = self
+        // The body (it can hold a DEK in base64) is handed to hyper, which
+        // frees it without wiping it: docs/TRANSIT.md says so.
+        let body = body.map(|mut b| Bytes::from(std::mem::take(&mut *b)));
+        let token = self.current_token().await?;
+        let answer = self
+            .send(method.clone(), path, Some(&token), body.clone())
+            .await?;
+        if answer.status == 403 && matches!(self.token, Some(TokenSource::AppRole(_))) {
+            self.forget(&token).await;
+            let token = self.current_token().await?;
+            return self.send(method, path, Some(&token), body).await;
+        }
+        Ok(answer)
+    }
+
+    /// The token to send now: a token file's content, a fixed token
+    /// (renewed first where due), or the AppRole session's (logging in or
+    /// renewing first where due).
+    async fn current_token(&self) -> Result<VaultToken> {
+        let source = self.token.as_ref().ok_or_else(|| {
+            provider_error(
+                ProviderErrorKind::Misconfigured,
+                "no Vault token: set VAULT_TOKEN (or BAO_TOKEN) or VAULT_ROLE_ID with \
+                 VAULT_SECRET_ID, or configure a token file",
+            )
+        })?;
+        match source {
+            TokenSource::File(_) => source.token(),
+            TokenSource::Fixed(token) => {
+                self.keep_fixed(token).await;
+                Ok(token.clone())
+            }
+            TokenSource::AppRole(role) => {
+                let mut session = self.session.lock().await;
+                let now = Instant::now();
+                if let (Some(token), Some(lease)) = (session.token.clone(), session.lease) {
+                    if !lease.nearly_over(now) {
+                        if !lease.wants_renewal(now) {
+                            return Ok(token);
+                        }
+                        if let Ok(renewed) = self.renew(&token, now).await {
+                            session.lease = Some(renewed);
+                            return Ok(token);
+                        }
+                    }
+                }
+                session.token = None;
+                session.lease = None;
+                let path = format!("auth/{}/login", role.mount);
+                // Like a DEK, the secret id goes to hyper, which frees it unwiped.
+                let mut body = role.login_body()?;
+                let body = Bytes::from(std::mem::take(&mut *body));
+                let answer = self.send(Method::POST, &path, None, Some(body)).await?;
+                let what = format!("the AppRole login at {path}");
+                let (token, lease) = parse_auth(answer.status, &answer.body, &what, now)?;
+                let token = token.ok_or_else(|| {
+                    provider_error(
+                        ProviderErrorKind::Other,
+                        format!("Vault/OpenBao answered {what} without a token"),
+                    )
+                })?;
+                session.token = Some(token.clone());
+                session.lease = Some(lease);
+                Ok(token)
+            }
+        }
+    }
+
+    /// Learns a fixed token's lease once (`lookup-self`) and renews it past
+    /// two thirds of its TTL. Failures here are not the request's: a token
+    /// that cannot be looked up or renewed is used as it is until the
+    /// server refuses it.
+    async fn keep_fixed(&self, token: &VaultToken) {
+        let mut session = self.session.lock().await;
+        let now = Instant::now();
+        if session.lease.is_none() && !session.settled {
+            match self
+                .send(Method::GET, "auth/token/lookup-self", Some(token), None)
+                .await
+            {
+                Ok(a) if a.status == 200 => {
+                    session.lease = parse_lookup(&a.body, now);
+                    session.settled = session.lease.is_none();
+                }
+                Ok(_) => session.settled = true,
+                // Unreachable: the request itself will say so; ask next time.
+                Err(_) => {}
+            }
+        }
+        if let Some(lease) = session.lease {
+            if lease.wants_renewal(now) {
+                match self.renew(token, now).await {
+                    Ok(renewed) => session.lease = Some(renewed),
+                    Err(Error::Provider(p))
+                        if matches!(
+                            p.kind(),
+                            ProviderErrorKind::Unavailable | ProviderErrorKind::Throttled
+                        ) => {}
+                    Err(_) => {
+                        session.lease = None;
+                        session.settled = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `auth/token/renew-self` for `token`: its new lease.
+    async fn renew(&self, token: &VaultToken, now: Instant) -> Result<Lease> {
+        let answer = self
+            .send(
+                Method::POST,
+                "auth/token/renew-self",
+                Some(token),
+                Some(Bytes::from_static(b"{}")),
+            )
+            .await?;
+        let (_, lease) = parse_auth(answer.status, &answer.body, "the token renewal", now)?;
+        Ok(lease)
+    }
+
+    /// Drops the AppRole session if it still holds `token`.
+    async fn forget(&self, token: &VaultToken) {
+        let mut session = self.session.lock().await;
+        if session
             .token
             .as_ref()
-            .ok_or_else(|| {
-                provider_error(
-                    ProviderErrorKind::Misconfigured,
-                    "no Vault token: set VAULT_TOKEN (or BAO_TOKEN), or configure a token file",
-                )
-            })?
-            .token()?;
-        let mut token_header = HeaderValue::from_str(token.expose())
-            .map_err(|_| config_error("the Vault token is not a valid header value"))?;
-        token_header.set_sensitive(true);
+            .is_some_and(|t| t.expose() == token.expose())
+        {
+            session.token = None;
+            session.lease = None;
+        }
+    }
+
+    /// One request with `token` (none for a login).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&VaultToken>,
+        body: Option<Bytes>,
+    ) -> Result<Answer> {
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}/v1/{path}", self.address))
-            .header("X-Vault-Token", token_header)
             .header("X-Vault-Request", "true");
+        if let Some(token) = token {
+            let mut value = HeaderValue::from_str(token.expose())
+                .map_err(|_| config_error("the Vault token is not a valid header value"))?;
+            value.set_sensitive(true);
+            request = request.header("X-Vault-Token", value);
+        }
         if let Some(ns) = &self.namespace {
             request = request.header("X-Vault-Namespace", ns.clone());
         }
-        // The body (it can hold a DEK in base64) is handed to hyper, which
-        // frees it without wiping it: docs/TRANSIT.md says so.
         let body = match body {
-            Some(mut b) => {
+            Some(b) => {
                 request = request.header(CONTENT_TYPE, "application/json");
-                Full::new(Bytes::from(std::mem::take(&mut *b)))
+                Full::new(b)
             }
             None => Full::new(Bytes::new()),
         };

@@ -38,6 +38,7 @@
 //! | `set_state` | `POST MOUNT/keys/KEY/config` (`min_decryption_version`) |
 //! | `destroy` | `POST MOUNT/keys/KEY/config` then `POST MOUNT/keys/KEY/trim` |
 //! | [`VaultTransitProvider::delete_key`] | `DELETE MOUNT/keys/KEY` (only where `deletion_allowed`) |
+//! | staying logged in ([`VaultConfig::app_role`], a fixed token) | `POST auth/MOUNT/login`, `GET auth/token/lookup-self`, `POST auth/token/renew-self`, lazily before a request that finds the token due |
 //!
 //! # Why `encrypt` of a local DEK, and why a derived key's `context`
 //!
@@ -88,6 +89,7 @@
 //! token is a [`VaultToken`] (zeroized, never printed) but the header value
 //! hyper sends is an ordinary allocation, marked sensitive.
 
+mod auth;
 mod config;
 mod error;
 mod http;
@@ -102,6 +104,7 @@ use hyper::Method;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+pub use auth::VaultAppRole;
 pub use config::{VaultConfig, VaultToken, MAX_PREVIOUS_CONTEXT_KEYS, MIN_CONTEXT_KEY_LEN};
 
 use self::error::{classify, provider_error, Call, Failure};
@@ -281,7 +284,8 @@ impl VaultTransitProvider {
         if config.token.is_none() {
             return Err(provider_error(
                 ProviderErrorKind::Misconfigured,
-                "no Vault token: set VAULT_TOKEN (or BAO_TOKEN), or call VaultConfig::token_file",
+                "no Vault token: set VAULT_TOKEN (or BAO_TOKEN) or VAULT_ROLE_ID with \
+                 VAULT_SECRET_ID, or call VaultConfig::token_file or VaultConfig::app_role",
             ));
         }
         Ok(VaultTransitProvider {
@@ -869,11 +873,12 @@ impl VaultTransitProvider {
         self.describe_key(key).await
     }
 
-    /// Renews the token (`POST auth/token/renew-self`), asking for
+    /// Renews the token now (`POST auth/token/renew-self`), asking for
     /// `increment` more time (the server's default TTL when `None`), and
-    /// returns the lease the server granted. Call it on a schedule shorter
-    /// than the token's TTL (half of it is customary) for a token from
-    /// `VAULT_TOKEN`; a token file renewed by a Vault Agent needs nothing.
+    /// returns the lease the server granted. The provider already renews a
+    /// renewable token past two thirds of its TTL before a request (see
+    /// docs/TRANSIT.md); call this to extend a lease ahead of a quiet
+    /// period. A token file renewed by a Vault Agent needs nothing.
     /// A token that cannot be renewed (root or other non-renewable tokens,
     /// or past its maximum TTL) is [`ProviderErrorKind::InvalidState`].
     pub async fn renew_token(&self, increment: Option<Duration>) -> Result<Duration> {
