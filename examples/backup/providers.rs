@@ -79,7 +79,8 @@ pub fn aws_kms(rt: &tokio::runtime::Runtime) -> Result<Arc<dyn KeyProvider>, Cli
 
 /// The Vault / OpenBao Transit provider: the standard Vault environment
 /// (`VAULT_ADDR`, `VAULT_TOKEN`, `VAULT_NAMESPACE`, `VAULT_CACERT`, or their
-/// `BAO_*` twins), and the context-digest secret (32+ bytes) in
+/// `BAO_*` twins; AppRole with `VAULT_ROLE_ID` and `VAULT_SECRET_ID` or
+/// `VAULT_SECRET_ID_FILE` instead of a token), and the context-digest secret (32+ bytes) in
 /// `PHI_ENVELOPE_VAULT_CONTEXT_KEY` or the file
 /// `PHI_ENVELOPE_VAULT_CONTEXT_KEY_FILE`.
 #[cfg(feature = "vault")]
