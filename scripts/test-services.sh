@@ -46,9 +46,13 @@ start() {
         echo "$proxy_env"
         echo "$bao_env"
     } >"$ENV_FILE.tmp"
+    chmod 600 -- "$ENV_FILE.tmp"
     mv -f -- "$ENV_FILE.tmp" "$ENV_FILE"
     svc_log "ready in $((SECONDS - t0))s; env: $ENV_FILE"
-    sed -e '/^#/d' -e 's/^/    /' "$ENV_FILE" >&2
+    # PINs, tokens and keys stay in the file (mode 600), never in the log.
+    sed -E -e '/^#/d' \
+        -e 's/^(export [A-Z0-9_]*(PIN|TOKEN|SECRET|PASS|KEY)[A-Z0-9_]*=).*/\1<redacted>/' \
+        -e 's/^/    /' "$ENV_FILE" >&2
 }
 
 stop() {
