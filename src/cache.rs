@@ -38,7 +38,13 @@
 //!
 //! Rotating, disabling or destroying a key through the keyring flushes every
 //! entry that involves the key, and a key unwrapped by a call that started
-//! before the flush is not cached afterwards. A change made elsewhere (by
+//! before the flush is not cached afterwards. "The key" is its identity,
+//! whatever it is called ([`KeyIdentity`]):
+//! each entry remembers its recipients and header entries with the
+//! identities their provider reported, and a flush removes every entry that
+//! shares the spelling or the identity (a KMS key destroyed by its ARN
+//! takes the entries sealed to its alias). Where an identity is unknown, a
+//! flush removes every entry of that provider. A change made elsewhere (by
 //! another process, in the HSM console, in KMS) is not seen: an entry lives
 //! at most [`CacheLimits::max_age`], so keep that short, or call
 //! [`Keyring::flush_cache`](crate::Keyring::flush_cache).
@@ -105,7 +111,7 @@ use ring::hmac;
 use crate::error::Result;
 use crate::message::{OpeningKey, SealingKey};
 use crate::primitives::fill_random;
-use crate::provider::KeyRef;
+use crate::provider::{KeyIdentity, KeyRef};
 
 /// The limits of one cache entry: it is retired at the first one reached.
 ///
@@ -327,6 +333,48 @@ pub(crate) type OpeningHit = (Arc<CachedKey<OpeningKey>>, (String, u32));
 /// value (which can be PHI) and no guessable digest of one.
 pub(crate) type EntryId = [u8; 32];
 
+/// A key that a cache entry involves: its provider, a spelling of it, and
+/// its identity where the provider reported one.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyTag {
+    /// The provider id.
+    pub provider: String,
+    /// A reference text of the key (a recipient, a header entry).
+    pub text: String,
+    /// The key's identity; `None` when unknown.
+    pub identity: Option<KeyIdentity>,
+}
+
+/// The key a flush is for: a spelling and, where known, its identity.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FlushTarget<'a> {
+    /// The provider id.
+    pub provider: &'a str,
+    /// The reference text given.
+    pub text: &'a str,
+    /// Its identity; `None` when unknown.
+    pub identity: Option<&'a KeyIdentity>,
+}
+
+impl KeyTag {
+    /// Whether a flush of `target` must remove an entry with this tag: the
+    /// same spelling, or the same identity, or, when either identity is
+    /// unknown, any key of the same provider (flushing more is safe,
+    /// flushing less is not).
+    pub(crate) fn hit_by(&self, target: &FlushTarget<'_>) -> bool {
+        self.provider == target.provider
+            && (self.text == target.text
+                || match (&self.identity, target.identity) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                })
+    }
+}
+
+fn hit(keys: &[KeyTag], target: &FlushTarget<'_>) -> bool {
+    keys.iter().any(|k| k.hit_by(target))
+}
+
 struct SealEntry {
     key: Arc<CachedKey<SealingKey>>,
     created: Instant,
@@ -334,7 +382,7 @@ struct SealEntry {
     not_after: Option<SystemTime>,
     messages: u64,
     bytes: u64,
-    key_refs: Vec<String>,
+    keys: Vec<KeyTag>,
 }
 
 struct OpenEntry {
@@ -342,7 +390,7 @@ struct OpenEntry {
     created: Instant,
     uses: u64,
     bytes: u64,
-    key_refs: Vec<String>,
+    keys: Vec<KeyTag>,
     /// The entry whose unwrap made the key (for events).
     used: (String, u32),
 }
@@ -570,7 +618,7 @@ impl DataKeyCache {
         id: EntryId,
         key: SealingKey,
         not_after: Option<SystemTime>,
-        key_refs: Vec<String>,
+        keys: Vec<KeyTag>,
         len: u64,
         epoch: u64,
     ) -> KeyUse<SealingKey> {
@@ -596,7 +644,7 @@ impl DataKeyCache {
             not_after,
             messages: 1,
             bytes: len,
-            key_refs,
+            keys,
         };
         let evicted = {
             let mut lru = lock(&self.seal);
@@ -639,7 +687,7 @@ impl DataKeyCache {
         id: EntryId,
         key: OpeningKey,
         used: (String, u32),
-        key_refs: Vec<String>,
+        keys: Vec<KeyTag>,
         len: u64,
         epoch: u64,
     ) -> KeyUse<OpeningKey> {
@@ -661,7 +709,7 @@ impl DataKeyCache {
             created: now,
             uses: 1,
             bytes: len,
-            key_refs,
+            keys,
             used,
         };
         let evicted = {
@@ -676,12 +724,13 @@ impl DataKeyCache {
         KeyUse::Cached(key)
     }
 
-    /// Removes every entry that involves `key_ref` (any version), in both
-    /// caches, and makes keys fetched by calls already under way uncacheable.
-    pub(crate) fn flush_key(&self, key_ref: &str) {
+    /// Removes every entry that involves the key `target` (any version,
+    /// any spelling: see [`KeyTag::hit_by`]), in both caches, and makes keys
+    /// fetched by calls already under way uncacheable.
+    pub(crate) fn flush_key(&self, target: &FlushTarget<'_>) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        let a = lock(&self.seal).retain(|e| !e.key_refs.iter().any(|k| k == key_ref));
-        let b = lock(&self.open).retain(|e| !e.key_refs.iter().any(|k| k == key_ref));
+        let a = lock(&self.seal).retain(|e| !hit(&e.keys, target));
+        let b = lock(&self.open).retain(|e| !hit(&e.keys, target));
         self.evictions.fetch_add(a + b, Ordering::Relaxed);
     }
 
@@ -832,6 +881,44 @@ mod tests {
         .unwrap()
     }
 
+    fn tag(text: &str, identity: Option<&str>) -> KeyTag {
+        KeyTag {
+            provider: "t".into(),
+            text: text.into(),
+            identity: identity.map(|i| KeyIdentity::new("t", i)),
+        }
+    }
+
+    fn target<'a>(text: &'a str, identity: Option<&'a KeyIdentity>) -> FlushTarget<'a> {
+        FlushTarget {
+            provider: "t",
+            text,
+            identity,
+        }
+    }
+
+    #[test]
+    fn flushes_match_spelling_identity_or_unknown() {
+        let k1 = KeyIdentity::new("t", "t:key-1");
+        let k2 = KeyIdentity::new("t", "t:key-2");
+        let alias = tag("t:alias", Some("t:key-1"));
+        assert!(alias.hit_by(&target("t:alias", None)), "same spelling");
+        assert!(alias.hit_by(&target("t:key-1", Some(&k1))), "same identity");
+        assert!(!alias.hit_by(&target("t:key-2", Some(&k2))), "another key");
+        assert!(alias.hit_by(&target("t:other", None)), "target unknown");
+        let unknown = tag("t:x", None);
+        assert!(
+            unknown.hit_by(&target("t:key-2", Some(&k2))),
+            "entry unknown"
+        );
+        let elsewhere = FlushTarget {
+            provider: "u",
+            text: "t:alias",
+            identity: None,
+        };
+        assert!(!alias.hit_by(&elsewhere), "another provider");
+    }
+
     fn cache(limits: CacheLimits, capacity: usize) -> DataKeyCache {
         DataKeyCache::new(
             &CacheConfig::new()
@@ -843,7 +930,14 @@ mod tests {
     }
 
     fn put(c: &DataKeyCache, id: EntryId, len: u64) -> KeyUse<SealingKey> {
-        c.put_sealing(id, sealing_key(), None, vec!["t:k".into()], len, c.epoch())
+        c.put_sealing(
+            id,
+            sealing_key(),
+            None,
+            vec![tag("t:k", None)],
+            len,
+            c.epoch(),
+        )
     }
 
     #[test]
@@ -882,7 +976,7 @@ mod tests {
     fn a_flush_during_a_miss_keeps_the_key_out() {
         let c = cache(CacheLimits::default(), 8);
         let epoch = c.epoch();
-        c.flush_key("t:k");
+        c.flush_key(&target("t:k", None));
         let k = c.put_sealing([9; 32], sealing_key(), None, vec![], 1, epoch);
         assert!(matches!(k, KeyUse::Fresh(_)));
         assert!(c.take_sealing(&[9; 32], 1).is_none());

@@ -11,8 +11,12 @@
 //!   decrypted: a wrong key or wrong context fails there.
 //! - No plaintext of a chunk is released before its tag has verified.
 //! - A body that ends without its short final chunk is
-//!   [`Error::Truncated`], never a short read; a decryptor that failed keeps
-//!   failing on every later read.
+//!   [`Error::Truncated`], never a short read; a final chunk that fails
+//!   after full chunks authenticated (a copy cut inside a chunk) is
+//!   [`Error::TruncatedChunk`]; a decryptor that failed keeps failing on
+//!   every later read.
+//! - Every decoder reports the first defect in stream order, whether or not
+//!   it knows the length in advance (docs/FORMAT.md section 7.3).
 //!
 //! ```
 //! use std::io::{Read, Write};
@@ -173,6 +177,25 @@ impl BodyKeys {
     pub(crate) fn open(&self, counter: u64, chunk: &mut [u8]) -> Result<usize> {
         self.aead.open_in_place(self.nonce(counter), &[], chunk)
     }
+
+    /// [`open`](Self::open) for chunk `counter`, where `final_chunk` says
+    /// that the input ends with it (it is shorter than a full chunk). Every
+    /// decoder calls this after all chunks before `counter` authenticated,
+    /// so a final chunk that fails after at least one full chunk is
+    /// [`Error::TruncatedChunk`]: the copy was cut inside it, or its end was
+    /// damaged (docs/FORMAT.md, section 7.4). Any other failure is the
+    /// opaque [`Error::Decrypt`].
+    pub(crate) fn open_chunk(
+        &self,
+        counter: u64,
+        chunk: &mut [u8],
+        final_chunk: bool,
+    ) -> Result<usize> {
+        self.open(counter, chunk).map_err(|e| match e {
+            Error::Decrypt if final_chunk && counter > 0 => Error::TruncatedChunk,
+            other => other,
+        })
+    }
 }
 
 /// Starts a body: a fresh salt, the derived keys, and the 56-byte prefix.
@@ -225,18 +248,39 @@ fn seal_append(keys: &BodyKeys, counter: u64, chunk: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&tag);
 }
 
+/// The layout of a body of `body_len` bytes as a decoder that knows the
+/// length sees it, for reporting errors in stream order (docs/FORMAT.md,
+/// section 7.3): the number of full chunks, the encrypted length of the
+/// final chunk, or `None` for it when the body ends without room for one
+/// (the error is then [`Error::Truncated`], once the full chunks before
+/// the end authenticated). A body shorter than its prefix, and the chunk
+/// limit, are errors at once.
+pub(crate) fn stream_layout(body_len: u64) -> Result<(u64, Option<usize>)> {
+    match chunk_layout(body_len) {
+        Ok((full, rem)) => Ok((full, Some(rem))),
+        Err(Error::Truncated) if body_len >= PREFIX_LEN as u64 => {
+            Ok(((body_len - PREFIX_LEN as u64) / CHUNK_CT_SIZE as u64, None))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Decrypts a whole body held in memory. Nothing is returned unless every
-/// chunk authenticated.
+/// chunk authenticated. Errors are those a streaming decoder would give for
+/// the same bytes, in stream order: a body too short for its prefix, the
+/// commitment, each chunk in turn, and only then a missing final chunk.
 pub(crate) fn decrypt_slice(prk: &Prk, context: &[u8], body: &[u8]) -> Result<Vec<u8>> {
-    let (full, rem) = chunk_layout(body.len() as u64)?;
+    let (full, final_len) = stream_layout(body.len() as u64)?;
     let prefix: &[u8; PREFIX_LEN] = body[..PREFIX_LEN].try_into().expect("length checked");
     let keys = BodyKeys::from_prefix(prk, context, prefix)?;
-    let pt_len = full as usize * CHUNK_SIZE + rem - TAG_LEN;
-    let mut out = Vec::with_capacity(pt_len + TAG_LEN);
-    for (i, chunk) in body[PREFIX_LEN..].chunks(CHUNK_CT_SIZE).enumerate() {
+    let full = full as usize;
+    let mut out = Vec::with_capacity(full * CHUNK_SIZE + final_len.unwrap_or(TAG_LEN));
+    let chunks = &body[PREFIX_LEN..];
+    let last = final_len.map(|n| (full, n));
+    for (i, len) in (0..full).map(|i| (i, CHUNK_CT_SIZE)).chain(last) {
         let start = out.len();
-        out.extend_from_slice(chunk);
-        match keys.open(i as u64, &mut out[start..]) {
+        out.extend_from_slice(&chunks[i * CHUNK_CT_SIZE..i * CHUNK_CT_SIZE + len]);
+        match keys.open_chunk(i as u64, &mut out[start..], i == full) {
             Ok(n) => out.truncate(start + n),
             Err(e) => {
                 out.zeroize();
@@ -244,7 +288,10 @@ pub(crate) fn decrypt_slice(prk: &Prk, context: &[u8], body: &[u8]) -> Result<Ve
             }
         }
     }
-    debug_assert_eq!(out.len(), pt_len);
+    if final_len.is_none() {
+        out.zeroize();
+        return Err(Error::Truncated);
+    }
     Ok(out)
 }
 
@@ -268,6 +315,7 @@ pub fn decrypt(key: &[u8], context: &[u8], body: &[u8]) -> Result<Vec<u8>> {
 enum Sticky {
     Decrypt,
     Truncated,
+    TruncatedChunk,
     TooLong,
     Io(io::ErrorKind),
     Poisoned,
@@ -278,6 +326,7 @@ impl Sticky {
         match e {
             Error::Decrypt => Sticky::Decrypt,
             Error::Truncated => Sticky::Truncated,
+            Error::TruncatedChunk => Sticky::TruncatedChunk,
             Error::MessageTooLong => Sticky::TooLong,
             Error::Io(io) => Sticky::Io(io.kind()),
             _ => Sticky::Poisoned,
@@ -288,6 +337,7 @@ impl Sticky {
         match self {
             Sticky::Decrypt => Error::Decrypt,
             Sticky::Truncated => Error::Truncated,
+            Sticky::TruncatedChunk => Error::TruncatedChunk,
             Sticky::TooLong => Error::MessageTooLong,
             Sticky::Io(kind) => Error::Io(io::Error::new(
                 kind,
@@ -508,7 +558,9 @@ impl<R: Read> Decryptor<R> {
         }
         // A short read means the reader reached its end, so a final chunk
         // here cannot be followed by trailing data.
-        let len = self.keys.open(self.counter, &mut self.buf[..n])?;
+        let len = self
+            .keys
+            .open_chunk(self.counter, &mut self.buf[..n], final_chunk)?;
         self.counter += 1;
         self.pos = 0;
         self.end = len;
@@ -603,7 +655,7 @@ impl<R: Read + Seek> SeekableDecryptor<R> {
         let start = inner.stream_position()?;
         let end = inner.seek(SeekFrom::End(0))?;
         let body_len = end.checked_sub(start).ok_or(Error::Truncated)?;
-        let (full_chunks, final_len) = chunk_layout(body_len)?;
+        let (full_chunks, final_len) = stream_layout(body_len)?;
         inner.seek(SeekFrom::Start(start))?;
         let mut prefix = [0u8; PREFIX_LEN];
         if read_full(&mut inner, &mut prefix)? < PREFIX_LEN {
@@ -615,16 +667,31 @@ impl<R: Read + Seek> SeekableDecryptor<R> {
             keys,
             start,
             full_chunks,
-            final_len,
-            plaintext_len: full_chunks * CHUNK_SIZE as u64 + (final_len - TAG_LEN) as u64,
+            final_len: final_len.unwrap_or(TAG_LEN),
+            plaintext_len: full_chunks * CHUNK_SIZE as u64
+                + final_len.map_or(0, |n| (n - TAG_LEN) as u64),
             pos: 0,
             buf: chunk_buffer(),
             cached: None,
             failed: None,
         };
-        // Authenticate the length: decrypt the final chunk now.
-        this.load(full_chunks)?;
-        Ok(this)
+        // Authenticate the length: decrypt the final chunk now. When the
+        // body has no final chunk, or it fails, the error is the one a
+        // streaming decoder would give: that of the first full chunk that
+        // fails, if any (docs/FORMAT.md, section 7.3). Only this error path
+        // reads every chunk.
+        let end_error = match final_len {
+            None => Error::Truncated,
+            Some(_) => match this.load(full_chunks) {
+                Ok(_) => return Ok(this),
+                Err(e @ (Error::Decrypt | Error::TruncatedChunk)) => e,
+                Err(e) => return Err(e),
+            },
+        };
+        for index in 0..full_chunks {
+            this.load(index)?;
+        }
+        Err(end_error)
     }
 
     /// The authenticated plaintext length.
@@ -651,7 +718,9 @@ impl<R: Read + Seek> SeekableDecryptor<R> {
             // The source shrank after it was opened.
             return Err(Error::Truncated);
         }
-        let len = self.keys.open(index, &mut self.buf[..ct_len])?;
+        let len =
+            self.keys
+                .open_chunk(index, &mut self.buf[..ct_len], index == self.full_chunks)?;
         self.cached = Some((index, len));
         Ok(len)
     }

@@ -194,6 +194,16 @@ impl Envelope {
     /// Re-wraps a header to this envelope's recipients (the current primary
     /// versions of their keys). The body is untouched: write the new header
     /// followed by the old body.
+    ///
+    /// The DEK is unwrapped from the first entry whose DEK verifies the
+    /// header tag; only that DEK is wrapped again, or only that entry is
+    /// handed to a provider that re-encrypts inside itself (AWS KMS
+    /// ReEncrypt). The new header is checked before it is returned (one
+    /// entry per recipient, of that recipient's provider; its tag verifies
+    /// under the same DEK), so a message that opened before opens after, or
+    /// the rewrap fails and nothing changes. It is rewrapped even when it is
+    /// already current; [`rewrap_batch`](Self::rewrap_batch) and
+    /// [`rewrap_file`](Self::rewrap_file) leave current ones alone.
     pub async fn rewrap_header(
         &self,
         header: &Header,
@@ -204,7 +214,8 @@ impl Envelope {
             .await
     }
 
-    /// Re-wraps a record held in memory: new header, same body.
+    /// Re-wraps a record held in memory: new header, same body; see
+    /// [`rewrap_header`](Self::rewrap_header) for what is checked.
     pub async fn rewrap(&self, message: &[u8], context: &EncryptionContext) -> Result<Vec<u8>> {
         let (header, used) = Header::parse(message)?;
         // Fail early on a body that cannot be valid, before any provider call.

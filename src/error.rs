@@ -8,6 +8,12 @@
 //! (bad magic, an unknown version or suite, an oversized field, a truncated
 //! message) and operational failures (I/O, a provider that is down, a policy
 //! denial) are specific, carry their source and say what to do.
+//!
+//! One refinement keeps truncated copies recognisable: a final chunk that
+//! fails after full chunks that authenticated is [`Error::TruncatedChunk`]
+//! (a copy cut inside a chunk, or its end damaged), not `Decrypt`; it tells
+//! a caller nothing it does not already know (docs/FORMAT.md section 7.4).
+//! Every decoder reports the first defect in stream order (section 7.3).
 
 use std::io;
 
@@ -23,10 +29,25 @@ pub enum Error {
     #[error("decryption failed: wrong key, wrong encryption context, or the data was modified")]
     Decrypt,
 
-    /// The message ends before its final chunk (or inside its header): it was
-    /// cut short in storage or in transit.
-    #[error("message is truncated: it ends before its final chunk; the file is incomplete")]
+    /// The message ends where no message can end: inside its header or its
+    /// body prefix, or where a chunk boundary leaves no room for the final
+    /// chunk (a copy cut at a chunk boundary, or within the first 15 bytes
+    /// of a chunk). In the body this is reported only once every chunk
+    /// before the cut authenticated (`docs/FORMAT.md`, section 7.3).
+    #[error("message is truncated: it ends before its final chunk (or inside its header); a complete copy is needed")]
     Truncated,
+
+    /// The message ends inside a chunk: every chunk before its last one
+    /// authenticated, and the last one, which is shorter than a full chunk,
+    /// does not. This is what a copy cut short inside a chunk (a full disk,
+    /// `head -c`) looks like; a final chunk that was modified, or bytes
+    /// appended after it, look the same, and no decoder can tell these
+    /// apart. Reported only when at least one full chunk authenticated
+    /// before it; otherwise the failure is the opaque [`Error::Decrypt`].
+    /// See `docs/FORMAT.md`, section 7.4, and SECURITY.md for why this does
+    /// not weaken the opacity of authentication failures.
+    #[error("message is truncated: it ends inside a chunk (every chunk before it authenticated, the last one did not: the copy was cut short or its end was damaged); a complete copy is needed")]
+    TruncatedChunk,
 
     /// The input does not start with the phi-envelope magic bytes.
     #[error("not a phi-envelope message (unknown magic bytes)")]
@@ -40,7 +61,10 @@ pub enum Error {
     #[error("unsupported algorithm suite {0:#04x}")]
     UnsupportedSuite(u8),
 
-    /// A header field is malformed or exceeds its bound.
+    /// A header field is malformed or exceeds its bound. The text starts
+    /// with the field's name as docs/FORMAT.md section 4 spells it (`count`,
+    /// `plen`, `provider id`, `rlen`, `key reference`, `wlen`), then `": "`
+    /// and what is wrong; [`Error::malformed_field`] returns the name.
     #[error("malformed header: {0}")]
     Malformed(&'static str),
 
@@ -118,6 +142,22 @@ impl Error {
     pub fn is_decrypt(&self) -> bool {
         matches!(self, Error::Decrypt)
     }
+
+    /// For [`Error::Malformed`], the header field at fault, as
+    /// docs/FORMAT.md section 4 names it (`"count"`, `"plen"`,
+    /// `"provider id"`, `"rlen"`, `"key reference"`, `"wlen"`).
+    pub fn malformed_field(&self) -> Option<&'static str> {
+        match self {
+            Error::Malformed(text) => Some(text.split(": ").next().unwrap_or(text)),
+            _ => None,
+        }
+    }
+
+    /// True when the message is cut short: [`Error::Truncated`] or
+    /// [`Error::TruncatedChunk`]. Either way a complete copy is needed.
+    pub fn is_truncated(&self) -> bool {
+        matches!(self, Error::Truncated | Error::TruncatedChunk)
+    }
 }
 
 /// Wraps our error in an `io::Error` so that `Read`/`Write` adapters can
@@ -128,7 +168,7 @@ impl From<Error> for io::Error {
             Error::Io(inner) => inner,
             other => {
                 let kind = match other {
-                    Error::Truncated => io::ErrorKind::UnexpectedEof,
+                    Error::Truncated | Error::TruncatedChunk => io::ErrorKind::UnexpectedEof,
                     _ => io::ErrorKind::InvalidData,
                 };
                 io::Error::new(kind, other)

@@ -17,7 +17,8 @@
 //!
 //! [`Event::to_json`] writes one canonical JSON object (the audit log embeds
 //! it as the `event` member of each line). Fields, always present and always
-//! in this order; absent values are `null`:
+//! in this order; absent values are `null`, except `key_state`, which is
+//! written only when the event has one:
 //!
 //! | field | type | meaning |
 //! | --- | --- | --- |
@@ -26,6 +27,7 @@
 //! | `provider` | string | the provider id (`local`, `pkcs11`, `aws-kms`, ...) |
 //! | `key_ref` | string or null | the key reference (`local:records`, `aws-kms:arn:...`) |
 //! | `key_version` | integer or null | the KEK version |
+//! | `key_state` | string, **only when present** | the state the operation moves `key_version` to: `enabled`, `decrypt-only`, `disabled`, `destroyed` (see below) |
 //! | `actor` | string or null | who asked, as the caller supplied it |
 //! | `purpose` | string or null | why, as the caller supplied it |
 //! | `context_fingerprint` | string or null | 32 hex digits: keyed HMAC-SHA-256 of the canonical encryption context |
@@ -34,6 +36,20 @@
 //!
 //! ```text
 //! {"timestamp":"2026-11-25T10:11:01.123456Z","operation":"unwrap","provider":"local","key_ref":"local:records","key_version":2,"actor":"lab-service","purpose":"treatment","context_fingerprint":"6f1c0e8a4b2d9e7f0a1b2c3d4e5f6a7b","outcome":"success","duration_us":412}
+//! ```
+//!
+//! `key_state` is the **target** state of a lifecycle verb, recorded
+//! whatever the outcome (a refused or failed change records what was asked
+//! for): `set-state` (and `disable`) the state asked for, `destroy`
+//! `destroyed`, `rotate` and `create-key` `enabled` (the new primary; its
+//! number is `key_version` once the verb succeeded). Every other operation
+//! has none, and its line is byte for byte what it was before the field
+//! existed, so audit logs written by earlier versions still verify. A
+//! decoder re-encoding a line writes the member only when it is present,
+//! between `key_version` and `actor`:
+//!
+//! ```text
+//! {"timestamp":"2026-11-25T10:15:42.000917Z","operation":"set-state","provider":"local","key_ref":"local:records","key_version":1,"key_state":"disabled","actor":"alice@ops","purpose":"retire-v1","context_fingerprint":null,"outcome":"success","duration_us":2210}
 //! ```
 //!
 //! What is deliberately absent: key bytes (DEK or KEK, plain or wrapped),
@@ -45,6 +61,8 @@
 use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
+
+use crate::provider::KeyState;
 
 /// What was done with a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -202,6 +220,10 @@ pub struct Event {
     pub key_ref: Option<String>,
     /// The KEK version, when known.
     pub key_version: Option<u32>,
+    /// For a lifecycle verb, the state it moves `key_version` to (the
+    /// target, not the state before), whatever the outcome; `None` for
+    /// every other operation.
+    pub key_state: Option<KeyState>,
     /// Who asked (supplied by the caller).
     pub actor: Option<String>,
     /// Why (supplied by the caller).
@@ -226,6 +248,7 @@ impl Event {
             provider: provider.into(),
             key_ref: None,
             key_version: None,
+            key_state: None,
             actor: None,
             purpose: None,
             context_fingerprint: None,
@@ -238,6 +261,12 @@ impl Event {
     pub fn with_key(mut self, key_ref: impl Into<String>, version: Option<u32>) -> Event {
         self.key_ref = Some(key_ref.into());
         self.key_version = version;
+        self
+    }
+
+    /// Sets the target state of a lifecycle verb.
+    pub fn with_key_state(mut self, state: KeyState) -> Event {
+        self.key_state = Some(state);
         self
     }
 

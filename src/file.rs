@@ -217,8 +217,10 @@ impl Envelope {
     /// renamed to `output` only after every chunk authenticated and the
     /// final chunk was seen. A modified, truncated or extended file, a
     /// wrong key or a wrong context is an error (authentication failures are
-    /// the opaque [`Error::Decrypt`]) and leaves neither `output` nor a
-    /// temporary file. An existing `output` is refused unless
+    /// the opaque [`Error::Decrypt`]; a copy cut short is
+    /// [`Error::Truncated`] or [`Error::TruncatedChunk`]) and leaves neither
+    /// `output` nor a temporary file. The error is the one every other
+    /// decoder gives for the same bytes (docs/FORMAT.md section 7.3). An existing `output` is refused unless
     /// [`FileOptions::overwrite`] is set. Blocks the calling thread for the
     /// I/O (see the [module docs](crate::file#blocking)).
     pub async fn decrypt_file(
@@ -251,9 +253,23 @@ impl Envelope {
             .await
             .map_err(|e| tag(e, Side::Read))?
             .into_keys()?;
-        // The length alone can show truncation: fail before any work.
+        // The length alone can show truncation. Then nothing is written,
+        // but the chunks are still read and opened, so that the error is
+        // the one a streaming decoder gives for the same bytes (a bad chunk
+        // before the end comes first: docs/FORMAT.md, section 7.3).
         let body_len = (len - reader.count.min(len)) + cobblestone::PREFIX_LEN as u64;
-        let plaintext = cobblestone::plaintext_len(body_len)?;
+        let plaintext = match cobblestone::plaintext_len(body_len) {
+            Ok(n) => n,
+            Err(Error::Truncated) => {
+                let threads = options.thread_count().min(batches(body_len));
+                let sink = Counting::new(io::sink());
+                return Err(match open_body(&keys, reader, sink, threads) {
+                    Err(e) => e,
+                    Ok(_) => Error::Truncated,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let threads = options.thread_count().min(batches(plaintext));
         let mut writer = Counting::new(out.file());
         writer.fail_after = fail_after;
@@ -520,8 +536,12 @@ struct Batch {
     /// Data bytes read: plaintext (sealing, in the chunk slots) or
     /// ciphertext (opening, contiguous).
     len: usize,
-    /// Holds the body's final chunk.
+    /// Holds the body's final chunk, or its end.
     last: bool,
+    /// The body ends in this batch without room for a final chunk: once
+    /// its full chunks authenticated, the batch fails with
+    /// [`Error::Truncated`] (errors come in stream order).
+    cut: bool,
     /// Why this batch cannot be written; errors travel in stream order.
     error: Option<Error>,
 }
@@ -535,7 +555,7 @@ impl Batch {
             Mode::Open => CHUNK_CT_SIZE,
         };
         let (full, rem) = (self.len / unit, self.len % unit);
-        if self.last {
+        if self.last && !self.cut {
             (full + 1, rem)
         } else {
             (full, unit)
@@ -615,6 +635,7 @@ fn read_batch<R: Read>(
         buf,
         len: 0,
         last: false,
+        cut: false,
         error: None,
     };
     let read = match mode {
@@ -645,9 +666,10 @@ fn read_batch<R: Read>(
     batch.last = batch.len < full;
     if mode == Mode::Open && batch.last && batch.len % CHUNK_CT_SIZE < TAG_LEN {
         // Includes an empty read after full chunks: the final chunk is
-        // missing.
-        batch.error = Some(Error::Truncated);
-        return batch;
+        // missing. The full chunks before the end are still opened first,
+        // so that a bad one is reported as it would be by a streaming
+        // decoder.
+        batch.cut = true;
     }
     let (chunks, _) = batch.layout(mode);
     // Non-final chunks have indexes below MAX_CHUNKS - 1, the final one
@@ -711,6 +733,7 @@ fn process(keys: &BodyKeys, mode: Mode, batch: &mut Batch) {
         return;
     }
     let (chunks, final_len) = batch.layout(mode);
+    let has_final = batch.last && !batch.cut;
     for i in 0..chunks {
         let counter = batch.first_chunk + i as u64;
         let start = i * CHUNK_CT_SIZE;
@@ -725,12 +748,17 @@ fn process(keys: &BodyKeys, mode: Mode, batch: &mut Batch) {
                 batch.buf[start + data_len..start + data_len + TAG_LEN].copy_from_slice(&tag);
             }
             Mode::Open => {
-                if let Err(e) = keys.open(counter, &mut batch.buf[start..start + data_len]) {
+                let final_chunk = has_final && i + 1 == chunks;
+                let chunk = &mut batch.buf[start..start + data_len];
+                if let Err(e) = keys.open_chunk(counter, chunk, final_chunk) {
                     batch.error = Some(e);
                     return;
                 }
             }
         }
+    }
+    if batch.cut {
+        batch.error = Some(Error::Truncated);
     }
 }
 

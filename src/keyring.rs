@@ -17,7 +17,8 @@
 //!   [`describe`](Keyring::describe)), each checked by the provider against
 //!   the state machine of `docs/KEY-LIFECYCLE.md`, recorded as an event, and
 //!   flushing the [data-key cache](crate::cache) of the key they change;
-//! - a [`KeyPolicy`] per key reference: a minimum decryption version
+//! - a [`KeyPolicy`] per key, applied by key identity (any spelling of the
+//!   key: see [`KeyIdentity`]): a minimum decryption version
 //!   (older entries are refused before any provider call) and a
 //!   cryptoperiod (encrypting under a primary version older than it is
 //!   refused, or rotates first);
@@ -67,23 +68,42 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ring::hmac;
 
-use crate::cache::{CacheConfig, CacheStats, DataKeyCache, Flights, Join, KeyUse};
+use crate::cache::{
+    CacheConfig, CacheStats, DataKeyCache, Flights, FlushTarget, Join, KeyTag, KeyUse,
+};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventSink, NoopSink, Operation, Outcome};
 use crate::format::{EncryptionContext, Header, WrappedKey, MAX_RECIPIENTS};
 use crate::message::{OpeningKey, SealingKey};
 use crate::policy::{AllowAll, Decision, Policy, PolicyRequest};
 use crate::primitives::{fill_random, Dek};
-use crate::provider::{KeyInfo, KeyProvider, KeyRef, KeyState, ProviderError, Unwrapped};
+use crate::provider::{
+    KeyIdentity, KeyInfo, KeyProvider, KeyRef, KeyState, ProviderError, Unwrapped,
+};
 
 /// Who performs an operation and why: supplied by the caller, recorded in
 /// every event, shown to the policy hook.
+///
+/// An actor is required for key management: [`Keyring::create_key`],
+/// [`rotate`](Keyring::rotate), [`set_state`](Keyring::set_state),
+/// [`disable`](Keyring::disable) and [`destroy`](Keyring::destroy) refuse a
+/// caller whose actor is unset, empty or only whitespace (the
+/// [`Default`] caller, and an [`Envelope`](crate::Envelope) not given one
+/// with [`as_caller`](crate::Envelope::as_caller)), with
+/// [`Error::InvalidArgument`] and an event with outcome `failed:no-actor`,
+/// before the policy hook or any provider is asked. Key use (seal, open,
+/// rewrap, describe, and the rotation a
+/// [`RotateFirst`](OnExpired::RotateFirst) policy makes on behalf of a
+/// seal) goes on without one, but is counted in
+/// [`Keyring::calls_without_actor`], logged once per keyring as a
+/// `tracing` warning (feature `tracing`), and its events carry
+/// `"actor":null`. No placeholder such as `unknown` is ever recorded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Caller {
     /// The actor (a service, a user, an operator).
@@ -99,6 +119,11 @@ impl Caller {
             actor: Some(actor.into()),
             purpose: Some(purpose.into()),
         }
+    }
+
+    /// True when the actor is set and not empty or only whitespace.
+    pub fn has_actor(&self) -> bool {
+        self.actor.as_deref().is_some_and(|a| !a.trim().is_empty())
     }
 }
 
@@ -250,9 +275,17 @@ impl KeyringBuilder {
     }
 
     /// Sets the lifecycle rules of `key` (a minimum decryption version, a
-    /// cryptoperiod). Give the reference as it appears in message headers
-    /// (`backup inspect` shows it; for AWS KMS that is the key ARN, not an
-    /// alias). Setting it twice keeps the last.
+    /// cryptoperiod). Any spelling of the key works (for AWS KMS its alias,
+    /// alias ARN, key ARN or key id): the rules apply by key identity (see
+    /// [`KeyIdentity`]), to recipients and header entries however they
+    /// name the key, as far as the provider reports identities (all the
+    /// built-in ones do; for a provider that reports none, give the
+    /// reference exactly as message headers record it: `backup inspect`
+    /// shows it). An alias is followed to the key it names now (resolved
+    /// again after the describe TTL). Setting it twice for the same
+    /// spelling keeps the last; set one policy per key (with policies on
+    /// two spellings of one key, the exact spelling's wins, else the first
+    /// spelling in text order).
     pub fn key_policy(mut self, key: KeyRef, policy: KeyPolicy) -> Self {
         self.key_policies.retain(|(k, _)| k != &key);
         self.key_policies.push((key, policy));
@@ -339,9 +372,12 @@ impl KeyringBuilder {
             key_policies,
             describe_ttl: self.describe_ttl,
             described: Mutex::new(HashMap::new()),
+            identities: Mutex::new(HashMap::new()),
             cache,
             flights: Flights::default(),
             provider_calls: AtomicU64::new(0),
+            calls_without_actor: AtomicU64::new(0),
+            warned_without_actor: AtomicBool::new(false),
             rotated_away: Mutex::new(HashMap::new()),
         })
     }
@@ -366,10 +402,17 @@ pub struct Keyring {
     describe_ttl: Duration,
     /// Recent `describe` answers, by key reference, for cryptoperiod checks.
     described: Mutex<HashMap<String, (Arc<KeyInfo>, Instant)>>,
+    /// Recent identity answers (see [`KeyIdentity`]), by reference text and
+    /// whether it came from a header entry, for the describe TTL.
+    identities: Mutex<HashMap<(bool, String), IdentityAnswer>>,
     cache: Option<DataKeyCache>,
     /// Single flight for cache misses, describes and rotate-first.
     flights: Flights,
     provider_calls: AtomicU64,
+    /// Key uses (provider calls, cache hits) made for a caller without an
+    /// actor, and whether that was logged already.
+    calls_without_actor: AtomicU64,
+    warned_without_actor: AtomicBool,
     /// By key reference: the primary (version, creation time) that the last
     /// successful rotation through this keyring rotated away from.
     rotated_away: Mutex<HashMap<String, PrimaryId>>,
@@ -398,6 +441,8 @@ struct Call<'a> {
     provider: &'a str,
     key_ref: Option<&'a str>,
     key_version: Option<u32>,
+    /// The target state of a lifecycle verb (see [`Event::key_state`]).
+    key_state: Option<KeyState>,
     caller: &'a Caller,
     fingerprint: Option<String>,
 }
@@ -420,7 +465,9 @@ impl Keyring {
         }
     }
 
-    /// The lifecycle rules set for `key`, if any.
+    /// The lifecycle rules set for exactly this spelling of `key`, if any.
+    /// (Encryption and decryption apply them by key identity: to every
+    /// spelling of the key.)
     pub fn key_policy(&self, key: &KeyRef) -> Option<&KeyPolicy> {
         self.key_policies.get(key.as_str())
     }
@@ -451,15 +498,207 @@ impl Keyring {
         }
     }
 
-    /// Drops every cached data key that involves `key` (any version), and
-    /// forgets its cached description. The lifecycle verbs do this
-    /// themselves; call it after changing the key elsewhere (another
-    /// process, the provider's console).
+    /// Drops every cached data key that involves `key` (any version, any
+    /// spelling of the same key), and forgets its cached description. The
+    /// lifecycle verbs do this themselves; call it after changing the key
+    /// elsewhere (another process, the provider's console).
+    ///
+    /// This makes no provider call: where the identity of `key` is not
+    /// known yet (this keyring has not seen the spelling within the
+    /// describe TTL) or the provider reports none, every cached data key of
+    /// the provider is dropped.
     pub fn flush_cache_for(&self, key: &KeyRef) {
-        if let Some(c) = &self.cache {
-            c.flush_key(key.as_str());
+        let identity = self.cached_identity(false, key.as_str());
+        self.flush_identity(key, identity.as_ref());
+    }
+
+    // -----------------------------------------------------------------------
+    // Key identity
+    // -----------------------------------------------------------------------
+
+    /// Most identity answers kept at once (references can come from
+    /// headers).
+    const IDENTITY_CACHE_MAX: usize = 4096;
+
+    /// A fresh cached identity answer; `None` when unknown or not cached.
+    fn cached_identity(&self, entry: bool, text: &str) -> Option<KeyIdentity> {
+        lock(&self.identities)
+            .get(&(entry, text.to_owned()))
+            .filter(|(_, at)| at.elapsed() < self.describe_ttl)
+            .and_then(|(id, _)| id.clone())
+    }
+
+    fn remember_identity(&self, entry: bool, text: &str, identity: &Option<KeyIdentity>) {
+        if self.describe_ttl.is_zero() {
+            return;
         }
-        lock(&self.described).remove(key.as_str());
+        let mut map = lock(&self.identities);
+        if map.len() >= Self::IDENTITY_CACHE_MAX {
+            map.clear();
+        }
+        map.insert((entry, text.to_owned()), (identity.clone(), Instant::now()));
+    }
+
+    /// The identity of `key` as its provider reports it (reused for the
+    /// describe TTL). Not a key access: no policy request, no event (for
+    /// AWS KMS it is the DescribeKey that resolving an alias makes anyway).
+    async fn identity_of(&self, key: &KeyRef) -> Result<Option<KeyIdentity>> {
+        let known = lock(&self.identities)
+            .get(&(false, key.as_str().to_owned()))
+            .filter(|(_, at)| at.elapsed() < self.describe_ttl)
+            .map(|(id, _)| id.clone());
+        if let Some(known) = known {
+            return Ok(known);
+        }
+        let Some(provider) = self.provider(key.scheme()) else {
+            return Ok(None);
+        };
+        let identity = provider
+            .identity(key)
+            .await?
+            .filter(|i| i.provider() == provider.id());
+        self.remember_identity(false, key.as_str(), &identity);
+        Ok(identity)
+    }
+
+    /// The identity of the key a header entry names
+    /// ([`KeyProvider::entry_identity`]), reused for the describe TTL.
+    async fn entry_identity_of(&self, entry: &WrappedKey) -> Result<Option<KeyIdentity>> {
+        let text = format!("{}\x00{}", entry.provider, entry.key_ref);
+        let known = lock(&self.identities)
+            .get(&(true, text.clone()))
+            .filter(|(_, at)| at.elapsed() < self.describe_ttl)
+            .map(|(id, _)| id.clone());
+        if let Some(known) = known {
+            return Ok(known);
+        }
+        let Some(provider) = self.provider(&entry.provider) else {
+            return Ok(None);
+        };
+        let identity = provider
+            .entry_identity(entry)
+            .await?
+            .filter(|i| i.provider() == provider.id());
+        self.remember_identity(true, &text, &identity);
+        Ok(identity)
+    }
+
+    /// Drops cached data keys and descriptions of the key `key` names,
+    /// whose identity is `identity` (`None`: unknown, so every key of its
+    /// provider).
+    fn flush_identity(&self, key: &KeyRef, identity: Option<&KeyIdentity>) {
+        let target = FlushTarget {
+            provider: key.scheme(),
+            text: key.as_str(),
+            identity,
+        };
+        if let Some(c) = &self.cache {
+            c.flush_key(&target);
+        }
+        let described: Vec<String> = lock(&self.described).keys().cloned().collect();
+        let stale: Vec<String> = described
+            .into_iter()
+            .filter(|text| {
+                KeyTag {
+                    provider: provider_of(text).to_owned(),
+                    text: text.clone(),
+                    identity: self.cached_identity(false, text),
+                }
+                .hit_by(&target)
+            })
+            .collect();
+        let mut map = lock(&self.described);
+        for text in stale {
+            map.remove(&text);
+        }
+    }
+
+    /// Resolves the identity of `key` (an unknown one, or a failure to
+    /// resolve it, flushes every key of the provider) and flushes it: the
+    /// first step of a lifecycle verb, once the policy allowed it.
+    async fn flush_key_identity(&self, key: &KeyRef) {
+        let identity = self.identity_of(key).await.ok().flatten();
+        self.flush_identity(key, identity.as_ref());
+    }
+
+    /// Runs a lifecycle verb's provider call after flushing what is cached
+    /// of its key, by identity (see [`flush_key_identity`](Self::flush_key_identity)).
+    async fn flushed_first<T>(
+        &self,
+        key: &KeyRef,
+        changes: bool,
+        verb: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        if changes {
+            self.flush_key_identity(key).await;
+        }
+        verb.await
+    }
+
+    /// The key policy that applies to `key` (a recipient): the one set for
+    /// this spelling, else the one set for another spelling of the same key
+    /// by identity. Fails closed when an identity cannot be resolved: it
+    /// is then unknown whether a policy applies.
+    async fn policy_for_key(&self, key: &KeyRef) -> Result<Option<&KeyPolicy>> {
+        if let Some(p) = self.key_policies.get(key.as_str()) {
+            return Ok(Some(p));
+        }
+        if !self.has_policies_for(key.scheme()) {
+            return Ok(None);
+        }
+        let identity = self.identity_of(key).await?;
+        self.policy_by_identity(key.scheme(), identity).await
+    }
+
+    /// [`policy_for_key`](Self::policy_for_key) for a header entry.
+    async fn policy_for_entry(&self, entry: &WrappedKey) -> Result<Option<&KeyPolicy>> {
+        if let Some(p) = self.key_policies.get(&entry.key_ref) {
+            return Ok(Some(p));
+        }
+        if !self.has_policies_for(&entry.provider) {
+            return Ok(None);
+        }
+        let identity = self.entry_identity_of(entry).await?;
+        self.policy_by_identity(&entry.provider, identity).await
+    }
+
+    fn has_policies_for(&self, provider: &str) -> bool {
+        self.key_policies
+            .keys()
+            .any(|text| provider_of(text) == provider)
+    }
+
+    async fn policy_by_identity(
+        &self,
+        provider: &str,
+        identity: Option<KeyIdentity>,
+    ) -> Result<Option<&KeyPolicy>> {
+        let Some(identity) = identity else {
+            return Ok(None);
+        };
+        // In the order of their spellings, so that the answer does not
+        // depend on hashing when two spellings of one key both have a
+        // policy (set one per key).
+        let mut candidates: Vec<(&String, &KeyPolicy)> = self
+            .key_policies
+            .iter()
+            .filter(|(text, _)| provider_of(text) == provider)
+            .collect();
+        candidates.sort_by(|a, b| a.0.cmp(b.0));
+        for (text, policy) in candidates {
+            let Ok(key) = KeyRef::parse(text) else {
+                continue;
+            };
+            let theirs = self.identity_of(&key).await.map_err(|e| {
+                Error::KeyLifecycle(format!(
+                    "cannot tell whether the key policy set for {key} applies to {identity}: the identity of {key} could not be resolved, so nothing was done. Cause: {e}"
+                ))
+            })?;
+            if theirs.as_ref() == Some(&identity) {
+                return Ok(Some(policy));
+            }
+        }
+        Ok(None)
     }
 
     /// The default recipients of new messages.
@@ -518,6 +757,7 @@ impl Keyring {
             provider: call.provider.to_owned(),
             key_ref: call.key_ref.map(str::to_owned),
             key_version: version.or(call.key_version),
+            key_state: call.key_state,
             actor: call.caller.actor.clone(),
             purpose: call.caller.purpose.clone(),
             context_fingerprint: call.fingerprint.clone(),
@@ -545,6 +785,64 @@ impl Keyring {
     pub fn dropped_events(&self) -> u64 {
         self.dropped_events
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many key uses (provider calls and cache hits) this keyring made
+    /// for a caller without an actor (see [`Caller`]). Anything but zero in
+    /// production means some code path does not say who it acts for: its
+    /// events read `"actor":null`.
+    pub fn calls_without_actor(&self) -> u64 {
+        self.calls_without_actor.load(Ordering::Relaxed)
+    }
+
+    /// Counts a key use without an actor (and logs the first one).
+    #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
+    fn note_caller(&self, operation: Operation, caller: &Caller) {
+        if caller.has_actor() {
+            return;
+        }
+        self.calls_without_actor.fetch_add(1, Ordering::Relaxed);
+        if !self.warned_without_actor.swap(true, Ordering::Relaxed) {
+            #[cfg(feature = "tracing")]
+            tracing::warn!(
+                target: "phi_envelope::audit",
+                operation = operation.as_str(),
+                "a key is used without an actor: events record no one; give the caller one (Envelope::as_caller, Caller::new). Logged once; Keyring::calls_without_actor counts them all"
+            );
+        }
+    }
+
+    /// Refuses a key-management verb for a caller without an actor, before
+    /// the policy hook or any provider is asked; the refusal is an event
+    /// (outcome `failed:no-actor`).
+    fn require_actor(
+        &self,
+        operation: Operation,
+        key: &KeyRef,
+        version: Option<u32>,
+        target: Option<KeyState>,
+        caller: &Caller,
+    ) -> Result<()> {
+        if caller.has_actor() {
+            return Ok(());
+        }
+        self.record(
+            &Call {
+                operation,
+                provider: key.scheme(),
+                key_ref: Some(key.as_str()),
+                key_version: version,
+                key_state: target,
+                caller,
+                fingerprint: None,
+            },
+            None,
+            Outcome::Failed("no-actor".into()),
+            Duration::ZERO,
+        )?;
+        Err(Error::InvalidArgument(format!(
+            "{operation} of {key} refused: key management needs an actor, who is doing it, for the audit trail; pass Caller::new(actor, purpose) (the backup CLI: --actor or PHI_ENVELOPE_ACTOR)"
+        )))
     }
 
     /// Asks the policy; a denial is recorded and returned as an error.
@@ -580,6 +878,7 @@ impl Keyring {
     where
         F: Future<Output = Result<T>>,
     {
+        self.note_caller(call.operation, call.caller);
         self.authorize(&call)?;
         self.provider_calls.fetch_add(1, Ordering::Relaxed);
         self.timed(call, fut, outcome_of).await
@@ -597,6 +896,7 @@ impl Keyring {
     where
         F: Future<Output = Result<T>>,
     {
+        self.note_caller(call.operation, call.caller);
         self.authorize(&call)?;
         self.timed(call, fut, outcome_of).await
     }
@@ -649,6 +949,7 @@ impl Keyring {
         caller: &Caller,
         fingerprint: &[u8; 16],
     ) -> Result<()> {
+        self.note_caller(operation, caller);
         if !self.records_events && !self.checks_policy {
             return Ok(());
         }
@@ -657,6 +958,7 @@ impl Keyring {
             provider: provider_of(key_ref),
             key_ref: Some(key_ref),
             key_version: Some(version),
+            key_state: None,
             caller,
             fingerprint: Some(hex(fingerprint)),
         };
@@ -722,6 +1024,7 @@ impl Keyring {
                     provider: provider.id(),
                     key_ref: Some(first.as_str()),
                     key_version: None,
+                    key_state: None,
                     caller,
                     fingerprint: Some(fingerprint.clone()),
                 },
@@ -787,12 +1090,55 @@ impl Keyring {
                     let epoch = cache.epoch();
                     let (key, deadline) =
                         self.fresh_sealing_key(recipients, context, caller).await?;
-                    let key_refs = recipients.iter().map(|r| r.as_str().to_owned()).collect();
-                    return Ok(cache.put_sealing(id, key, deadline, key_refs, len, epoch));
+                    let keys = self.seal_tags(recipients, key.header()).await;
+                    return Ok(cache.put_sealing(id, key, deadline, keys, len, epoch));
                 }
                 Join::Waiter(wait) => wait.await,
             }
         }
+    }
+
+    /// What a sealing-cache entry involves: each recipient and the header
+    /// entry it wrote, with the identity of that entry's key (unknown where
+    /// the provider reports none).
+    async fn seal_tags(&self, recipients: &[KeyRef], header: &Header) -> Vec<KeyTag> {
+        let mut tags = Vec::with_capacity(recipients.len() * 2);
+        for (recipient, entry) in recipients.iter().zip(header.recipients()) {
+            let identity = self.entry_identity_of(entry).await.ok().flatten();
+            tags.push(KeyTag {
+                provider: recipient.scheme().to_owned(),
+                text: recipient.as_str().to_owned(),
+                identity: identity.clone(),
+            });
+            tags.push(KeyTag {
+                provider: entry.provider.clone(),
+                text: entry.key_ref.clone(),
+                identity,
+            });
+        }
+        tags
+    }
+
+    /// What an opening-cache entry involves: every header entry; the
+    /// identity of the one that unwrapped (`used`) where its provider
+    /// reports it, the others unknown (so that no other entry of a header,
+    /// which anyone may have written, costs a lookup; a verb on any key of
+    /// their provider flushes the entry).
+    async fn open_tags(&self, header: &Header, used: usize) -> Vec<KeyTag> {
+        let mut tags = Vec::with_capacity(header.recipients().len());
+        for (i, entry) in header.recipients().iter().enumerate() {
+            let identity = if i == used {
+                self.entry_identity_of(entry).await.ok().flatten()
+            } else {
+                None
+            };
+            tags.push(KeyTag {
+                provider: entry.provider.clone(),
+                text: entry.key_ref.clone(),
+                identity,
+            });
+        }
+        tags
     }
 
     /// Checks the cryptoperiod of every recipient that has one: refuses or
@@ -807,7 +1153,7 @@ impl Keyring {
     ) -> Result<Option<SystemTime>> {
         let mut earliest: Option<SystemTime> = None;
         for key in recipients {
-            let Some(policy) = self.key_policies.get(key.as_str()) else {
+            let Some(policy) = self.policy_for_key(key).await? else {
                 continue;
             };
             let Some(period) = policy.cryptoperiod else {
@@ -846,6 +1192,7 @@ impl Keyring {
                         provider: key.scheme(),
                         key_ref: Some(key.as_str()),
                         key_version: Some(primary.version),
+                        key_state: None,
                         caller,
                         fingerprint: Some(fingerprint.to_owned()),
                     },
@@ -928,7 +1275,7 @@ impl Keyring {
                     if done(&*self.described(key, caller).await?) {
                         return Ok(());
                     }
-                    self.rotate(key, caller).await?;
+                    self.rotate_unchecked(key, caller).await?;
                     return Ok(());
                 }
                 Join::Waiter(wait) => {
@@ -945,7 +1292,20 @@ impl Keyring {
     /// Whether a rotation through this keyring already moved `key` away
     /// from the primary `id`.
     fn was_rotated_away(&self, key: &KeyRef, id: PrimaryId) -> bool {
-        lock(&self.rotated_away).get(key.as_str()) == Some(&id)
+        let slots = self.rotation_slots(key);
+        let away = lock(&self.rotated_away);
+        slots.iter().any(|slot| away.get(slot) == Some(&id))
+    }
+
+    /// Where a rotation of `key` is remembered: its spelling, and its
+    /// identity where known, so that a rotation through one spelling counts
+    /// for the others.
+    fn rotation_slots(&self, key: &KeyRef) -> Vec<String> {
+        let mut slots = vec![key.as_str().to_owned()];
+        if let Some(identity) = self.cached_identity(false, key.as_str()) {
+            slots.push(format!("{}\x00{}", identity.provider(), identity.as_str()));
+        }
+        slots
     }
 
     /// `describe(key)`, reused for the describe TTL; one call however many
@@ -998,6 +1358,7 @@ impl Keyring {
                 provider: provider.id(),
                 key_ref: Some(key.as_str()),
                 key_version: None,
+                key_state: None,
                 caller,
                 fingerprint: Some(fingerprint.to_owned()),
             },
@@ -1022,6 +1383,7 @@ impl Keyring {
                 provider: provider.id(),
                 key_ref: Some(key.as_str()),
                 key_version: None,
+                key_state: None,
                 caller,
                 fingerprint: Some(fingerprint.to_owned()),
             },
@@ -1035,12 +1397,14 @@ impl Keyring {
     // Decryption
     // -----------------------------------------------------------------------
 
-    /// The minimum decryption version that refuses `entry`, if any.
-    fn refused_version(&self, entry: &WrappedKey) -> Option<u32> {
-        self.key_policies
-            .get(&entry.key_ref)
+    /// The minimum decryption version that refuses `entry`, if any (the
+    /// policy of its key by identity, whatever spelling it was set for).
+    async fn refused_version(&self, entry: &WrappedKey) -> Result<Option<u32>> {
+        Ok(self
+            .policy_for_entry(entry)
+            .await?
             .and_then(|p| p.min_decrypt_version)
-            .filter(|min| entry.key_version < *min)
+            .filter(|min| entry.key_version < *min))
     }
 
     /// Unwraps the DEK of `header` with the first entry that a configured
@@ -1085,10 +1449,18 @@ impl Keyring {
                 provider: provider.id(),
                 key_ref: Some(&entry.key_ref),
                 key_version: Some(entry.key_version),
+                key_state: None,
                 caller,
                 fingerprint: Some(fingerprint.clone()),
             };
-            if let Some(min) = self.refused_version(entry) {
+            let refused = match self.refused_version(entry).await {
+                Ok(refused) => refused,
+                Err(e) => {
+                    operational.get_or_insert(e);
+                    continue;
+                }
+            };
+            if let Some(min) = refused {
                 let e = self.lifecycle_refusal(
                     &call,
                     format!(
@@ -1181,16 +1553,12 @@ impl Keyring {
                         self.unwrap_header_entry(header, context, caller).await?;
                     drop(dek);
                     let used = &header.recipients()[index];
-                    let key_refs = header
-                        .recipients()
-                        .iter()
-                        .map(|r| r.key_ref.clone())
-                        .collect();
+                    let keys = self.open_tags(header, index).await;
                     return Ok(cache.put_opening(
                         id,
                         key,
                         (used.key_ref.clone(), used.key_version),
-                        key_refs,
+                        keys,
                         len,
                         epoch,
                     ));
@@ -1225,6 +1593,7 @@ impl Keyring {
                         provider: provider.id(),
                         key_ref: Some(&entry.key_ref),
                         key_version: Some(entry.key_version),
+                        key_state: None,
                         caller,
                         fingerprint: Some(fingerprint.clone()),
                     },
@@ -1262,7 +1631,9 @@ impl Keyring {
     // -----------------------------------------------------------------------
 
     /// Re-wraps the DEK of `header` to `recipients` and re-tags it; the body
-    /// is untouched. The context is required: providers bind it.
+    /// is untouched. The context is required: providers bind it. Only the
+    /// entry whose DEK verified the header tag is re-encrypted by a provider;
+    /// the new header is checked (`check_rewrapped`) before it is returned.
     pub(crate) async fn rewrap_header(
         &self,
         header: &Header,
@@ -1286,6 +1657,7 @@ impl Keyring {
                 provider: first.scheme(),
                 key_ref: Some(first.as_str()),
                 key_version: None,
+                key_state: None,
                 caller,
                 fingerprint: Some(fingerprint.clone()),
             },
@@ -1311,32 +1683,47 @@ impl Keyring {
         // A refused cryptoperiod costs no unwrap.
         self.check_cryptoperiods(recipients, caller, fingerprint)
             .await?;
-        let (dek, _) = self.unwrap_header(header, context, caller).await?;
+        let (dek, _, index) = self.unwrap_header_entry(header, context, caller).await?;
+        // The one entry known to hold this message's DEK: the one whose DEK
+        // verified the header tag. Another entry of the same provider may
+        // hold anything (a crafted message can carry a valid wrapped key
+        // that is not this message's), so no other entry is ever handed to
+        // a provider's re-encryption.
+        let verified = &header.recipients()[index];
         let mut entries = Vec::with_capacity(recipients.len());
         for key in recipients {
-            // Where the provider can re-encrypt an old entry itself (AWS KMS
+            let provider = self.provider_for(key)?;
+            // Where the provider can re-encrypt the entry itself (AWS KMS
             // ReEncrypt), the plaintext DEK is not sent to it again.
-            let old = header
-                .recipients()
-                .iter()
-                .find(|e| e.provider == key.scheme());
-            let reused = match old {
-                Some(entry) if self.provider_for(key)?.supports_rewrap() => {
-                    self.rewrap_one(entry, key, context, caller, fingerprint)
-                        .await?
-                }
-                _ => None,
+            let reencrypted = if verified.provider == key.scheme() && provider.supports_rewrap() {
+                self.rewrap_one(verified, key, context, caller, fingerprint)
+                    .await?
+            } else {
+                None
             };
-            let entry = match reused {
+            let entry = match reencrypted {
                 Some(e) => e,
                 None => {
                     self.wrap_one(key, &dek, context, caller, fingerprint)
                         .await?
                 }
             };
+            if entry.provider != key.scheme() {
+                return Err(ProviderError::new(
+                    provider.id(),
+                    crate::provider::ProviderErrorKind::Other,
+                    format!(
+                        "asked to wrap to {key}, the provider returned an entry of provider {:?}; nothing was rewrapped",
+                        entry.provider
+                    ),
+                )
+                .into());
+            }
             entries.push(entry);
         }
-        crate::message::rewrap_header(header, &dek, entries)
+        let new = crate::message::rewrap_header(header, &dek, entries)?;
+        check_rewrapped(&new, &dek, recipients)?;
+        Ok(new)
     }
 
     /// A rewrap that reused the new header of an identical one in the same
@@ -1354,9 +1741,11 @@ impl Keyring {
             provider: provider_of(&first.key_ref),
             key_ref: Some(&first.key_ref),
             key_version: Some(first.key_version),
+            key_state: None,
             caller,
             fingerprint: Some(self.context_fingerprint(context)),
         };
+        self.note_caller(call.operation, caller);
         self.authorize(&call)?;
         self.record(&call, None, Outcome::Success, Duration::ZERO)
     }
@@ -1375,15 +1764,56 @@ impl Keyring {
         Some(out)
     }
 
+    /// True when `header` is wrapped, in order, to exactly `recipients` at
+    /// the versions `primaries` gives them. An entry matches its recipient
+    /// when it names the same key by the same text, or when both name one
+    /// key by identity ([`KeyProvider::identity`]: an AWS KMS alias
+    /// recipient and the key ARN its headers record); unknown identities
+    /// do not match. Not a key access: no event, no policy request.
+    pub(crate) async fn header_is_current(
+        &self,
+        header: &Header,
+        recipients: &[KeyRef],
+        primaries: &[u32],
+    ) -> bool {
+        let entries = header.recipients();
+        if entries.len() != recipients.len() || primaries.len() != recipients.len() {
+            return false;
+        }
+        for ((entry, key), &version) in entries.iter().zip(recipients).zip(primaries) {
+            if entry.provider != key.scheme() || entry.key_version != version {
+                return false;
+            }
+            if entry.key_ref == key.as_str() {
+                continue;
+            }
+            let (Ok(Some(ours)), Ok(Some(theirs))) = (
+                self.identity_of(key).await,
+                self.entry_identity_of(entry).await,
+            ) else {
+                return false;
+            };
+            if ours != theirs {
+                return false;
+            }
+        }
+        true
+    }
+
     // -----------------------------------------------------------------------
     // Lifecycle verbs
     // -----------------------------------------------------------------------
 
+    /// One lifecycle verb through [`call`](Self::call). `target` is the
+    /// state the verb moves the version to (recorded in its event whatever
+    /// the outcome); the public verbs check the actor first
+    /// ([`require_actor`](Self::require_actor)).
     async fn manage<'a>(
         &'a self,
         operation: Operation,
         key: &'a KeyRef,
         version: Option<u32>,
+        target: Option<KeyState>,
         caller: &'a Caller,
         fut: impl FnOnce(&'a Arc<dyn KeyProvider>) -> crate::provider::BoxFuture<'a, Result<KeyInfo>>,
     ) -> Result<KeyInfo> {
@@ -1397,10 +1827,6 @@ impl Keyring {
         } else {
             None
         };
-        if changes {
-            // Keys fetched by calls under way are not cached after this.
-            self.flush_cache_for(key);
-        }
         let result = self
             .call(
                 Call {
@@ -1408,10 +1834,14 @@ impl Keyring {
                     provider: provider.id(),
                     key_ref: Some(key.as_str()),
                     key_version: version,
+                    key_state: target,
                     caller,
                     fingerprint: None,
                 },
-                fut(provider),
+                // Once the policy allowed the verb: what is cached of the
+                // key (by identity, any spelling) is flushed, and keys
+                // fetched by calls under way are not cached after this.
+                self.flushed_first(key, changes, fut(provider)),
                 |info| (Outcome::Success, version.or(info.primary_version)),
             )
             .await;
@@ -1421,15 +1851,20 @@ impl Keyring {
         }
         if let Ok(info) = &result {
             self.remember(key, info);
+            let slots = self.rotation_slots(key);
             let mut away = lock(&self.rotated_away);
             match rotated_away {
                 Some(old) => {
-                    away.insert(key.as_str().to_owned(), old);
+                    for slot in slots {
+                        away.insert(slot, old);
+                    }
                 }
                 // A state change (e.g. a rollback that re-enables the old
                 // primary) means the operator took over.
                 None if changes => {
-                    away.remove(key.as_str());
+                    for slot in &slots {
+                        away.remove(slot);
+                    }
                 }
                 None => {}
             }
@@ -1460,8 +1895,10 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn describe(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::Describe, key, None, caller, |p| p.describe(key))
-            .await
+        self.manage(Operation::Describe, key, None, None, caller, |p| {
+            p.describe(key)
+        })
+        .await
     }
 
     /// Creates `key` with version 1 enabled and primary.
@@ -1483,7 +1920,9 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn create_key(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::CreateKey, key, None, caller, |p| {
+        let target = Some(KeyState::Enabled);
+        self.require_actor(Operation::CreateKey, key, None, target, caller)?;
+        self.manage(Operation::CreateKey, key, None, target, caller, |p| {
             p.create_key(key)
         })
         .await
@@ -1522,8 +1961,29 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn rotate(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::Rotate, key, None, caller, |p| p.rotate(key))
-            .await
+        self.require_actor(
+            Operation::Rotate,
+            key,
+            None,
+            Some(KeyState::Enabled),
+            caller,
+        )?;
+        self.rotate_unchecked(key, caller).await
+    }
+
+    /// [`rotate`](Self::rotate) without the actor check: the rotation that
+    /// a [`OnExpired::RotateFirst`] policy makes on behalf of a key use,
+    /// which follows the rule of key use (warned, counted, not refused).
+    async fn rotate_unchecked(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
+        self.manage(
+            Operation::Rotate,
+            key,
+            None,
+            Some(KeyState::Enabled),
+            caller,
+            |p| p.rotate(key),
+        )
+        .await
     }
 
     /// Moves `version` of `key` to `state`: decrypt-only, disabled, or
@@ -1570,9 +2030,15 @@ impl Keyring {
                 "set_state cannot destroy {key} version {version}: use destroy, which erases the key material (backup keys destroy {key} --version {version})"
             )));
         }
-        self.manage(Operation::SetState, key, Some(version), caller, |p| {
-            p.set_state(key, version, state)
-        })
+        self.require_actor(Operation::SetState, key, Some(version), Some(state), caller)?;
+        self.manage(
+            Operation::SetState,
+            key,
+            Some(version),
+            Some(state),
+            caller,
+            |p| p.set_state(key, version, state),
+        )
         .await
     }
 
@@ -1654,9 +2120,16 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn destroy(&self, key: &KeyRef, version: u32, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::Destroy, key, Some(version), caller, |p| {
-            p.destroy(key, version)
-        })
+        let target = Some(KeyState::Destroyed);
+        self.require_actor(Operation::Destroy, key, Some(version), target, caller)?;
+        self.manage(
+            Operation::Destroy,
+            key,
+            Some(version),
+            target,
+            caller,
+            |p| p.destroy(key, version),
+        )
         .await
     }
 }
@@ -1671,6 +2144,9 @@ fn hex(bytes: &[u8]) -> String {
     }
     s
 }
+
+/// A provider's identity answer and when it was given.
+type IdentityAnswer = (Option<KeyIdentity>, Instant);
 
 /// A primary version as described: (version, creation time).
 type PrimaryId = (u32, Option<SystemTime>);
@@ -1749,6 +2225,38 @@ async fn verified_unwrap(
     })
 }
 
+/// The check of every rewrapped header before it is returned, with no
+/// provider call: it reads back as built, has one entry per recipient, each
+/// of the recipient's provider, and its tag verifies under the DEK that
+/// verified the old header (the entries themselves were made from that DEK:
+/// wrapped from it, or re-encrypted by the provider from the entry it came
+/// from). [`Envelope::rewrap_file`](crate::Envelope::rewrap_file)
+/// additionally unwraps every new entry before it commits.
+fn check_rewrapped(new: &Header, dek: &Dek, recipients: &[KeyRef]) -> Result<()> {
+    let refused = |what: &str| {
+        Err(Error::Io(std::io::Error::other(format!(
+            "the rewrapped header failed its check ({what}); nothing was rewrapped, the message is unchanged"
+        ))))
+    };
+    let (parsed, used) = Header::parse(new.as_bytes())?;
+    if used != new.len() || parsed.as_bytes() != new.as_bytes() {
+        return refused("it does not read back as built");
+    }
+    if parsed.recipients().len() != recipients.len()
+        || parsed
+            .recipients()
+            .iter()
+            .zip(recipients)
+            .any(|(e, r)| e.provider != r.scheme())
+    {
+        return refused("its entries are not the recipients asked for");
+    }
+    if OpeningKey::new(dek, &parsed).is_err() {
+        return refused("its tag does not verify under the message's data key");
+    }
+    Ok(())
+}
+
 /// A stable, data-free name for an error, for events.
 pub(crate) fn error_kind(e: &Error) -> &'static str {
     match e {
@@ -1760,6 +2268,7 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::KeyLifecycle(_) => "key-lifecycle",
         Error::Keystore { .. } => "keystore",
         Error::Truncated
+        | Error::TruncatedChunk
         | Error::NotEnvelope
         | Error::UnsupportedVersion(_)
         | Error::UnsupportedSuite(_)

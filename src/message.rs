@@ -220,6 +220,7 @@ mod tests {
     //! test-only seam: `seal_with_salt` is crate-private and only tests pass
     //! `Some(salt)`.
     use super::*;
+    use crate::Error;
 
     const VECTORS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -331,8 +332,633 @@ mod tests {
                 if i + 1 == cases.len() { "" } else { "," }
             ));
         }
-        out.push_str("  ]\n}\n");
+        out.push_str("  ],\n");
+        out.push_str(&negatives_json(&negatives(cases)));
+        out.push_str("}\n");
         out
+    }
+
+    /// A negative vector: a message (or a context) every decoder must
+    /// refuse with `error`. docs/FORMAT.md section 13 gives the schema.
+    struct Negative {
+        name: String,
+        dek: [u8; 32],
+        context: Vec<(String, String)>,
+        /// The provider ids the decoder holds, for key selection vectors.
+        providers: Option<Vec<&'static str>>,
+        message: Vec<u8>,
+        error: &'static str,
+        value: Option<u8>,
+        field: Option<&'static str>,
+        released: usize,
+    }
+
+    /// The negative vectors, derived from the positive ones: one or more
+    /// for every error kind of FORMAT.md section 8 that bytes can produce
+    /// (all but `MessageTooLong`, which needs a body of 4 PiB), and the
+    /// precedence cases of section 7.3.
+    fn negatives(cases: &[Case]) -> Vec<Negative> {
+        let msgs: Vec<Vec<u8>> = cases.iter().map(seal_case).collect();
+        let ctx_of = |c: &Case| -> Vec<(String, String)> {
+            c.context
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let hlen = |m: &[u8]| Header::parse(m).unwrap().1;
+        let mut out = Vec::new();
+        let mut add = |name: &str,
+                       base: usize,
+                       message: Vec<u8>,
+                       error: &'static str,
+                       value: Option<u8>,
+                       field: Option<&'static str>,
+                       released: usize| {
+            out.push(Negative {
+                name: name.into(),
+                dek: cases[base].dek,
+                context: ctx_of(&cases[base]),
+                providers: None,
+                message,
+                error,
+                value,
+                field,
+                released,
+            });
+        };
+        let set = |m: &[u8], at: usize, bytes: &[u8]| {
+            let mut m = m.to_vec();
+            m[at..at + bytes.len()].copy_from_slice(bytes);
+            m
+        };
+        let flip = |m: &[u8], at: usize| {
+            let mut m = m.to_vec();
+            m[at] ^= 0x01;
+            m
+        };
+        // The worked example (FORMAT.md section 12): H = 63.
+        let e = &msgs[1];
+        add(
+            "bad magic",
+            1,
+            set(e, 5, b"W"),
+            "NotEnvelope",
+            None,
+            None,
+            0,
+        );
+        add(
+            "foreign input shorter than the magic",
+            1,
+            b"PHX".to_vec(),
+            "NotEnvelope",
+            None,
+            None,
+            0,
+        );
+        add("empty input", 1, Vec::new(), "Truncated", None, None, 0);
+        add(
+            "the magic alone",
+            1,
+            b"PHIENV".to_vec(),
+            "Truncated",
+            None,
+            None,
+            0,
+        );
+        add(
+            "unknown version",
+            1,
+            set(e, 6, &[2]),
+            "UnsupportedVersion",
+            Some(2),
+            None,
+            0,
+        );
+        add(
+            "unknown version, 7 bytes",
+            1,
+            b"PHIENV\x02".to_vec(),
+            "UnsupportedVersion",
+            Some(2),
+            None,
+            0,
+        );
+        add(
+            "unknown suite",
+            1,
+            set(e, 7, &[2]),
+            "UnsupportedSuite",
+            Some(2),
+            None,
+            0,
+        );
+        add(
+            "unknown suite, 8 bytes",
+            1,
+            b"PHIENV\x01\x09".to_vec(),
+            "UnsupportedSuite",
+            Some(9),
+            None,
+            0,
+        );
+        add(
+            "version 1 and suite 1, no count",
+            1,
+            b"PHIENV\x01\x01".to_vec(),
+            "Truncated",
+            None,
+            None,
+            0,
+        );
+        add(
+            "count 0",
+            1,
+            set(e, 8, &[0]),
+            "Malformed",
+            None,
+            Some("count"),
+            0,
+        );
+        add(
+            "count 9",
+            1,
+            set(e, 8, &[9]),
+            "Malformed",
+            None,
+            Some("count"),
+            0,
+        );
+        add(
+            "plen 0",
+            1,
+            set(e, 9, &[0]),
+            "Malformed",
+            None,
+            Some("plen"),
+            0,
+        );
+        add(
+            "plen 33",
+            1,
+            set(e, 9, &[33]),
+            "Malformed",
+            None,
+            Some("plen"),
+            0,
+        );
+        add(
+            "provider id with an uppercase letter",
+            1,
+            set(e, 10, b"L"),
+            "Malformed",
+            None,
+            Some("provider id"),
+            0,
+        );
+        add(
+            "rlen 0",
+            1,
+            set(e, 15, &[0, 0]),
+            "Malformed",
+            None,
+            Some("rlen"),
+            0,
+        );
+        add(
+            "rlen 1025",
+            1,
+            set(e, 15, &[0x04, 0x01]),
+            "Malformed",
+            None,
+            Some("rlen"),
+            0,
+        );
+        add(
+            "key reference not UTF-8",
+            1,
+            set(e, 23, &[0xff]),
+            "Malformed",
+            None,
+            Some("key reference"),
+            0,
+        );
+        add(
+            "key reference with a C0 control character",
+            1,
+            set(e, 23, b"\n"),
+            "Malformed",
+            None,
+            Some("key reference"),
+            0,
+        );
+        add(
+            "key reference with a C1 control character (U+0085)",
+            1,
+            set(e, 22, &[0xc2, 0x85]),
+            "Malformed",
+            None,
+            Some("key reference"),
+            0,
+        );
+        add(
+            "wlen 0",
+            1,
+            set(e, 28, &[0, 0]),
+            "Malformed",
+            None,
+            Some("wlen"),
+            0,
+        );
+        add(
+            "wlen 2049",
+            1,
+            set(e, 28, &[0x08, 0x01]),
+            "Malformed",
+            None,
+            Some("wlen"),
+            0,
+        );
+        add(
+            "header cut inside an entry",
+            1,
+            e[..20].to_vec(),
+            "Truncated",
+            None,
+            None,
+            0,
+        );
+        add(
+            "header cut inside its tag",
+            1,
+            e[..50].to_vec(),
+            "Truncated",
+            None,
+            None,
+            0,
+        );
+        add(
+            "header without a body",
+            1,
+            e[..63].to_vec(),
+            "Truncated",
+            None,
+            None,
+            0,
+        );
+        add(
+            "body shorter than its prefix",
+            1,
+            e[..63 + 40].to_vec(),
+            "Truncated",
+            None,
+            None,
+            0,
+        );
+        add(
+            "header tag changed",
+            1,
+            flip(e, 62),
+            "Decrypt",
+            None,
+            None,
+            0,
+        );
+        add(
+            "key version changed",
+            1,
+            flip(e, 27),
+            "Decrypt",
+            None,
+            None,
+            0,
+        );
+        add(
+            "wrapped key changed",
+            1,
+            flip(e, 30),
+            "Decrypt",
+            None,
+            None,
+            0,
+        );
+        add("salt changed", 1, flip(e, 63), "Decrypt", None, None, 0);
+        add(
+            "commitment changed",
+            1,
+            flip(e, 63 + 24),
+            "Decrypt",
+            None,
+            None,
+            0,
+        );
+        add(
+            "empty final chunk changed",
+            1,
+            flip(e, e.len() - 1),
+            "Decrypt",
+            None,
+            None,
+            0,
+        );
+        // The record: one chunk.
+        let r = &msgs[0];
+        add(
+            "record's only chunk changed",
+            0,
+            flip(r, r.len() - 1),
+            "Decrypt",
+            None,
+            None,
+            0,
+        );
+        // One full chunk and an empty final chunk.
+        let f = &msgs[2];
+        let f_body = hlen(f) + 56;
+        add(
+            "final chunk missing",
+            2,
+            f[..f.len() - 16].to_vec(),
+            "Truncated",
+            None,
+            None,
+            16384,
+        );
+        add(
+            "final chunk cut inside its tag",
+            2,
+            f[..f.len() - 8].to_vec(),
+            "Truncated",
+            None,
+            None,
+            16384,
+        );
+        add(
+            "final chunk cut to 1 byte",
+            2,
+            f[..f.len() - 15].to_vec(),
+            "Truncated",
+            None,
+            None,
+            16384,
+        );
+        add(
+            "empty final chunk changed after a full chunk",
+            2,
+            flip(f, f.len() - 1),
+            "TruncatedChunk",
+            None,
+            None,
+            16384,
+        );
+        add(
+            "chunk 0 changed and the final chunk missing",
+            2,
+            flip(&f[..f.len() - 16], f_body + 7),
+            "Decrypt",
+            None,
+            None,
+            0,
+        );
+        // Two full chunks and a final chunk of 1000 bytes.
+        let t = &msgs[3];
+        let t_body = hlen(t) + 56;
+        let chunk = |i: usize| t_body + i * 16400;
+        add(
+            "cut inside chunk 0",
+            3,
+            t[..chunk(0) + 8000].to_vec(),
+            "Decrypt",
+            None,
+            None,
+            0,
+        );
+        add(
+            "cut inside chunk 1",
+            3,
+            t[..chunk(1) + 5000].to_vec(),
+            "TruncatedChunk",
+            None,
+            None,
+            16384,
+        );
+        add(
+            "cut at the start of the final chunk",
+            3,
+            t[..chunk(2)].to_vec(),
+            "Truncated",
+            None,
+            None,
+            32768,
+        );
+        add(
+            "cut inside the final chunk",
+            3,
+            t[..t.len() - 1].to_vec(),
+            "TruncatedChunk",
+            None,
+            None,
+            32768,
+        );
+        add(
+            "final chunk changed",
+            3,
+            flip(t, t.len() - 1),
+            "TruncatedChunk",
+            None,
+            None,
+            32768,
+        );
+        add(
+            "one byte appended",
+            3,
+            [&t[..], &[0]].concat(),
+            "TruncatedChunk",
+            None,
+            None,
+            32768,
+        );
+        add(
+            "a full chunk's worth appended",
+            3,
+            [&t[..], &[0; 16400][..]].concat(),
+            "Decrypt",
+            None,
+            None,
+            32768,
+        );
+        add(
+            "chunk 1 changed and the final chunk cut",
+            3,
+            flip(&t[..t.len() - 1], chunk(1) + 9),
+            "Decrypt",
+            None,
+            None,
+            16384,
+        );
+        let mut swapped = t.clone();
+        swapped[chunk(0)..chunk(1)].copy_from_slice(&t[chunk(1)..chunk(2)]);
+        swapped[chunk(1)..chunk(2)].copy_from_slice(&t[chunk(0)..chunk(1)]);
+        add(
+            "chunks 0 and 1 swapped",
+            3,
+            swapped,
+            "Decrypt",
+            None,
+            None,
+            0,
+        );
+        // The DEK or the context is wrong.
+        let wrong = |name: &str,
+                     base: usize,
+                     dek: [u8; 32],
+                     context: Vec<(String, String)>,
+                     message: Vec<u8>| Negative {
+            name: name.into(),
+            dek: if base == usize::MAX {
+                dek
+            } else {
+                cases[base].dek
+            },
+            context,
+            providers: None,
+            message,
+            error: "Decrypt",
+            value: None,
+            field: None,
+            released: 0,
+        };
+        let st_mary = || vec![("tenant".to_string(), "st-mary".to_string())];
+        out.push(wrong(
+            "wrong DEK",
+            usize::MAX,
+            [0x34; 32],
+            Vec::new(),
+            e.clone(),
+        ));
+        out.push(wrong(
+            "wrong DEK and the final chunk missing",
+            usize::MAX,
+            [0x56; 32],
+            ctx_of(&cases[2]),
+            f[..f.len() - 16].to_vec(),
+        ));
+        out.push(wrong("wrong context", 0, [0; 32], st_mary(), r.clone()));
+        out.push(wrong(
+            "wrong context and the final chunk missing",
+            2,
+            [0; 32],
+            st_mary(),
+            f[..f.len() - 16].to_vec(),
+        ));
+        // Key selection: the decoder holds no provider the header names.
+        out.push(Negative {
+            name: "no provider for any entry".into(),
+            dek: cases[1].dek,
+            context: Vec::new(),
+            providers: Some(vec!["pkcs11", "aws-kms"]),
+            message: e.clone(),
+            error: "NoMatchingKey",
+            value: None,
+            field: None,
+            released: 0,
+        });
+        // Invalid contexts, refused before any key is used.
+        let invalid = |name: &str, context: Vec<(String, String)>| Negative {
+            name: name.into(),
+            dek: cases[0].dek,
+            context,
+            providers: None,
+            message: r.clone(),
+            error: "InvalidContext",
+            value: None,
+            field: None,
+            released: 0,
+        };
+        let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+        out.push(invalid(
+            "context with a duplicate key",
+            vec![kv("tenant", "st-mary"), kv("tenant", "st-mary")],
+        ));
+        out.push(invalid("context with an empty key", vec![kv("", "x")]));
+        out.push(invalid(
+            "context key of 257 bytes",
+            vec![kv(&"k".repeat(257), "")],
+        ));
+        out.push(invalid(
+            "context value of 4097 bytes",
+            vec![kv("k", &"v".repeat(4097))],
+        ));
+        out.push(invalid(
+            "context of 65 pairs",
+            (0..65).map(|i| kv(&format!("k{i:02}"), "")).collect(),
+        ));
+        out.push(invalid(
+            "context encoding over 65536 bytes",
+            (0..16)
+                .map(|i| kv(&format!("k{i:02}"), &"v".repeat(4096)))
+                .collect(),
+        ));
+        out
+    }
+
+    fn negatives_json(negs: &[Negative]) -> String {
+        let mut out = String::from("  \"negative_vectors\": [\n");
+        for (i, n) in negs.iter().enumerate() {
+            let ctx: Vec<String> = n
+                .context
+                .iter()
+                .map(|(k, v)| format!("[{k:?}, {v:?}]"))
+                .collect();
+            let mut fields = vec![
+                format!("\"name\": {:?}", n.name),
+                format!("\"dek\": \"{}\"", ::hex::encode(n.dek)),
+                format!("\"context\": [{}]", ctx.join(", ")),
+            ];
+            if let Some(p) = &n.providers {
+                let ids: Vec<String> = p.iter().map(|id| format!("{id:?}")).collect();
+                fields.push(format!("\"providers\": [{}]", ids.join(", ")));
+            }
+            fields.push(format!("\"message\": \"{}\"", ::hex::encode(&n.message)));
+            fields.push(format!("\"error\": {:?}", n.error));
+            if let Some(v) = n.value {
+                fields.push(format!("\"value\": {v}"));
+            }
+            if let Some(f) = n.field {
+                fields.push(format!("\"field\": {f:?}"));
+            }
+            fields.push(format!("\"released\": {}", n.released));
+            out.push_str(&format!(
+                "    {{\n      {}\n    }}{}\n",
+                fields.join(",\n      "),
+                if i + 1 == negs.len() { "" } else { "," }
+            ));
+        }
+        out.push_str("  ]\n");
+        out
+    }
+
+    /// The negative vectors give their error here too (the full check,
+    /// through every decoder, is `tests/v1_vectors.rs`).
+    #[test]
+    fn negative_vectors_give_their_error() {
+        for n in negatives(&cases()) {
+            let ctx = EncryptionContext::from_pairs(n.context.iter().cloned());
+            let got = match ctx {
+                Err(e) => e,
+                Ok(_) if n.providers.is_some() => continue,
+                Ok(ctx) => open(&n.message, &Dek::from_slice(&n.dek).unwrap(), &ctx).unwrap_err(),
+            };
+            let debug = format!("{got:?}");
+            let variant = debug.split(|c: char| !c.is_ascii_alphanumeric()).next();
+            assert_eq!(variant, Some(n.error), "{}: {got:?}", n.name);
+            assert_eq!(got.malformed_field(), n.field, "{}", n.name);
+            let value = match got {
+                Error::UnsupportedVersion(v) | Error::UnsupportedSuite(v) => Some(v),
+                _ => None,
+            };
+            assert_eq!(value, n.value, "{}", n.name);
+        }
     }
 
     /// Byte-for-byte check of the committed vectors. Set

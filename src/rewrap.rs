@@ -10,10 +10,22 @@
 //! old key version is destroyed, a copy of the old message (a header kept
 //! from before the rewrap) no longer opens, while the rewrapped one does.
 //!
+//! Every rewrap re-encrypts only what is known to hold the message's DEK:
+//! the DEK itself (wrapped again by each new recipient's provider) or, where
+//! a provider re-encrypts inside itself (AWS KMS ReEncrypt), the one entry
+//! whose DEK verified the header tag, never merely the first entry of that
+//! provider. Before a new header is returned it is checked without any
+//! provider call: it reads back as built, has one entry per recipient, and
+//! its tag verifies under the DEK that verified the old header. A message
+//! that opened before a rewrap opens after it, or the rewrap fails and
+//! nothing changes.
+//!
 //! - [`Envelope::rewrap`] and [`Envelope::rewrap_header`]: one record or
-//!   one header in memory.
+//!   one header in memory, always rewrapped (also when already current).
 //! - [`Envelope::rewrap_batch`]: many records, with bounded concurrency and
-//!   a result per record. Records that share a header (sealed through the
+//!   a [`RecordRewrap`] per record: unchanged, rewrapped or failed. Records
+//!   already wrapped to the current primaries are reported unchanged with
+//!   no provider call. Records that share a header (sealed through the
 //!   data-key cache) and a context are unwrapped and wrapped once.
 //! - [`Envelope::rewrap_file`]: one file, in place, atomically: the new
 //!   header and the old body are written to a temporary file beside it,
@@ -43,6 +55,62 @@ use crate::provider::ProviderError;
 
 /// How many distinct headers [`Envelope::rewrap_batch`] rewraps at once.
 pub const DEFAULT_BATCH_CONCURRENCY: usize = 16;
+
+/// What [`Envelope::rewrap_batch`] did with one record.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RecordRewrap {
+    /// The record is already wrapped, in order, to exactly the envelope's
+    /// recipients at their current primary versions: it was left as it is
+    /// (keep the bytes you passed in). No key was used: no provider call, no
+    /// policy check, no event, and so no check of the context either.
+    Unchanged,
+    /// The rewrapped record: the new header, then the old body byte for
+    /// byte. Store it in place of the old one.
+    Rewrapped(Vec<u8>),
+    /// The record could not be rewrapped (malformed, wrong context, key
+    /// destroyed, provider down, policy denial). Nothing was changed: the
+    /// bytes you passed in are as valid, or invalid, as before.
+    Failed(Error),
+}
+
+impl RecordRewrap {
+    /// True for [`Unchanged`](Self::Unchanged).
+    pub fn is_unchanged(&self) -> bool {
+        matches!(self, RecordRewrap::Unchanged)
+    }
+
+    /// True for [`Rewrapped`](Self::Rewrapped).
+    pub fn is_rewrapped(&self) -> bool {
+        matches!(self, RecordRewrap::Rewrapped(_))
+    }
+
+    /// The new record, when it was rewrapped.
+    pub fn rewrapped(&self) -> Option<&[u8]> {
+        match self {
+            RecordRewrap::Rewrapped(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The error, when it failed.
+    pub fn error(&self) -> Option<&Error> {
+        match self {
+            RecordRewrap::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// `Ok(None)` when unchanged, `Ok(Some(new record))` when rewrapped,
+    /// the error when it failed.
+    pub fn into_result(self) -> Result<Option<Vec<u8>>> {
+        match self {
+            RecordRewrap::Unchanged => Ok(None),
+            RecordRewrap::Rewrapped(m) => Ok(Some(m)),
+            RecordRewrap::Failed(e) => Err(e),
+        }
+    }
+}
 
 /// What [`Envelope::rewrap_file`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,25 +349,24 @@ impl Envelope {
     /// recipients at their current primary versions (from the keyring's
     /// describe cache; unknown counts as not current).
     async fn is_current(&self, header: &Header) -> bool {
-        let recipients = self.recipients();
-        if recipients.len() != header.recipients().len() {
+        if header.recipients().len() != self.recipients().len() {
             return false;
         }
-        let Some(primaries) = self
-            .keyring()
-            .primary_versions(recipients, self.caller())
-            .await
-        else {
+        let Some(primaries) = self.current_primaries().await else {
             return false;
         };
-        header
-            .recipients()
-            .iter()
-            .zip(recipients)
-            .zip(primaries)
-            .all(|((e, r), v)| {
-                e.provider == r.scheme() && e.key_ref == r.as_str() && e.key_version == v
-            })
+        self.keyring()
+            .header_is_current(header, self.recipients(), &primaries)
+            .await
+    }
+
+    /// The current primary version of every recipient, from the keyring's
+    /// describe cache (a describe per recipient when it has none); `None`
+    /// when one is unknown.
+    async fn current_primaries(&self) -> Option<Vec<u32>> {
+        self.keyring()
+            .primary_versions(self.recipients(), self.caller())
+            .await
     }
 
     /// Rewraps many records in memory, at most
@@ -311,58 +378,77 @@ impl Envelope {
     /// # use std::sync::Arc;
     /// # use phi_envelope::provider::local::LocalKeystore;
     /// # use phi_envelope::{Caller, EncryptionContext, Envelope, KeyRef, Keyring};
+    /// use phi_envelope::rewrap::RecordRewrap;
     /// # let dir = tempfile::tempdir().unwrap();
     /// # let store = LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json"))?;
     /// # let key: KeyRef = "local:records".parse()?;
     /// # store.add_key(&key)?;
-    /// # let envelope = Envelope::new(Keyring::builder().provider(Arc::new(store)).recipient(key.clone()).build()?);
+    /// # let envelope = Envelope::new(Keyring::builder().provider(Arc::new(store)).recipient(key.clone()).build()?)
+    /// #     .as_caller("migration-job", "rewrap");
     /// let contexts: Vec<EncryptionContext> = (0..3)
     ///     .map(|i| EncryptionContext::new().with("record_id", i.to_string()))
     ///     .collect::<Result<_, _>>()?;
     /// let mut sealed = Vec::new();
-    /// for c in &contexts {
+    /// for c in &contexts[..2] {
     ///     sealed.push(envelope.seal(b"chart note", c).await?);
     /// }
     /// envelope.keyring().rotate(&key, &Caller::new("alice", "rotation")).await?;
+    /// sealed.push(envelope.seal(b"chart note", &contexts[2]).await?); // already current
     ///
     /// let items: Vec<(&[u8], &EncryptionContext)> =
     ///     sealed.iter().map(|m| m.as_slice()).zip(&contexts).collect();
-    /// for (result, c) in envelope.rewrap_batch(&items).await.into_iter().zip(&contexts) {
-    ///     let rewrapped = result?; // one result per record, in order
-    ///     assert_eq!(envelope.open(&rewrapped, c).await?, b"chart note");
+    /// let report = envelope.rewrap_batch(&items).await; // one per record, in order
+    /// assert_eq!(report.iter().filter(|r| r.is_rewrapped()).count(), 2);
+    /// assert!(report[2].is_unchanged()); // no provider call for it
+    /// for ((record, c), stored) in report.into_iter().zip(&contexts).zip(&mut sealed) {
+    ///     match record {
+    ///         RecordRewrap::Rewrapped(new) => *stored = new,
+    ///         RecordRewrap::Unchanged => {}
+    ///         RecordRewrap::Failed(e) => return Err(e),
+    ///         _ => {}
+    ///     }
+    ///     assert_eq!(envelope.open(stored, c).await?, b"chart note");
     /// }
     /// # Ok(()) }
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
-    pub async fn rewrap_batch(
-        &self,
-        items: &[(&[u8], &EncryptionContext)],
-    ) -> Vec<Result<Vec<u8>>> {
+    pub async fn rewrap_batch(&self, items: &[(&[u8], &EncryptionContext)]) -> Vec<RecordRewrap> {
         self.rewrap_batch_with(items, DEFAULT_BATCH_CONCURRENCY)
             .await
     }
 
     /// Rewraps many records in memory, with at most `max_in_flight`
     /// distinct headers being rewrapped at once (at least 1). Returns one
-    /// result per item, in order: a record that fails (wrong context, key
-    /// destroyed, malformed) does not stop the others.
+    /// [`RecordRewrap`] per item, in order: a record that fails (wrong
+    /// context, key destroyed, malformed) does not stop the others.
     ///
-    /// Each distinct (header, context) pair costs one unwrap and one wrap
-    /// per recipient; records sealed through the data-key cache share a
-    /// header, so their whole group costs that once (each record still gets
-    /// a policy check and a `rewrap` event).
+    /// A record already wrapped, in order, to exactly this envelope's
+    /// recipients at their current primary versions is
+    /// [`Unchanged`](RecordRewrap::Unchanged) and costs no provider call.
+    /// The primary versions come from the keyring's describe cache (the
+    /// lifecycle verbs of the same keyring refresh it; a rotation made
+    /// elsewhere is seen within the keyring's
+    /// [describe TTL](crate::keyring::KeyringBuilder::describe_ttl)); when
+    /// one is unknown, one describe per recipient is made for the whole
+    /// batch.
+    ///
+    /// Each other distinct (header, context) pair costs one unwrap and one
+    /// wrap (or provider-side re-encryption) per recipient; records sealed
+    /// through the data-key cache share a header, so their whole group costs
+    /// that once (each record still gets a policy check and a `rewrap`
+    /// event).
     pub async fn rewrap_batch_with(
         &self,
         items: &[(&[u8], &EncryptionContext)],
         max_in_flight: usize,
-    ) -> Vec<Result<Vec<u8>>> {
+    ) -> Vec<RecordRewrap> {
         struct Group<'a> {
             header: Header,
             context: &'a EncryptionContext,
             /// (item index, old header length)
             members: Vec<(usize, usize)>,
         }
-        let mut results: Vec<Option<Result<Vec<u8>>>> = (0..items.len()).map(|_| None).collect();
+        let mut results: Vec<Option<RecordRewrap>> = (0..items.len()).map(|_| None).collect();
         let mut groups: Vec<Group<'_>> = Vec::new();
         let mut by_key: HashMap<(Vec<u8>, Vec<u8>), usize> = HashMap::new();
         for (i, (message, context)) in items.iter().enumerate() {
@@ -371,7 +457,7 @@ impl Envelope {
                 Ok((h, used))
             });
             match parsed {
-                Err(e) => results[i] = Some(Err(e)),
+                Err(e) => results[i] = Some(RecordRewrap::Failed(e)),
                 Ok((header, used)) => {
                     let key = (header.as_bytes().to_vec(), context.canonical_pairs());
                     let g = *by_key.entry(key).or_insert_with(|| {
@@ -386,6 +472,37 @@ impl Envelope {
                 }
             }
         }
+        // Records already current are left alone: no key is used for them.
+        let could_be_current = groups
+            .iter()
+            .any(|g| g.header.recipients().len() == self.recipients().len());
+        let primaries = if could_be_current {
+            self.current_primaries().await
+        } else {
+            None
+        };
+        let mut current = Vec::with_capacity(groups.len());
+        for g in &groups {
+            current.push(match &primaries {
+                Some(p) => {
+                    self.keyring()
+                        .header_is_current(&g.header, self.recipients(), p)
+                        .await
+                }
+                None => false,
+            });
+        }
+        let mut current = current.into_iter();
+        groups.retain(|g| {
+            if current.next().unwrap_or(false) {
+                for &(i, _) in &g.members {
+                    results[i] = Some(RecordRewrap::Unchanged);
+                }
+                false
+            } else {
+                true
+            }
+        });
         let work: Vec<_> = groups
             .iter()
             .map(|g| self.rewrap_header(&g.header, g.context))
@@ -400,7 +517,7 @@ impl Envelope {
                                 self.keyring()
                                     .record_rewrap_reuse(&new, g.context, self.caller())
                             {
-                                results[i] = Some(Err(e));
+                                results[i] = Some(RecordRewrap::Failed(e));
                                 continue;
                             }
                         }
@@ -408,14 +525,14 @@ impl Envelope {
                         let mut out = Vec::with_capacity(new.len() + body.len());
                         out.extend_from_slice(new.as_bytes());
                         out.extend_from_slice(body);
-                        results[i] = Some(Ok(out));
+                        results[i] = Some(RecordRewrap::Rewrapped(out));
                     }
                 }
                 Err(e) => {
                     for &(i, _) in &g.members[1..] {
-                        results[i] = Some(Err(duplicate(&e)));
+                        results[i] = Some(RecordRewrap::Failed(duplicate(&e)));
                     }
-                    results[g.members[0].0] = Some(Err(e));
+                    results[g.members[0].0] = Some(RecordRewrap::Failed(e));
                 }
             }
         }

@@ -217,7 +217,9 @@ impl<R: AsyncRead + Unpin> AsyncDecryptor<R> {
         if self.counter >= limit {
             return Poll::Ready(Err(Error::MessageTooLong));
         }
-        let len = self.keys.open(self.counter, &mut self.buf[..n])?;
+        let len = self
+            .keys
+            .open_chunk(self.counter, &mut self.buf[..n], final_chunk)?;
         self.counter += 1;
         self.filled = 0;
         self.pos = 0;
@@ -315,6 +317,14 @@ impl Envelope {
             head.extend_from_slice(&step[..n]);
         };
         let mut rest = head.split_off(used);
+        // The DEK is unwrapped before the body prefix is required, as in the
+        // sync decoders: errors come in stream order (docs/FORMAT.md,
+        // section 7.3), so a header that does not authenticate is
+        // `Decrypt` even when the body is cut short.
+        let (_, key) = self
+            .keyring()
+            .unwrap_header(&header, context, self.caller())
+            .await?;
         while rest.len() < PREFIX_LEN {
             let n = inner.read(&mut step).await?;
             if n == 0 {
@@ -322,10 +332,6 @@ impl Envelope {
             }
             rest.extend_from_slice(&step[..n]);
         }
-        let (_, key) = self
-            .keyring()
-            .unwrap_header(&header, context, self.caller())
-            .await?;
         let prefix: [u8; PREFIX_LEN] = rest[..PREFIX_LEN].try_into().expect("length checked");
         let keys = key.body_keys(&prefix, context)?;
         let mut buf = Zeroizing::new(vec![0u8; CHUNK_CT_SIZE]);

@@ -51,7 +51,7 @@ use phi_envelope::events::{MemorySink, Operation, Outcome};
 use phi_envelope::provider::aws_kms::{AwsKmsConfig, AwsKmsProvider, CONTEXT_DIGEST_KEY};
 use phi_envelope::provider::{KeyState, ProviderErrorKind, Unwrapped};
 use phi_envelope::{
-    EncryptionContext, Envelope, Error, Header, KeyProvider, KeyRef, Keyring, WrappedKey,
+    Caller, EncryptionContext, Envelope, Error, Header, KeyProvider, KeyRef, Keyring, WrappedKey,
 };
 use serde_json::{json, Value};
 
@@ -1074,7 +1074,7 @@ async fn disabled_key_is_refused_until_enabled() {
     let env = envelope(kms.clone(), &key.by_arn());
     let c = ctx("disabled");
     let m = env.seal(b"x", &c).await.unwrap();
-    let caller = Default::default();
+    let caller = Caller::new("kms-test-operator", "lifecycle");
 
     let info = env
         .keyring()
@@ -1124,7 +1124,11 @@ async fn pending_deletion_is_destroyed_but_recoverable_until_the_window_ends() {
     let m = env.seal(b"shred me", &c).await.unwrap();
     let info = env
         .keyring()
-        .destroy(&key.by_arn(), 1, &Default::default())
+        .destroy(
+            &key.by_arn(),
+            1,
+            &Caller::new("kms-test-operator", "crypto-shredding"),
+        )
         .await
         .unwrap();
     assert_eq!(info.version(1).unwrap().state, KeyState::Destroyed);
@@ -1200,7 +1204,7 @@ async fn lifecycle_verbs_map_to_kms() {
     let admin = admin().await;
     let kms = provider_at(None, config()).await;
     let keyring = Keyring::builder().provider(kms.clone()).build().unwrap();
-    let caller = Default::default();
+    let caller = Caller::new("kms-test-operator", "lifecycle");
     let alias: KeyRef = format!("aws-kms:alias/{}", unique("created"))
         .parse()
         .unwrap();

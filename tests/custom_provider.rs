@@ -35,7 +35,7 @@ async fn destroyed_key_gives_a_clear_error() {
     let c = conformance::ctx("1");
     let sealed = env.seal(b"x", &c).await.unwrap();
     env.keyring()
-        .destroy(&key, 1, &Default::default())
+        .destroy(&key, 1, &phi_envelope::Caller::new("operator", "shred"))
         .await
         .unwrap();
     let e = env.open(&sealed, &c).await.unwrap_err();

@@ -105,8 +105,12 @@ fn is_decrypt(e: &Error) -> bool {
     matches!(e, Error::Decrypt)
 }
 
+fn is_truncated_chunk(e: &Error) -> bool {
+    matches!(e, Error::TruncatedChunk)
+}
+
 fn is_auth_or_truncated(e: &Error) -> bool {
-    matches!(e, Error::Decrypt | Error::Truncated)
+    matches!(e, Error::Decrypt | Error::Truncated | Error::TruncatedChunk)
 }
 
 // ---------------------------------------------------------------------------
@@ -234,10 +238,15 @@ fn expected_cut(header_len: usize, cut: usize) -> (Want, usize) {
     }
     let c = cut - header_len - PREFIX;
     let (full, rem) = (c / CT_CHUNK, c % CT_CHUNK);
+    // Section 7.4: a cut inside a chunk, with at least a tag of it left,
+    // is `TruncatedChunk` once a full chunk authenticated before it, and
+    // the opaque `Decrypt` when only the commitment did.
     let want: Want = if rem < cobblestone::TAG_LEN {
         is_truncated
-    } else {
+    } else if full == 0 {
         is_decrypt
+    } else {
+        is_truncated_chunk
     };
     (want, full * CHUNK)
 }
@@ -409,7 +418,16 @@ fn streaming_never_releases_a_failed_chunk_and_stays_failed() {
                 let key = OpeningKey::new(&f.dek, &header).unwrap();
                 let mut dec = key.decryptor(reader, &f.ctx).unwrap();
                 let (released, err) = drain_with(&mut dec, buf_len);
-                assert!(matches!(err, Some(Error::Decrypt)), "chunk {bad}: {err:?}");
+                // The final chunk (5), after full chunks that authenticated,
+                // reads as a copy cut inside it (FORMAT.md section 7.4).
+                let want = |e: &Error| {
+                    if bad == 5 {
+                        matches!(e, Error::TruncatedChunk)
+                    } else {
+                        matches!(e, Error::Decrypt)
+                    }
+                };
+                assert!(err.as_ref().is_some_and(want), "chunk {bad}: {err:?}");
                 assert!(
                     released == pt[..bad * CHUNK],
                     "chunk {bad} buf {buf_len}: released {}",
@@ -418,7 +436,7 @@ fn streaming_never_releases_a_failed_chunk_and_stays_failed() {
                 // Every later read gives the same opaque error.
                 for _ in 0..3 {
                     let e = dec.read(&mut [0u8; 64]).unwrap_err();
-                    assert!(matches!(Error::from(e), Error::Decrypt));
+                    assert!(want(&Error::from(e)));
                 }
             }
         }
@@ -456,9 +474,20 @@ fn seeking_decoder_fails_on_a_bad_chunk_and_stays_failed() {
         assert!(dec.read(&mut buf).is_err());
     }
     // A bad final chunk fails at open: the length is authenticated first.
+    // The full chunks before it authenticate, so it reads as a copy cut
+    // inside the final chunk (FORMAT.md section 7.4)...
     let mut m = msg.clone();
     let last = msg.len() - 1;
     m[last] ^= 1;
+    let mut cur = Cursor::new(&m);
+    cur.set_position(h as u64);
+    assert!(matches!(
+        key.seekable_decryptor(cur, &f.ctx),
+        Err(Error::TruncatedChunk)
+    ));
+    // ...unless a full chunk before it fails too: the first failure in
+    // stream order is reported, as by the streaming decoder (section 7.3).
+    m[f.chunk(msg.len(), 3).start + 10] ^= 1;
     let mut cur = Cursor::new(&m);
     cur.set_position(h as u64);
     assert!(matches!(
@@ -660,10 +689,22 @@ fn hostile_headers_give_their_structural_error() {
         b"PHI",
         b"PHIENV",
         b"PHIENV\x01",
-        b"PHIENV\x02\x01",
+        b"PHIENV\x01\x01",
     ] {
         assert_header_error(input, is_truncated, &format!("{input:?}"));
     }
+    // Short, but the version byte is there: an unknown version is reported
+    // at once (section 4.4), whatever follows; likewise an unknown suite.
+    assert_header_error(
+        b"PHIENV\x02\x01",
+        |e| matches!(e, Error::UnsupportedVersion(2)),
+        "8 bytes, version 2",
+    );
+    assert_header_error(
+        b"PHIENV\x01\x07",
+        |e| matches!(e, Error::UnsupportedSuite(7)),
+        "8 bytes, suite 7",
+    );
     // Cut inside an entry or the tag.
     let full = [prefix(1), good_entry(), vec![0xAB; 32]].concat();
     for cut in 9..full.len() {

@@ -229,6 +229,7 @@ fn check_rejected(
             e,
             Error::Decrypt
                 | Error::Truncated
+                | Error::TruncatedChunk
                 | Error::NotEnvelope
                 | Error::UnsupportedVersion(_)
                 | Error::UnsupportedSuite(_)
@@ -239,6 +240,15 @@ fn check_rejected(
     );
     let s = open_streaming(mutated, dek, ctx, 777);
     prop_assert!(s.result.is_err(), "a mutated message streamed to its end");
+    // One rule for every decoder (docs/FORMAT.md section 7.3): the
+    // streaming decoder reports the same kind of error as the one-shot one.
+    let streamed = s.result.as_ref().unwrap_err();
+    prop_assert!(
+        std::mem::discriminant(streamed) == std::mem::discriminant(&e),
+        "one-shot gave {:?}, streaming {:?}",
+        e,
+        streamed
+    );
     prop_assert!(s.released.len() <= pt.len());
     prop_assert!(s.released == pt[..s.released.len()]);
     Ok(())

@@ -167,7 +167,7 @@ async fn protected_create_open_round_trip() {
 
     let text = fs::read_to_string(&path).unwrap();
     assert!(text.starts_with(
-        r#"{"format":"phi-envelope-keystore","version":1,"kdf":{"alg":"argon2id","m_kib":65536,"t":3,"p":4,"salt":""#
+        r#"{"format":"phi-envelope-keystore","version":2,"kdf":{"alg":"argon2id","m_kib":65536,"t":3,"p":4,"salt":""#
     ));
     assert!(
         !text.contains("records"),
@@ -369,8 +369,8 @@ fn foreign_files_are_not_keystores() {
         (b"{\"format\":\"age-keystore\",\"version\":1}", "not a phi-envelope keystore"),
         (b"hello, world\n", "not a phi-envelope keystore"),
         (
-            b"{\"format\":\"phi-envelope-keystore\",\"version\":2,\"kdf\":{\"alg\":\"scrypt\"}}\n",
-            "unsupported keystore format version 2",
+            b"{\"format\":\"phi-envelope-keystore\",\"version\":3,\"kdf\":{\"alg\":\"scrypt\"}}\n",
+            "unsupported keystore format version 3",
         ),
         (
             b"{\"format\":\"phi-envelope-keystore\",\"version\":1,\"kdf\":{\"alg\":\"scrypt\"},\"nonce\":\"000000000000000000000000\",\"ciphertext\":\"00000000000000000000000000000000\"}\n",

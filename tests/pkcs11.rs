@@ -351,7 +351,7 @@ async fn destroy_is_crypto_shredding() {
     let p = Arc::new(provider().await);
     let k = created(&p, "shred").await;
     let kr = envelope(p.clone(), &k);
-    let caller = Caller::default();
+    let caller = Caller::new("hsm-test-operator", "crypto-shredding");
     let m1 = kr.seal(b"under v1", &ctx("1")).await.unwrap();
     p.rotate(&k).await.unwrap();
     let m2 = kr.seal(b"under v2", &ctx("2")).await.unwrap();

@@ -14,7 +14,8 @@ use conformance::{bytes, ctx, MemoryKms};
 use phi_envelope::events::{MemorySink, Operation, Outcome};
 use phi_envelope::keyring::KeyringBuilder;
 use phi_envelope::provider::local::LocalKeystore;
-use phi_envelope::provider::{KeyProvider, ProviderErrorKind};
+use phi_envelope::provider::{BoxFuture, KeyInfo, KeyProvider, ProviderErrorKind, Unwrapped};
+use phi_envelope::rewrap::RecordRewrap;
 use phi_envelope::{Caller, EncryptionContext, Envelope, Error, Header, KeyRef, Keyring};
 
 struct Fixture {
@@ -223,7 +224,7 @@ async fn batch_rewrap_gives_a_result_per_record(f: Fixture) {
     // each, one wrap for each of the 21 that unwrapped.
     assert_eq!(env.keyring().provider_calls() - calls, 22 + 21);
     for (i, r) in results.iter().enumerate().take(50) {
-        let new = r.as_ref().unwrap();
+        let new = r.rewrapped().unwrap();
         assert_eq!(entries(new), [(f.key.to_string(), 2)]);
         assert_eq!(body(new), body(&items[i].0));
         let pt = env.open(new, &items[i].1).await.unwrap();
@@ -234,9 +235,15 @@ async fn batch_rewrap_gives_a_result_per_record(f: Fixture) {
         };
         assert_eq!(pt, want);
     }
-    assert!(results[50].as_ref().unwrap_err().is_decrypt());
-    assert!(matches!(results[51], Err(Error::NotEnvelope)));
-    assert!(matches!(results[52], Err(Error::Truncated)));
+    assert!(results[50].error().unwrap().is_decrypt());
+    assert!(matches!(
+        results[51],
+        RecordRewrap::Failed(Error::NotEnvelope)
+    ));
+    assert!(matches!(
+        results[52],
+        RecordRewrap::Failed(Error::Truncated)
+    ));
     // Every rewrapped record has its own rewrap event, and the rewrap that
     // failed (wrong context) is recorded as failed; the malformed inputs
     // never reached the keyring.
@@ -481,7 +488,7 @@ async fn batch_rewrap_of_cache_sealed_records_costs_two_calls() {
         "one unwrap and one wrap for 1000 records sharing a DEK"
     );
     for (i, r) in results.into_iter().enumerate().step_by(97) {
-        let new = r.unwrap();
+        let new = r.into_result().unwrap().unwrap();
         assert_eq!(entries(&new)[0].1, 2);
         assert_eq!(env.open(&new, &c).await.unwrap(), bytes(i, 3));
     }
@@ -494,10 +501,314 @@ async fn batch_rewrap_with_the_provider_down_fails_each_record_clearly() {
     let c = ctx("1");
     let a = env.seal(b"a", &c).await.unwrap();
     let b = env.seal(b"b", &c).await.unwrap();
+    // Under v1 while v2 is primary: they need a rewrap (current records
+    // would be left alone without a provider call).
+    env.keyring().rotate(&f.key, &operator()).await.unwrap();
     f.memory().down.store(true, Ordering::SeqCst);
     let results = env.rewrap_batch(&[(&a, &c), (&b, &c), (&a, &c)]).await;
     assert_eq!(results.len(), 3);
     for r in results {
-        assert_eq!(kind(&r.unwrap_err()), Some(ProviderErrorKind::Unavailable));
+        assert_eq!(
+            kind(&r.into_result().unwrap_err()),
+            Some(ProviderErrorKind::Unavailable)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rewrap re-encrypts only the entry that verified, and checks what it built.
+// ---------------------------------------------------------------------------
+
+/// The in-memory provider with a provider-side rewrap, the way AWS KMS
+/// ReEncrypt works: `rewrap` decrypts the entry it is handed and encrypts
+/// the result under the destination key, without the DEK leaving the
+/// provider. Counts the rewraps it was asked for.
+#[derive(Debug)]
+struct Reencrypting {
+    inner: Arc<MemoryKms>,
+    rewraps: std::sync::atomic::AtomicUsize,
+    /// When set, `rewrap` returns its entry under another provider's id (a
+    /// provider bug the keyring must catch).
+    mislabel: std::sync::atomic::AtomicBool,
+}
+
+impl Reencrypting {
+    fn new(inner: Arc<MemoryKms>) -> Arc<Reencrypting> {
+        Arc::new(Reencrypting {
+            inner,
+            rewraps: std::sync::atomic::AtomicUsize::new(0),
+            mislabel: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+impl KeyProvider for Reencrypting {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn wrap<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        dek: &'a phi_envelope::Dek,
+        context: &'a EncryptionContext,
+    ) -> BoxFuture<'a, phi_envelope::Result<phi_envelope::WrappedKey>> {
+        self.inner.wrap(key, dek, context)
+    }
+    fn unwrap<'a>(
+        &'a self,
+        entry: &'a phi_envelope::WrappedKey,
+        context: &'a EncryptionContext,
+    ) -> BoxFuture<'a, phi_envelope::Result<Unwrapped>> {
+        self.inner.unwrap(entry, context)
+    }
+    fn describe<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, phi_envelope::Result<KeyInfo>> {
+        self.inner.describe(key)
+    }
+    fn rotate<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, phi_envelope::Result<KeyInfo>> {
+        self.inner.rotate(key)
+    }
+    fn set_state<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        version: u32,
+        state: phi_envelope::provider::KeyState,
+    ) -> BoxFuture<'a, phi_envelope::Result<KeyInfo>> {
+        self.inner.set_state(key, version, state)
+    }
+    fn destroy<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        version: u32,
+    ) -> BoxFuture<'a, phi_envelope::Result<KeyInfo>> {
+        self.inner.destroy(key, version)
+    }
+    fn supports_rewrap(&self) -> bool {
+        true
+    }
+    fn rewrap<'a>(
+        &'a self,
+        entry: &'a phi_envelope::WrappedKey,
+        key: &'a KeyRef,
+        context: &'a EncryptionContext,
+    ) -> BoxFuture<'a, phi_envelope::Result<Option<phi_envelope::WrappedKey>>> {
+        Box::pin(async move {
+            self.rewraps.fetch_add(1, Ordering::SeqCst);
+            match self.inner.unwrap(entry, context).await? {
+                Unwrapped::Key(dek) => {
+                    let mut entry = self.inner.wrap(key, &dek, context).await?;
+                    if self.mislabel.load(Ordering::SeqCst) {
+                        entry.provider = "elsewhere".into();
+                    }
+                    Ok(Some(entry))
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+}
+
+/// A message with two entries under the same key: the first wraps a decoy
+/// DEK (a valid wrapped key, but not the one of this message), the second
+/// the DEK that keys the header tag and the body. It opens: the keyring
+/// tries the first entry, its DEK fails the header tag, then the second.
+async fn decoy_first_message(
+    kms: &MemoryKms,
+    key: &KeyRef,
+    context: &EncryptionContext,
+    plaintext: &[u8],
+) -> Vec<u8> {
+    use phi_envelope::message::SealingKey;
+    use phi_envelope::Dek;
+    let real = Dek::generate().unwrap();
+    let decoy = Dek::generate().unwrap();
+    let entries = vec![
+        kms.wrap(key, &decoy, context).await.unwrap(),
+        kms.wrap(key, &real, context).await.unwrap(),
+    ];
+    SealingKey::new(&real, entries)
+        .unwrap()
+        .seal(plaintext, context)
+        .unwrap()
+}
+
+struct DecoyCase {
+    kms: Arc<MemoryKms>,
+    provider: Arc<Reencrypting>,
+    key: KeyRef,
+    env: Envelope,
+    context: EncryptionContext,
+    message: Vec<u8>,
+}
+
+async fn decoy_case() -> DecoyCase {
+    let kms = Arc::new(MemoryKms::new("mem"));
+    let key = kms.add_key("records");
+    let provider = Reencrypting::new(kms.clone());
+    let env = Envelope::new(
+        Keyring::builder()
+            .provider(provider.clone())
+            .recipient(key.clone())
+            .build()
+            .unwrap(),
+    )
+    .as_caller("backup-operator", "rewrap");
+    let context = ctx("decoy");
+    let message = decoy_first_message(&kms, &key, &context, b"potassium 4.1").await;
+    assert_eq!(
+        env.open(&message, &context).await.unwrap(),
+        b"potassium 4.1",
+        "the crafted message opens before any rewrap"
+    );
+    env.keyring().rotate(&key, &operator()).await.unwrap();
+    DecoyCase {
+        kms,
+        provider,
+        key,
+        env,
+        context,
+        message,
+    }
+}
+
+impl DecoyCase {
+    /// The rewrapped message opens, under the new primary, and the
+    /// provider re-encrypted one entry (the one that verified).
+    async fn check(&self, rewrapped: &[u8]) {
+        assert_eq!(entries(rewrapped), [(self.key.to_string(), 2)]);
+        assert_eq!(body(rewrapped), body(&self.message));
+        assert_eq!(
+            self.env.open(rewrapped, &self.context).await.unwrap(),
+            b"potassium 4.1",
+            "a message that opened before the rewrap opens after it"
+        );
+        assert_eq!(self.provider.rewraps.load(Ordering::SeqCst), 1);
+        // And it survives the shredding of version 1.
+        self.env
+            .keyring()
+            .disable(&self.key, 1, &operator())
+            .await
+            .unwrap();
+        self.env
+            .keyring()
+            .destroy(&self.key, 1, &operator())
+            .await
+            .unwrap();
+        assert_eq!(
+            self.env.open(rewrapped, &self.context).await.unwrap(),
+            b"potassium 4.1"
+        );
+        let _ = &self.kms;
+    }
+}
+
+#[tokio::test]
+async fn record_rewrap_reencrypts_the_entry_that_verified() {
+    let case = decoy_case().await;
+    let new = case.env.rewrap(&case.message, &case.context).await.unwrap();
+    case.check(&new).await;
+}
+
+#[tokio::test]
+async fn header_rewrap_reencrypts_the_entry_that_verified() {
+    let case = decoy_case().await;
+    let (header, used) = Header::parse(&case.message).unwrap();
+    let new = case
+        .env
+        .rewrap_header(&header, &case.context)
+        .await
+        .unwrap();
+    let mut out = new.as_bytes().to_vec();
+    out.extend_from_slice(&case.message[used..]);
+    case.check(&out).await;
+}
+
+#[tokio::test]
+async fn batch_rewrap_reencrypts_the_entry_that_verified() {
+    let case = decoy_case().await;
+    let results = case
+        .env
+        .rewrap_batch(&[(&case.message, &case.context)])
+        .await;
+    let new = results.into_iter().next().unwrap().into_result().unwrap();
+    let new = new.expect("rewrapped, not current");
+    case.check(&new).await;
+}
+
+#[tokio::test]
+async fn a_rewrapped_header_that_fails_its_check_is_not_returned() {
+    let case = decoy_case().await;
+    case.provider.mislabel.store(true, Ordering::SeqCst);
+    let e = case
+        .env
+        .rewrap(&case.message, &case.context)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("nothing was rewrapped"), "{e}");
+    let report = case
+        .env
+        .rewrap_batch(&[(&case.message, &case.context)])
+        .await;
+    assert!(report[0].error().is_some(), "{report:?}");
+    // The original still opens.
+    assert_eq!(
+        case.env.open(&case.message, &case.context).await.unwrap(),
+        b"potassium 4.1"
+    );
+}
+
+#[tokio::test]
+async fn file_rewrap_of_the_crafted_message_succeeds() {
+    // rewrap_file checked its result already (and refused); now it
+    // succeeds, since the header it is given is right.
+    let case = decoy_case().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("record.phi");
+    write(&path, &case.message);
+    let report = case.env.rewrap_file(&path, &case.context).await.unwrap();
+    assert!(report.changed);
+    case.check(&std::fs::read(&path).unwrap()).await;
+}
+
+#[tokio::test]
+async fn batch_rewrap_of_current_records_calls_no_provider() {
+    let f = memory_fixture();
+    let env = f.envelope();
+    let mut items: Vec<(Vec<u8>, EncryptionContext)> = Vec::new();
+    for i in 0..6 {
+        let c = ctx(&format!("stale-{i}"));
+        items.push((env.seal(&bytes(100 + i, 1), &c).await.unwrap(), c));
+    }
+    env.keyring().rotate(&f.key, &operator()).await.unwrap();
+    // Interleave: even items were sealed under v1, odd ones under v2.
+    for i in 0..6 {
+        let c = ctx(&format!("current-{i}"));
+        let sealed = env.seal(&bytes(200 + i, 2), &c).await.unwrap();
+        items.insert(2 * i + 1, (sealed, c));
+    }
+    let keyring_calls = env.keyring().provider_calls();
+    let memory_calls = f.memory().calls.load(Ordering::SeqCst);
+    let refs: Vec<(&[u8], &EncryptionContext)> =
+        items.iter().map(|(m, c)| (m.as_slice(), c)).collect();
+    let results = env.rewrap_batch(&refs).await;
+    assert_eq!(results.len(), 12);
+    // One unwrap and one wrap per stale record; nothing for the current
+    // ones (the primary version is known from the rotation just made).
+    assert_eq!(env.keyring().provider_calls() - keyring_calls, 2 * 6);
+    assert_eq!(
+        f.memory().calls.load(Ordering::SeqCst) - memory_calls,
+        2 * 6
+    );
+    for (i, r) in results.iter().enumerate() {
+        let (new, want) = if i % 2 == 0 {
+            (
+                r.rewrapped().expect("stale: rewrapped"),
+                bytes(100 + i / 2, 1),
+            )
+        } else {
+            assert!(r.is_unchanged(), "current: unchanged, {r:?}");
+            (items[i].0.as_slice(), bytes(200 + i / 2, 2))
+        };
+        assert_eq!(entries(new), [(f.key.to_string(), 2)]);
+        assert_eq!(env.open(new, &items[i].1).await.unwrap(), want);
     }
 }

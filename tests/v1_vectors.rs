@@ -196,3 +196,147 @@ fn vectors_reseal_to_messages_that_open() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Negative vectors (docs/FORMAT.md section 13): every decoder refuses each
+// with its error.
+// ---------------------------------------------------------------------------
+
+mod decoders;
+
+struct Negative {
+    name: String,
+    dek: Vec<u8>,
+    context: Vec<(String, String)>,
+    providers: Option<Vec<String>>,
+    message: Vec<u8>,
+    error: String,
+    value: Option<u8>,
+    field: Option<String>,
+    released: usize,
+}
+
+fn negative_vectors() -> Vec<Negative> {
+    let doc = common::vector_file("phi-envelope-v1.json");
+    let s = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
+    let out: Vec<Negative> = doc["negative_vectors"]
+        .as_array()
+        .expect("negative_vectors")
+        .iter()
+        .map(|v| Negative {
+            name: s(&v["name"]),
+            dek: hex::decode(s(&v["dek"])).unwrap(),
+            context: v["context"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (s(&p[0]), s(&p[1])))
+                .collect(),
+            providers: v
+                .get("providers")
+                .map(|p| p.as_array().unwrap().iter().map(s).collect()),
+            message: hex::decode(s(&v["message"])).unwrap(),
+            error: s(&v["error"]),
+            value: v
+                .get("value")
+                .map(|x| u8::try_from(x.as_u64().unwrap()).unwrap()),
+            field: v.get("field").map(s),
+            released: usize::try_from(v["released"].as_u64().unwrap()).unwrap(),
+        })
+        .collect();
+    assert!(out.len() >= 50, "{} negative vectors", out.len());
+    out
+}
+
+/// The error as the vector file names it: kind, value, field.
+fn described(e: &Error) -> (String, Option<u8>, Option<String>) {
+    let debug = format!("{e:?}");
+    let kind = debug
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .next()
+        .unwrap()
+        .to_owned();
+    let value = match e {
+        Error::UnsupportedVersion(v) | Error::UnsupportedSuite(v) => Some(*v),
+        _ => None,
+    };
+    (kind, value, e.malformed_field().map(str::to_owned))
+}
+
+#[test]
+fn every_error_kind_has_a_negative_vector() {
+    let kinds: std::collections::BTreeSet<String> =
+        negative_vectors().into_iter().map(|n| n.error).collect();
+    for want in [
+        "Decrypt",
+        "Truncated",
+        "TruncatedChunk",
+        "NotEnvelope",
+        "UnsupportedVersion",
+        "UnsupportedSuite",
+        "Malformed",
+        "InvalidContext",
+        "NoMatchingKey",
+    ] {
+        assert!(kinds.contains(want), "no negative vector for {want}");
+    }
+    let fields: std::collections::BTreeSet<String> = negative_vectors()
+        .into_iter()
+        .filter_map(|n| n.field)
+        .collect();
+    for want in [
+        "count",
+        "plen",
+        "provider id",
+        "rlen",
+        "key reference",
+        "wlen",
+    ] {
+        assert!(fields.contains(want), "no Malformed vector for {want}");
+    }
+}
+
+#[test]
+fn every_negative_vector_fails_with_its_error_in_every_decoder() {
+    for n in negative_vectors() {
+        let want = (n.error.clone(), n.value, n.field.clone());
+        let ctx = match EncryptionContext::from_pairs(n.context.iter().cloned()) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                // Refused before any decoder, any key, any provider.
+                assert_eq!(described(&e), want, "{}: {e:?}", n.name);
+                continue;
+            }
+        };
+        assert_ne!(
+            n.error, "InvalidContext",
+            "{}: the context was accepted",
+            n.name
+        );
+        let results = match &n.providers {
+            // Key selection: only the decoders that select an entry apply.
+            Some(ids) => {
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                decoders::open_every_way_with(&n.message, &n.dek, &ctx, &ids, false)
+            }
+            None => decoders::open_every_way(&n.message, &n.dek, &ctx),
+        };
+        assert!(results.len() >= 5);
+        for (decoder, r) in results {
+            match r {
+                Ok(pt) => panic!("{}: {decoder} opened it ({} bytes)", n.name, pt.len()),
+                Err(e) => assert_eq!(described(&e), want, "{}: {decoder} gave {e:?}", n.name),
+            }
+        }
+        if n.providers.is_none() {
+            // The streaming decoder releases exactly the authenticated
+            // full chunks before the failure.
+            for buf_len in [1000, 16384, 65536] {
+                let s =
+                    open_streaming(&n.message, &Dek::from_slice(&n.dek).unwrap(), &ctx, buf_len);
+                assert!(s.result.is_err(), "{}", n.name);
+                assert_eq!(s.released.len(), n.released, "{} buf {buf_len}", n.name);
+            }
+        }
+    }
+}

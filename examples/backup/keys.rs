@@ -200,15 +200,17 @@ pub fn supported(scheme: &str) -> bool {
     scheme == "local"
         || (scheme == "pkcs11" && cfg!(feature = "pkcs11"))
         || (scheme == "aws-kms" && cfg!(feature = "aws-kms"))
+        || (scheme == "vault-transit" && cfg!(feature = "vault"))
 }
 
 fn unsupported_hint(scheme: &str) -> String {
     match scheme {
-        "pkcs11" | "aws-kms" => format!(
-            "this build of backup has no {scheme} provider; build it with `cargo build --release --example backup --features {scheme}`"
+        "pkcs11" | "aws-kms" | "vault-transit" => format!(
+            "this build of backup has no {scheme} provider; build it with `cargo build --release --example backup --features {}`",
+            if scheme == "vault-transit" { "vault" } else { scheme }
         ),
         other => format!(
-            "no provider for {other:?} keys: backup knows local:NAME, pkcs11: URIs and aws-kms: keys"
+            "no provider for {other:?} keys: backup knows local:NAME, pkcs11: URIs, aws-kms: and vault-transit: keys"
         ),
     }
 }
@@ -264,6 +266,10 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
                 ))
             }
         };
+        let ks = match &g.keystore_generation_file {
+            Some(f) => ks.with_generation_file(f)?,
+            None => ks,
+        };
         let ks = Arc::new(ks);
         builder = builder.provider(ks.clone() as Arc<dyn KeyProvider>);
         store = Some(ks);
@@ -275,6 +281,8 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
             "pkcs11" => builder = builder.provider(crate::providers::pkcs11(&rt)?),
             #[cfg(feature = "aws-kms")]
             "aws-kms" => builder = builder.provider(crate::providers::aws_kms(&rt)?),
+            #[cfg(feature = "vault")]
+            "vault-transit" => builder = builder.provider(crate::providers::vault()?),
             _ => {} // reported per message as "no provider holds a key"
         }
     }
@@ -560,6 +568,123 @@ fn info_json(info: &KeyInfo) -> String {
             .map_or("null".into(), |v| v.to_string()),
         versions.join(",")
     )
+}
+
+// ---------------------------------------------------------------------------
+// `keys passwd`
+
+/// The environment variable holding the new passphrase of `keys passwd`.
+pub const NEW_PASSPHRASE_ENV: &str = "PHI_ENVELOPE_NEW_PASSPHRASE";
+
+/// The new passphrase: `--new-passphrase-file` (the rules of
+/// `--passphrase-file`: UTF-8, one trailing `\n` or `\r\n` removed, nothing
+/// else changed), `PHI_ENVELOPE_NEW_PASSPHRASE`, or a prompt asked twice.
+fn new_passphrase(file: Option<&Path>, keystore: &Path) -> Result<SecretString, CliError> {
+    if let Some(file) = file {
+        let bytes = zeroize::Zeroizing::new(fs::read(file).map_err(|e| {
+            CliError::usage(format!(
+                "cannot read the new passphrase file {}: {e}",
+                file.display()
+            ))
+        })?);
+        let text = std::str::from_utf8(&bytes).map_err(|_| {
+            CliError::usage(format!(
+                "the new passphrase file {} is not UTF-8",
+                file.display()
+            ))
+        })?;
+        let text = text
+            .strip_suffix('\n')
+            .map(|t| t.strip_suffix('\r').unwrap_or(t))
+            .unwrap_or(text);
+        if text.is_empty() {
+            return Err(CliError::usage(format!(
+                "the new passphrase file {} is empty",
+                file.display()
+            )));
+        }
+        return Ok(SecretString::from(text.to_owned()));
+    }
+    if let Ok(p) = std::env::var(NEW_PASSPHRASE_ENV) {
+        if !p.is_empty() {
+            return Ok(SecretString::from(p));
+        }
+    }
+    let no_tty = || {
+        CliError::usage(format!(
+            "keys passwd needs the new passphrase and there is no terminal to ask on: \
+             set {NEW_PASSPHRASE_ENV} or pass --new-passphrase-file FILE"
+        ))
+    };
+    if !io::stdin().is_terminal() && !io::stderr().is_terminal() {
+        return Err(no_tty());
+    }
+    let first = SecretString::from(
+        rpassword::prompt_password(format!(
+            "New passphrase for keystore {}: ",
+            keystore.display()
+        ))
+        .map_err(|_| no_tty())?,
+    );
+    let again = SecretString::from(
+        rpassword::prompt_password("Repeat the new passphrase: ").map_err(|_| no_tty())?,
+    );
+    if first.expose_secret().is_empty() {
+        return Err(CliError::usage("the passphrase must not be empty".into()));
+    }
+    if again.expose_secret() != first.expose_secret() {
+        return Err(CliError::usage(
+            "the two passphrases differ; the passphrase was not changed".into(),
+        ));
+    }
+    Ok(first)
+}
+
+/// The Argon2id parameters asked for: each one given, else the larger of
+/// the keystore's current value and the default (RFC 9106, 64 MiB, t=3,
+/// p=4), so that `keys passwd` never weakens the KDF unasked.
+pub struct KdfArgs {
+    pub memory_mib: Option<u32>,
+    pub passes: Option<u32>,
+    pub lanes: Option<u32>,
+}
+
+/// `keys passwd`: a new passphrase (and Argon2id parameters) for the local
+/// keystore, atomically; the keys do not change.
+pub fn passwd(g: &Global, new_file: Option<&Path>, kdf: &KdfArgs) -> Result<(), CliError> {
+    use phi_envelope::provider::local::Argon2idParams;
+    let keys = connect(g, &schemes_of([&key_ref(DEFAULT_KEY)?]), Local::Open)?;
+    let store = keys.local.as_ref().expect("local keystore is open");
+    let current = store.kdf_params().ok_or_else(|| {
+        CliError::usage("the keystore is unprotected (tests only): it has no passphrase".into())
+    })?;
+    let default = Argon2idParams::RFC_9106_SECOND;
+    let m_kib = match kdf.memory_mib {
+        Some(mib) => mib
+            .checked_mul(1024)
+            .ok_or_else(|| CliError::usage(format!("--kdf-memory-mib {mib} is too large")))?,
+        None => current.m_kib.max(default.m_kib),
+    };
+    let params = Argon2idParams::new(
+        m_kib,
+        kdf.passes.unwrap_or(current.t.max(default.t)),
+        kdf.lanes.unwrap_or(current.p.max(default.p)),
+    )
+    .map_err(CliError::from)?;
+    let new = new_passphrase(new_file, &keys.keystore_path)?;
+    store.change_passphrase(new, params)?;
+    println!(
+        "changed the passphrase of keystore {} (argon2id m={} MiB, t={}, p={}); its keys are unchanged.",
+        keys.keystore_path.display(),
+        params.m_kib / 1024,
+        params.t,
+        params.p
+    );
+    println!(
+        "Copies of the keystore made before still open with the OLD passphrase: replace or destroy them \
+         (and keep the old passphrase as long as you keep such a copy)."
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

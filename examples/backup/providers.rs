@@ -1,5 +1,5 @@
-//! The HSM and KMS providers, when the example is built with the `pkcs11`
-//! or `aws-kms` feature. Configured from the environment only (secrets
+//! The HSM, KMS and Transit providers, when the example is built with the
+//! `pkcs11`, `aws-kms` or `vault` feature. Configured from the environment only (secrets
 //! never on the command line); see docs/CLI.md.
 
 use std::sync::Arc;
@@ -75,4 +75,22 @@ pub fn aws_kms(rt: &tokio::runtime::Runtime) -> Result<Arc<dyn KeyProvider>, Cli
     let sdk = rt.block_on(aws_config::defaults(aws_config::BehaviorVersion::latest()).load());
     let p = AwsKmsProvider::new(&sdk, AwsKmsConfig::new(&key)?)?;
     Ok(Arc::new(p))
+}
+
+/// The Vault / OpenBao Transit provider: the standard Vault environment
+/// (`VAULT_ADDR`, `VAULT_TOKEN`, `VAULT_NAMESPACE`, `VAULT_CACERT`, or their
+/// `BAO_*` twins), and the context-digest secret (32+ bytes) in
+/// `PHI_ENVELOPE_VAULT_CONTEXT_KEY` or the file
+/// `PHI_ENVELOPE_VAULT_CONTEXT_KEY_FILE`.
+#[cfg(feature = "vault")]
+pub fn vault() -> Result<Arc<dyn KeyProvider>, CliError> {
+    use phi_envelope::provider::vault::{VaultConfig, VaultTransitProvider};
+    let key = secret_env("PHI_ENVELOPE_VAULT_CONTEXT_KEY")?.ok_or_else(|| {
+        CliError::usage(
+            "vault-transit keys need the context digest secret (32+ bytes) in PHI_ENVELOPE_VAULT_CONTEXT_KEY or the file named by PHI_ENVELOPE_VAULT_CONTEXT_KEY_FILE".into(),
+        )
+    })?;
+    Ok(Arc::new(VaultTransitProvider::new(VaultConfig::from_env(
+        &key,
+    )?)?))
 }

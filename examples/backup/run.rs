@@ -825,7 +825,7 @@ pub fn inspect(_g: &Global, input: &Path, json: bool) -> Result<(), CliError> {
         )
     };
     let h = &info.header;
-    let suite = format!("{:?} (0x{:02x})", h.suite(), h.suite().id());
+    let suite = format!("{} (0x{:02x})", h.suite().name(), h.suite().id());
     if json {
         let recips: Vec<String> = h
             .recipients()
@@ -845,7 +845,7 @@ pub fn inspect(_g: &Global, input: &Path, json: bool) -> Result<(), CliError> {
             "{{\"path\":{},\"format_version\":{},\"suite\":{},\"suite_id\":{},\"file_bytes\":{},\"header_bytes\":{},\"body_bytes\":{},\"chunks\":{},\"plaintext_bytes\":{},\"recipients\":[{}]}}",
             json_str(&shown(input, "-")),
             h.version(),
-            json_str(&format!("{:?}", h.suite())),
+            json_str(h.suite().name()),
             h.suite().id(),
             file_len,
             h.len(),

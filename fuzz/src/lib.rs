@@ -22,6 +22,7 @@ pub fn kind(e: &phi_envelope::Error) -> &'static str {
     match e {
         E::Decrypt => "decrypt",
         E::Truncated => "truncated",
+        E::TruncatedChunk => "truncated-chunk",
         E::NotEnvelope => "not-envelope",
         E::UnsupportedVersion(_) => "version",
         E::UnsupportedSuite(_) => "suite",

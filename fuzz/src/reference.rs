@@ -42,6 +42,9 @@ fn hkdf_expand(prk: &[u8], info: &[u8], len: usize) -> Vec<u8> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fail {
     Truncated,
+    /// The final chunk failed after at least one full chunk, and every
+    /// chunk before it, authenticated (docs/FORMAT.md section 7.4).
+    TruncatedChunk,
     Decrypt,
 }
 
@@ -49,6 +52,7 @@ impl Fail {
     pub fn name(self) -> &'static str {
         match self {
             Fail::Truncated => "truncated",
+            Fail::TruncatedChunk => "truncated-chunk",
             Fail::Decrypt => "decrypt",
         }
     }
@@ -140,13 +144,23 @@ impl Reference {
         Some(out)
     }
 
-    /// The one-shot decoder's answer: the layout is checked before the
-    /// commitment, then every chunk.
-    pub fn one_shot(&self) -> Result<Vec<u8>, Fail> {
-        if !self.layout_ok() {
-            return Err(Fail::Truncated);
+    /// How a failing final chunk (index `self.full`) is reported: after a
+    /// full chunk authenticated it reads as a copy cut inside it.
+    fn final_fail(&self) -> Fail {
+        if self.full > 0 {
+            Fail::TruncatedChunk
+        } else {
+            Fail::Decrypt
         }
-        self.plaintext().ok_or(Fail::Decrypt)
+    }
+
+    /// The one-shot decoder's answer. Every decoder reports the first
+    /// defect in stream order (docs/FORMAT.md section 7.3), so this is how
+    /// the streaming decoder ends.
+    pub fn one_shot(&self) -> Result<Vec<u8>, Fail> {
+        let s = self.stream();
+        s.opens?;
+        s.end.map(|()| s.released)
     }
 
     /// The streaming decoder's answer: the plaintext it may release (chunks
@@ -189,7 +203,7 @@ impl Reference {
                     released.extend_from_slice(pt);
                     Ok(())
                 }
-                None => Err(Fail::Decrypt),
+                None => Err(self.final_fail()),
             }
         };
         Streamed {
@@ -199,16 +213,28 @@ impl Reference {
         }
     }
 
-    /// Whether the seeking decoder's constructor succeeds: layout, then
-    /// commitment, then the final chunk.
+    /// Whether the seeking decoder's constructor succeeds: it
+    /// authenticates the final chunk first, but reports failures in stream
+    /// order (a full chunk that fails comes before a missing or failing
+    /// final chunk).
     pub fn seekable_opens(&self) -> Result<(), Fail> {
-        if !self.layout_ok() {
+        if self.short {
             return Err(Fail::Truncated);
         }
-        if !self.commitment_ok || self.chunks[self.full].is_none() {
+        if !self.commitment_ok {
             return Err(Fail::Decrypt);
         }
-        Ok(())
+        if self.tail >= TAG && self.chunks[self.full].is_some() {
+            return Ok(());
+        }
+        if self.chunks[..self.full].iter().any(Option::is_none) {
+            return Err(Fail::Decrypt);
+        }
+        Err(if self.tail < TAG {
+            Fail::Truncated
+        } else {
+            self.final_fail()
+        })
     }
 
     /// The authenticated plaintext length (valid layout only).

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value};
 
 use crate::events::{Event, Operation, Outcome};
+use crate::provider::KeyState;
 
 /// Appends `s` as a JSON string literal: `"` and `\` escaped, control
 /// characters as `\n`, `\r`, `\t`, `\b`, `\f` or `\u00XX`, everything else
@@ -69,6 +70,11 @@ pub(crate) fn push_event(out: &mut String, e: &Event) {
         Some(v) => out.push_str(&v.to_string()),
         None => out.push_str("null"),
     }
+    // Only when present: lines without it keep their old encoding.
+    if let Some(state) = e.key_state {
+        push_key(out, "key_state", false);
+        push_str(out, state.as_str());
+    }
     push_key(out, "actor", false);
     push_opt_str(out, e.actor.as_deref());
     push_key(out, "purpose", false);
@@ -105,6 +111,13 @@ pub(crate) fn event_from_value(v: &Value) -> Result<Event, String> {
         Some(v) => Some(u32::try_from(v).map_err(|_| "key_version exceeds u32")?),
         None => None,
     };
+    let key_state = match obj.get("key_state") {
+        None => None,
+        Some(Value::String(s)) => {
+            Some(parse_key_state(s).ok_or_else(|| format!("unknown key_state {s:?}"))?)
+        }
+        Some(_) => return Err("field \"key_state\" must be a string when present".into()),
+    };
     let actor = opt_str(obj, "actor")?;
     let purpose = opt_str(obj, "purpose")?;
     let context_fingerprint = opt_str(obj, "context_fingerprint")?;
@@ -118,12 +131,25 @@ pub(crate) fn event_from_value(v: &Value) -> Result<Event, String> {
         provider,
         key_ref,
         key_version,
+        key_state,
         actor,
         purpose,
         context_fingerprint,
         outcome,
         duration,
     })
+}
+
+/// The state named by [`KeyState::as_str`].
+fn parse_key_state(s: &str) -> Option<KeyState> {
+    [
+        KeyState::Enabled,
+        KeyState::DecryptOnly,
+        KeyState::Disabled,
+        KeyState::Destroyed,
+    ]
+    .into_iter()
+    .find(|k| k.as_str() == s)
 }
 
 /// A required string field.

@@ -30,6 +30,18 @@ pub const MAX_HEADER_LEN: usize = FIXED_PREFIX_LEN
         * (1 + MAX_PROVIDER_ID_LEN + 2 + MAX_KEY_REF_LEN + 4 + 2 + MAX_WRAPPED_KEY_LEN)
     + HEADER_TAG_LEN;
 
+// The text of every `Error::Malformed` a header can give: the field, as
+// docs/FORMAT.md section 4 names it, then ": " and what is wrong with it.
+// Stable: FORMAT.md section 8.1 lists them and the negative vectors use them.
+const COUNT: &str = "count: out of range 1..=8";
+const PLEN: &str = "plen: provider id length out of range 1..=32";
+const PROVIDER_ID: &str = "provider id: a byte outside [a-z0-9-]";
+const RLEN: &str = "rlen: key reference length out of range 1..=1024";
+const KEY_REF_UTF8: &str = "key reference: not well-formed UTF-8";
+const KEY_REF_CONTROL: &str =
+    "key reference: a control character (U+0000..=U+001F, U+007F..=U+009F)";
+const WLEN: &str = "wlen: wrapped key length out of range 1..=2048";
+
 /// The HKDF-Expand info of the header-tag key.
 pub(crate) const HEADER_TAG_LABEL: &[u8] = b"phi-envelope/v1 header tag";
 
@@ -47,6 +59,15 @@ impl Suite {
     /// The suite's one-byte id on the wire.
     pub fn id(self) -> u8 {
         self as u8
+    }
+
+    /// The suite's stable name, as tools print it (`inspect`) and as
+    /// docs/FORMAT.md section 3 names it: `"Aes256GcmHkdfSha512"` for
+    /// suite `0x01`. The same text as `Debug`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::Aes256GcmHkdfSha512 => "Aes256GcmHkdfSha512",
+        }
     }
 
     /// The suite for a wire id; unknown ids are an error, never guessed.
@@ -89,7 +110,7 @@ impl WrappedKey {
         validate_provider_id(self.provider.as_bytes())?;
         validate_key_ref(self.key_ref.as_bytes())?;
         if self.wrapped.is_empty() || self.wrapped.len() > MAX_WRAPPED_KEY_LEN {
-            return Err(Error::Malformed("wrapped key length out of range 1..=2048"));
+            return Err(Error::Malformed(WLEN));
         }
         Ok(())
     }
@@ -101,28 +122,24 @@ impl WrappedKey {
 
 fn validate_provider_id(id: &[u8]) -> Result<()> {
     if id.is_empty() || id.len() > MAX_PROVIDER_ID_LEN {
-        return Err(Error::Malformed("provider id length out of range 1..=32"));
+        return Err(Error::Malformed(PLEN));
     }
     if !id
         .iter()
         .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Err(Error::Malformed(
-            "provider id has a character outside [a-z0-9-]",
-        ));
+        return Err(Error::Malformed(PROVIDER_ID));
     }
     Ok(())
 }
 
 fn validate_key_ref(r: &[u8]) -> Result<()> {
     if r.is_empty() || r.len() > MAX_KEY_REF_LEN {
-        return Err(Error::Malformed(
-            "key reference length out of range 1..=1024",
-        ));
+        return Err(Error::Malformed(RLEN));
     }
-    let s = std::str::from_utf8(r).map_err(|_| Error::Malformed("key reference is not UTF-8"))?;
+    let s = std::str::from_utf8(r).map_err(|_| Error::Malformed(KEY_REF_UTF8))?;
     if s.chars().any(char::is_control) {
-        return Err(Error::Malformed("key reference has a control character"));
+        return Err(Error::Malformed(KEY_REF_CONTROL));
     }
     Ok(())
 }
@@ -163,7 +180,7 @@ impl Header {
         tag_key: &hmac::Key,
     ) -> Result<Header> {
         if recipients.is_empty() || recipients.len() > MAX_RECIPIENTS {
-            return Err(Error::Malformed("recipient count out of range 1..=8"));
+            return Err(Error::Malformed(COUNT));
         }
         for r in &recipients {
             r.validate()?;
@@ -213,25 +230,32 @@ impl Header {
     pub fn read_from<R: Read + ?Sized>(reader: &mut R) -> Result<Header> {
         let mut fixed = [0u8; FIXED_PREFIX_LEN];
         let got = read_full(reader, &mut fixed)?;
-        if got < FIXED_PREFIX_LEN {
-            let n = got.min(MAGIC.len());
-            return Err(if fixed[..n] == MAGIC[..n] {
-                Error::Truncated
-            } else {
-                Error::NotEnvelope
-            });
-        }
-        if fixed[..MAGIC.len()] != MAGIC {
+        // Field by field, each judged once it is complete (docs/FORMAT.md
+        // section 4.4): the magic on the bytes present, so that a short
+        // foreign input is `NotEnvelope`; then the version, and only for
+        // version 1 the suite and the count. Input that ends inside the
+        // first field not yet judged is `Truncated`.
+        let n = got.min(MAGIC.len());
+        if fixed[..n] != MAGIC[..n] {
             return Err(Error::NotEnvelope);
+        }
+        if got <= MAGIC.len() {
+            return Err(Error::Truncated);
         }
         let version = fixed[MAGIC.len()];
         if version != VERSION {
             return Err(Error::UnsupportedVersion(version));
         }
+        if got <= MAGIC.len() + 1 {
+            return Err(Error::Truncated);
+        }
         let suite = Suite::from_id(fixed[MAGIC.len() + 1])?;
+        if got < FIXED_PREFIX_LEN {
+            return Err(Error::Truncated);
+        }
         let count = usize::from(fixed[MAGIC.len() + 2]);
         if count == 0 || count > MAX_RECIPIENTS {
-            return Err(Error::Malformed("recipient count out of range 1..=8"));
+            return Err(Error::Malformed(COUNT));
         }
         let mut bytes = Vec::with_capacity(256);
         bytes.extend_from_slice(&fixed);
@@ -239,30 +263,26 @@ impl Header {
         for _ in 0..count {
             let plen = usize::from(read_array::<1, _>(reader, &mut bytes)?[0]);
             if plen == 0 || plen > MAX_PROVIDER_ID_LEN {
-                return Err(Error::Malformed("provider id length out of range 1..=32"));
+                return Err(Error::Malformed(PLEN));
             }
             let provider = read_vec(reader, plen, &mut bytes)?;
             validate_provider_id(&provider)?;
             let rlen = usize::from(u16::from_be_bytes(read_array(reader, &mut bytes)?));
             if rlen == 0 || rlen > MAX_KEY_REF_LEN {
-                return Err(Error::Malformed(
-                    "key reference length out of range 1..=1024",
-                ));
+                return Err(Error::Malformed(RLEN));
             }
             let key_ref = read_vec(reader, rlen, &mut bytes)?;
             validate_key_ref(&key_ref)?;
             let key_version = u32::from_be_bytes(read_array(reader, &mut bytes)?);
             let wlen = usize::from(u16::from_be_bytes(read_array(reader, &mut bytes)?));
             if wlen == 0 || wlen > MAX_WRAPPED_KEY_LEN {
-                return Err(Error::Malformed("wrapped key length out of range 1..=2048"));
+                return Err(Error::Malformed(WLEN));
             }
             let wrapped = read_vec(reader, wlen, &mut bytes)?;
             recipients.push(WrappedKey {
                 // Both validated above: ASCII and UTF-8 respectively.
-                provider: String::from_utf8(provider)
-                    .map_err(|_| Error::Malformed("provider id"))?,
-                key_ref: String::from_utf8(key_ref)
-                    .map_err(|_| Error::Malformed("key reference"))?,
+                provider: String::from_utf8(provider).map_err(|_| Error::Malformed(PROVIDER_ID))?,
+                key_ref: String::from_utf8(key_ref).map_err(|_| Error::Malformed(KEY_REF_UTF8))?,
                 key_version,
                 wrapped,
             });

@@ -15,6 +15,7 @@ pub const MAX_KEY_REF_LEN: usize = crate::format::MAX_KEY_REF_LEN;
 /// | `local:NAME` | `local:backups` |
 /// | `pkcs11:` URI (RFC 7512) | `pkcs11:token=phi;object=records-kek` |
 /// | `aws-kms:` key id, ARN or alias | `aws-kms:alias/phi-records` |
+/// | `vault-transit:MOUNT/KEY` (Vault / OpenBao Transit; mount `transit` when omitted) | `vault-transit:transit/backups` |
 /// | `SCHEME:REST` for your own providers | `vault:transit/phi` |
 ///
 /// The text form ([`as_str`](Self::as_str), `Display`) is canonical: parsing
@@ -52,6 +53,15 @@ pub enum KeyRefKind {
     AwsKms {
         /// Key id, key ARN, alias name (`alias/...`) or alias ARN.
         key_id: String,
+    },
+    /// A Vault / OpenBao Transit key. The canonical text always names the
+    /// mount: `vault-transit:backups` reads as `vault-transit:transit/backups`.
+    VaultTransit {
+        /// The mount path of the Transit engine (`transit`, or nested such as
+        /// `phi/transit`): segments of `[A-Za-z0-9._-]`, none `.` or `..`.
+        mount: String,
+        /// The key's name: 1 to 128 of `[A-Za-z0-9._-]`, not `.` or `..`.
+        name: String,
     },
     /// A key of a provider outside this crate.
     Custom {
@@ -145,6 +155,7 @@ impl KeyRef {
             "aws-kms" => KeyRefKind::AwsKms {
                 key_id: parse_aws_kms(text, rest)?,
             },
+            "vault-transit" => parse_vault_transit(text, rest)?,
             _ => {
                 if scheme.is_empty()
                     || scheme.len() > crate::format::MAX_PROVIDER_ID_LEN
@@ -169,6 +180,7 @@ impl KeyRef {
         };
         let text = match &kind {
             KeyRefKind::Pkcs11(uri) => uri.to_uri(),
+            KeyRefKind::VaultTransit { mount, name } => format!("vault-transit:{mount}/{name}"),
             _ => text.to_owned(),
         };
         // The canonical text is what headers carry: percent-encoding can
@@ -183,12 +195,14 @@ impl KeyRef {
     }
 
     /// The scheme, which is the id of the provider that holds the key:
-    /// `local`, `pkcs11`, `aws-kms`, or a custom provider's id.
+    /// `local`, `pkcs11`, `aws-kms`, `vault-transit`, or a custom provider's
+    /// id.
     pub fn scheme(&self) -> &str {
         match &self.kind {
             KeyRefKind::Local { .. } => "local",
             KeyRefKind::Pkcs11(_) => "pkcs11",
             KeyRefKind::AwsKms { .. } => "aws-kms",
+            KeyRefKind::VaultTransit { .. } => "vault-transit",
             KeyRefKind::Custom { scheme, .. } => scheme,
         }
     }
@@ -254,6 +268,45 @@ fn parse_aws_kms(text: &str, rest: &str) -> Result<String> {
         ));
     }
     Ok(rest.to_owned())
+}
+
+/// The default mount of a `vault-transit:` reference without one.
+pub(crate) const DEFAULT_TRANSIT_MOUNT: &str = "transit";
+
+/// `vault-transit:[MOUNT/]KEY`: the key name is the last segment; what is
+/// before it is the mount. Every segment is a plain path component (no `.`,
+/// `..`, empty segment or percent sign), so a reference can never address
+/// another path of the server than `MOUNT/.../KEY`.
+fn parse_vault_transit(text: &str, rest: &str) -> Result<KeyRefKind> {
+    let segment_ok = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s != "."
+            && s != ".."
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    let (mount, name) = match rest.rsplit_once('/') {
+        Some((mount, name)) => (mount, name),
+        None => (DEFAULT_TRANSIT_MOUNT, rest),
+    };
+    if !segment_ok(name, 128) {
+        return Err(invalid(
+            text,
+            "a Transit key name is 1..=128 of [A-Za-z0-9._-] (expected vault-transit:MOUNT/KEY)",
+        ));
+    }
+    if mount.len() > 256 || !mount.split('/').all(|s| segment_ok(s, 256)) {
+        return Err(invalid(
+            text,
+            "a Transit mount is /-separated segments of [A-Za-z0-9._-] (no empty, . or .. segment; \
+             expected vault-transit:MOUNT/KEY)",
+        ));
+    }
+    Ok(KeyRefKind::VaultTransit {
+        mount: mount.to_owned(),
+        name: name.to_owned(),
+    })
 }
 
 fn pct_decode(text: &str, s: &str) -> Result<Vec<u8>> {
@@ -501,6 +554,37 @@ mod tests {
         ] {
             assert!(KeyRef::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn vault_transit_refs() {
+        let r = KeyRef::parse("vault-transit:backups").unwrap();
+        assert_eq!(r.as_str(), "vault-transit:transit/backups");
+        assert_eq!(r.scheme(), "vault-transit");
+        assert_eq!(KeyRef::parse(r.as_str()).unwrap(), r);
+        let r = KeyRef::parse("vault-transit:phi/transit/records-kek_1.v2").unwrap();
+        assert_eq!(
+            r.kind(),
+            &KeyRefKind::VaultTransit {
+                mount: "phi/transit".into(),
+                name: "records-kek_1.v2".into()
+            }
+        );
+        for bad in [
+            "vault-transit:",
+            "vault-transit:/k",
+            "vault-transit:transit/",
+            "vault-transit:transit//k",
+            "vault-transit:../sys/k",
+            "vault-transit:transit/..",
+            "vault-transit:./k",
+            "vault-transit:transit/k%2f",
+            "vault-transit:transit/k?x=1",
+            "vault-transit:transit/k#f",
+        ] {
+            assert!(KeyRef::parse(bad).is_err(), "{bad}");
+        }
+        assert!(KeyRef::parse(&format!("vault-transit:t/{}", "a".repeat(129))).is_err());
     }
 
     #[test]

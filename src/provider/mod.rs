@@ -3,7 +3,8 @@
 //! A provider generates data-encryption keys (DEKs) and wraps and unwraps
 //! them under a named, versioned KEK that never leaves it. phi-envelope ships
 //! the local keystore (`local`, default feature `local`), a PKCS#11 HSM provider
-//! (feature `pkcs11`) and an AWS KMS provider (feature `aws-kms`);
+//! (feature `pkcs11`), an AWS KMS provider (feature `aws-kms`) and a
+//! Vault / OpenBao Transit provider (feature `vault`);
 //! applications add their own (Vault, GCP, Azure) by implementing
 //! [`KeyProvider`] outside the crate.
 //!
@@ -25,6 +26,8 @@ mod keyref;
 pub mod local;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "vault")]
+pub mod vault;
 
 use std::fmt;
 use std::future::Future;
@@ -160,6 +163,60 @@ impl KeyInfo {
     /// The primary version's entry.
     pub fn primary(&self) -> Option<&KeyVersionInfo> {
         self.primary_version.and_then(|v| self.version(v))
+    }
+}
+
+/// What a key *is*, whatever it is called: the canonical name of one key
+/// (all its versions) in one provider.
+///
+/// A key can have many spellings: an AWS KMS key is named by its key id,
+/// key ARN, alias or alias ARN; a PKCS#11 key by URIs with or without
+/// `module-path`, `slot-id` or `type`. The keyring's data-key caches, its
+/// key policies and its lifecycle verbs act on the identity, never on the
+/// spelling: destroying a key by its ARN flushes what was cached for its
+/// alias, and a key policy set on an alias applies to headers that record
+/// the ARN. Providers report identities through
+/// [`KeyProvider::identity`].
+///
+/// Two identities are the same key exactly when they are equal. The text
+/// is the provider's canonical form (for AWS KMS the key ARN); it names a
+/// key, never holds a secret, and may appear in logs.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyIdentity {
+    provider: String,
+    canonical: String,
+}
+
+impl KeyIdentity {
+    /// The identity `canonical` of a key of the provider with id
+    /// `provider`.
+    pub fn new(provider: impl Into<String>, canonical: impl Into<String>) -> KeyIdentity {
+        KeyIdentity {
+            provider: provider.into(),
+            canonical: canonical.into(),
+        }
+    }
+
+    /// The id of the provider that holds the key.
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// The canonical name of the key.
+    pub fn as_str(&self) -> &str {
+        &self.canonical
+    }
+}
+
+impl fmt::Debug for KeyIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyIdentity({}: {})", self.provider, self.canonical)
+    }
+}
+
+impl fmt::Display for KeyIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.canonical)
     }
 }
 
@@ -341,6 +398,47 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
             let dek = Dek::generate()?;
             let wrapped = self.wrap(key, &dek, context).await?;
             Ok(GeneratedDek { dek, wrapped })
+        })
+    }
+
+    /// The identity of `key`: the one name of the key however `key` spells
+    /// it (see [`KeyIdentity`]), or `Ok(None)` when the provider cannot tell.
+    ///
+    /// The keyring asks it for recipients, for header entries and for the
+    /// targets of lifecycle verbs and key policies, and keeps answers for
+    /// its describe TTL. What an unknown identity means: a lifecycle verb on
+    /// any key of this provider flushes every cached data key of the
+    /// provider, and a key policy applies only to the exact spelling it was
+    /// set for. The default answers `Ok(None)`, which is always safe; a
+    /// provider whose keys have one spelling only can answer
+    /// `KeyIdentity::new(self.id(), key.as_str())`, and a provider with
+    /// aliases resolves them (AWS KMS: DescribeKey).
+    ///
+    /// Answer from local information where possible, and run every local
+    /// check of the reference (is it this provider's? an allowed account?)
+    /// before any request. An error is treated like `Ok(None)`.
+    fn identity<'a>(&'a self, _key: &'a KeyRef) -> BoxFuture<'a, Result<Option<KeyIdentity>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// The identity of the key a header entry of this provider names, for
+    /// key policies and the decryption cache. The default parses
+    /// `entry.key_ref` and asks [`identity`](Self::identity).
+    ///
+    /// Header entries come from messages, that is from whoever wrote them:
+    /// override this where resolving a reference could reach someone else
+    /// (AWS KMS answers `None` for an alias in a header, which it never
+    /// writes, rather than ask the alias's owner). No request may be made
+    /// for an entry that [`unwrap`](Self::unwrap) would not use.
+    fn entry_identity<'a>(
+        &'a self,
+        entry: &'a WrappedKey,
+    ) -> BoxFuture<'a, Result<Option<KeyIdentity>>> {
+        Box::pin(async move {
+            match KeyRef::parse(&entry.key_ref) {
+                Ok(key) if entry.provider == self.id() => self.identity(&key).await,
+                _ => Ok(None),
+            }
         })
     }
 

@@ -50,7 +50,10 @@ pub fn bin() -> &'static Path {
         if cfg!(feature = "tracing") {
             features.push("tracing");
         }
-        if features.len() == 5 {
+        if cfg!(feature = "vault") {
+            features.push("vault");
+        }
+        if features.len() == 6 {
             cmd.arg("--all-features");
         } else {
             cmd.arg("--features").arg(features.join(","));

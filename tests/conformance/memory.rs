@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use phi_envelope::provider::{
-    BoxFuture, KeyInfo, KeyProvider, KeyRefKind, KeyState, KeyVersionInfo, ProviderError,
-    ProviderErrorKind, Unwrapped,
+    BoxFuture, KeyIdentity, KeyInfo, KeyProvider, KeyRefKind, KeyState, KeyVersionInfo,
+    ProviderError, ProviderErrorKind, Unwrapped,
 };
 use phi_envelope::{Dek, EncryptionContext, KeyRef, Result, WrappedKey};
 use zeroize::Zeroizing;
@@ -115,6 +115,14 @@ impl MemoryKms {
 impl KeyProvider for MemoryKms {
     fn id(&self) -> &str {
         &self.id
+    }
+
+    /// `ID:NAME` is the only spelling of a key: its identity.
+    fn identity<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<Option<KeyIdentity>>> {
+        let id = self
+            .name_of(key)
+            .map(|_| KeyIdentity::new(&self.id, key.as_str()));
+        Box::pin(async move { Ok(id) })
     }
 
     fn wrap<'a>(

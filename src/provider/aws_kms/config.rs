@@ -163,11 +163,13 @@ impl AwsKmsConfig {
         Ok(self)
     }
 
-    /// Accepts for decryption only wrapped keys whose KMS key lives in one of
-    /// `accounts` (12-digit AWS account ids). A header entry naming a key in
-    /// any other account is treated as not this provider's: no KMS call is
-    /// made. Without this, any key the credentials may use is accepted (IAM
-    /// and key policies are then the only limit).
+    /// Accepts only KMS keys and aliases that live in one of `accounts`
+    /// (12-digit AWS account ids). A header entry naming a key in any other
+    /// account is treated as not this provider's, and a recipient or
+    /// lifecycle target naming one (key ARN or alias ARN) is refused; either
+    /// way before any request, so no KMS call is made for it. Without this,
+    /// any key the credentials may use is accepted (IAM and key policies
+    /// are then the only limit).
     pub fn allowed_accounts<I, S>(mut self, accounts: I) -> Result<AwsKmsConfig>
     where
         I: IntoIterator<Item = S>,

@@ -20,13 +20,15 @@ pub(super) struct KmsKey {
 }
 
 /// The parts of a KMS ARN.
-struct Arn<'a> {
-    region: &'a str,
-    account: &'a str,
+pub(super) struct Arn<'a> {
+    pub partition: &'a str,
+    pub region: &'a str,
+    pub account: &'a str,
     resource: &'a str,
 }
 
-fn parse_arn(s: &str) -> Option<Arn<'_>> {
+/// The parts of a KMS key or alias ARN; `None` for anything else.
+pub(super) fn parse_arn(s: &str) -> Option<Arn<'_>> {
     let rest = s.strip_prefix("arn:")?;
     let mut parts = rest.splitn(5, ':');
     let partition = parts.next()?;
@@ -36,6 +38,7 @@ fn parse_arn(s: &str) -> Option<Arn<'_>> {
     let resource = parts.next()?;
     (partition.starts_with("aws") && service == "kms" && !region.is_empty() && !account.is_empty())
         .then_some(Arn {
+            partition,
             region,
             account,
             resource,
@@ -51,6 +54,14 @@ fn valid_id(id: &str) -> bool {
 }
 
 impl KmsRef {
+    /// The ARN parts of the reference, when it is a key or alias ARN.
+    pub fn arn(&self) -> Option<Arn<'_>> {
+        match self {
+            KmsRef::Key(k) => k.arn.as_deref().and_then(parse_arn),
+            KmsRef::Alias(a) => parse_arn(a),
+        }
+    }
+
     /// Parses the part of a reference after `aws-kms:` (already validated by
     /// [`KeyRef`](crate::KeyRef)).
     pub fn parse(key_id: &str) -> Option<KmsRef> {
@@ -95,6 +106,7 @@ impl KmsKey {
     }
 
     /// The account of the key, when its ARN is known.
+    #[cfg(test)]
     pub fn account(&self) -> Option<&str> {
         self.arn.as_deref().and_then(parse_arn).map(|a| a.account)
     }

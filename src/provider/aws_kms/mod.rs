@@ -37,6 +37,7 @@
 //! | open (`unwrap`) | Decrypt with KeyId pinned to the entry's key ARN (one more per previous context key, only when the current one is rejected) |
 //! | rewrap (`rewrap`) | ReEncrypt with SourceKeyId pinned and DestinationKeyId: the DEK never leaves KMS |
 //! | alias reference | DescribeKey once per alias per [`AwsKmsConfig::alias_cache_ttl`] |
+//! | `identity` | none for a key ARN; DescribeKey for a key id, alias or alias ARN (aliases through the alias cache) |
 //! | `describe` | DescribeKey |
 //! | `create_key` (alias refs only) | CreateKey, CreateAlias, EnableKeyRotation |
 //! | `rotate` | RotateKeyOnDemand, DescribeKey |
@@ -52,6 +53,23 @@
 //! existing messages readable. The KeyId in every KMS answer is checked
 //! against the key asked for; a mismatch is an error and any plaintext in
 //! that answer is zeroized unused.
+//!
+//! Every spelling has one identity, `aws-kms:` + the key ARN
+//! ([`KeyProvider::identity`]): the keyring's caches, key policies and
+//! lifecycle verbs treat an alias and the key it names as one key.
+//!
+//! # Local checks first
+//!
+//! Every request path (generate, wrap, unwrap, rewrap, describe, identity,
+//! the lifecycle verbs) checks the reference before anything is sent: a key
+//! or alias ARN must be in the client's partition and region and, with
+//! [`AwsKmsConfig::allowed_accounts`], in an allowed account. A recipient or
+//! lifecycle target that fails is refused with
+//! [`Misconfigured`](ProviderErrorKind::Misconfigured), saying why and that
+//! no request was sent. A header entry that fails, or that names an alias
+//! at all (headers record key ARNs; resolving a foreign alias would tell
+//! its owner who opens which message when), is
+//! [`Unwrapped::NotMine`], with no request.
 //!
 //! # Versions and lifecycle
 //!
@@ -101,8 +119,8 @@ pub use config::{
 use self::error::{classify, provider_error, CallKind, Failure};
 use self::key_id::{KmsKey, KmsRef};
 use super::{
-    BoxFuture, GeneratedDek, KeyInfo, KeyProvider, KeyRef, KeyRefKind, KeyState, KeyVersionInfo,
-    ProviderErrorKind, Unwrapped,
+    BoxFuture, GeneratedDek, KeyIdentity, KeyInfo, KeyProvider, KeyRef, KeyRefKind, KeyState,
+    KeyVersionInfo, ProviderErrorKind, Unwrapped,
 };
 use crate::error::{Error, Result};
 use crate::format::{EncryptionContext, WrappedKey, MAX_WRAPPED_KEY_LEN};
@@ -153,6 +171,30 @@ fn mismatch(answered: &str, expected: &KmsKey) -> Error {
          AWS_ENDPOINT_URL: the endpoint is not behaving like KMS",
         expected.pin()
     ))
+}
+
+/// A reference refused by a local check: no request was made for it.
+fn refused(shown: &str, reason: &str) -> Error {
+    misconfigured(format!(
+        "{shown}: {reason}; refused by a local check, no request was sent to KMS"
+    ))
+}
+
+/// The AWS partition of a region (`aws`, `aws-cn`, `aws-us-gov`, the
+/// isolated partitions), by the region's prefix.
+fn partition_of(region: &str) -> &'static str {
+    const PREFIXES: [(&str, &str); 6] = [
+        ("cn-", "aws-cn"),
+        ("us-gov-", "aws-us-gov"),
+        ("us-isob-", "aws-iso-b"),
+        ("us-isof-", "aws-iso-f"),
+        ("us-iso-", "aws-iso"),
+        ("eu-isoe-", "aws-iso-e"),
+    ];
+    PREFIXES
+        .iter()
+        .find(|(prefix, _)| region.starts_with(prefix))
+        .map_or("aws", |(_, partition)| partition)
 }
 
 /// Moves a plaintext key out of a response into a [`Dek`]; the decoded
@@ -259,7 +301,13 @@ impl AwsKmsProvider {
 
     /// Resolves a reference to a key: a key id or ARN as is, an alias with
     /// DescribeKey (cached for the configured TTL).
+    ///
+    /// Every request path of the provider goes through here or through
+    /// [`local_check`](Self::local_check) first, so a reference that a
+    /// local check refuses never reaches the network.
     async fn resolve(&self, kms_ref: &KmsRef, shown: &str) -> Result<KmsKey> {
+        self.local_check(kms_ref)
+            .map_err(|reason| refused(shown, &reason))?;
         let alias = match kms_ref {
             KmsRef::Key(k) => return Ok(k.clone()),
             KmsRef::Alias(a) => a,
@@ -278,6 +326,10 @@ impl AwsKmsProvider {
                 ))
             })
         })?;
+        // An alias names a key of its own account and region; checked all
+        // the same, before the key is used.
+        self.local_check(&KmsRef::Key(key.clone()))
+            .map_err(|reason| refused(shown, &format!("it resolves to {}: {reason}", key.pin())))?;
         if !ttl.is_zero() {
             let mut cache = self.lock_aliases();
             if cache.len() >= ALIAS_CACHE_MAX {
@@ -286,6 +338,64 @@ impl AwsKmsProvider {
             cache.insert(alias.clone(), (key.clone(), Instant::now()));
         }
         Ok(key)
+    }
+
+    /// Every check of a reference that needs no request: the account
+    /// allow-list, the region and partition of the client, for the key or
+    /// alias ARN forms (a bare key id or alias name is resolved by KMS in
+    /// the caller's own account and region). `Err` says why, for a refusal.
+    fn local_check(&self, kms_ref: &KmsRef) -> std::result::Result<(), String> {
+        let Some(arn) = kms_ref.arn() else {
+            return Ok(());
+        };
+        let partition = partition_of(&self.region);
+        if arn.partition != partition {
+            return Err(format!(
+                "it is in partition {}, but this provider's client (region {}) is in partition \
+                 {partition}",
+                arn.partition, self.region
+            ));
+        }
+        if arn.region != self.region {
+            return Err(format!(
+                "it is in region {}, but this provider's client is in {}; KMS keys are \
+                 regional: use a provider whose client is in that region",
+                arn.region, self.region
+            ));
+        }
+        if !self.config.account_allowed(arn.account) {
+            return Err(format!(
+                "it names account {}, which is not in this provider's allowed_accounts",
+                arn.account
+            ));
+        }
+        Ok(())
+    }
+
+    /// The key ARN of `key`, as a header records it: local for a key ARN,
+    /// DescribeKey for an alias (cached for the alias TTL) or a bare id.
+    async fn key_identity(&self, key: &KeyRef) -> Result<Option<KeyIdentity>> {
+        let kms_ref = self.kms_ref(key)?;
+        let resolved = match &kms_ref {
+            KmsRef::Key(k) if k.arn.is_none() => {
+                self.local_check(&kms_ref)
+                    .map_err(|reason| refused(key.as_str(), &reason))?;
+                let meta = self.describe_raw(&k.id, key.as_str()).await?;
+                let found = KmsKey::from_metadata(meta.key_id(), meta.arn())
+                    .filter(|found| k.matches(found.pin()))
+                    .ok_or_else(|| mismatch(meta.arn().unwrap_or(meta.key_id()), k))?;
+                self.local_check(&KmsRef::Key(found.clone()))
+                    .map_err(|reason| refused(key.as_str(), &reason))?;
+                found
+            }
+            _ => self.resolve(&kms_ref, key.as_str()).await?,
+        };
+        // Without an ARN (a KMS-compatible server that reports none) the
+        // identity is unknown: the keyring then flushes more, never less.
+        Ok(match resolved.arn {
+            Some(_) => Some(KeyIdentity::new(PROVIDER_ID, Self::header_ref(&resolved)?)),
+            None => None,
+        })
     }
 
     fn lock_aliases(&self) -> std::sync::MutexGuard<'_, HashMap<String, (KmsKey, Instant)>> {
@@ -408,13 +518,15 @@ impl AwsKmsProvider {
         let Ok(kms_ref) = self.kms_ref(&key_ref) else {
             return Ok(None);
         };
-        if let KmsRef::Key(k) = &kms_ref {
-            if !k.account().is_none_or(|a| self.config.account_allowed(a)) {
-                return Ok(None);
-            }
-        }
-        let key = self.resolve(&kms_ref, &entry.key_ref).await?;
-        if !key.account().is_none_or(|a| self.config.account_allowed(a)) {
+        // Headers record key ARNs (or, from servers that answer with bare
+        // ids, key ids), never aliases: an alias in a header was not written
+        // by this provider, and resolving it would tell the alias's owner
+        // who opens which message when. Then every local check; the entry
+        // costs no request before the Decrypt itself.
+        let KmsRef::Key(key) = kms_ref else {
+            return Ok(None);
+        };
+        if self.local_check(&KmsRef::Key(key.clone())).is_err() {
             return Ok(None);
         }
         Ok(Some(key))
@@ -596,7 +708,10 @@ impl AwsKmsProvider {
     }
 
     async fn create(&self, key: &KeyRef) -> Result<KeyInfo> {
-        let alias = match self.kms_ref(key)? {
+        let kms_ref = self.kms_ref(key)?;
+        self.local_check(&kms_ref)
+            .map_err(|reason| refused(key.as_str(), &reason))?;
+        let alias = match kms_ref {
             KmsRef::Alias(a) => match a.find(":alias/") {
                 Some(i) => a[i + 1..].to_owned(),
                 None => a,
@@ -776,6 +891,38 @@ impl KeyProvider for AwsKmsProvider {
         Box::pin(self.generate_dek(key, context))
     }
 
+    /// The key ARN (as `aws-kms:ARN`, the form headers record) of any
+    /// spelling: key id, key ARN, alias, alias ARN. Local for a key ARN;
+    /// DescribeKey for the others (aliases cached for the alias TTL). A
+    /// reference that a local check refuses (account, region, partition)
+    /// is an error, with no request made.
+    fn identity<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<Option<KeyIdentity>>> {
+        Box::pin(self.key_identity(key))
+    }
+
+    /// A header entry's key ARN with no request at all for an alias (never
+    /// written by this provider) or for an entry that fails a local check;
+    /// [`identity`](KeyProvider::identity) otherwise.
+    fn entry_identity<'a>(
+        &'a self,
+        entry: &'a WrappedKey,
+    ) -> BoxFuture<'a, Result<Option<KeyIdentity>>> {
+        Box::pin(async move {
+            if entry.provider != PROVIDER_ID {
+                return Ok(None);
+            }
+            let Ok(key_ref) = KeyRef::parse(&entry.key_ref) else {
+                return Ok(None);
+            };
+            match self.kms_ref(&key_ref) {
+                Ok(KmsRef::Key(k)) if self.local_check(&KmsRef::Key(k.clone())).is_ok() => {
+                    self.key_identity(&key_ref).await
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+
     fn supports_rewrap(&self) -> bool {
         true
     }
@@ -815,5 +962,24 @@ impl KeyProvider for AwsKmsProvider {
     /// ScheduleKeyDeletion with the configured waiting period.
     fn destroy<'a>(&'a self, key: &'a KeyRef, version: u32) -> BoxFuture<'a, Result<KeyInfo>> {
         Box::pin(self.destroy_key(key, version))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_of;
+
+    #[test]
+    fn partitions_by_region() {
+        for (region, partition) in [
+            ("us-east-1", "aws"),
+            ("eu-west-3", "aws"),
+            ("cn-north-1", "aws-cn"),
+            ("us-gov-west-1", "aws-us-gov"),
+            ("us-iso-east-1", "aws-iso"),
+            ("us-isob-east-1", "aws-iso-b"),
+        ] {
+            assert_eq!(partition_of(region), partition, "{region}");
+        }
     }
 }

@@ -10,8 +10,11 @@ use crate::primitives::{fill_random, Aes256Gcm};
 
 /// The `format` value of every keystore file.
 pub const FORMAT: &str = "phi-envelope-keystore";
-/// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes: 2, whose key table carries a
+/// generation number (docs/KEYSTORE.md). Version 1 is still read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_READ_VERSION: u32 = 1;
 /// Largest keystore file accepted, in bytes.
 pub const MAX_FILE_LEN: u64 = 16 << 20;
 
@@ -23,29 +26,47 @@ pub(super) const ALG_UNPROTECTED: &str = "none-unprotected-insecure";
 /// gives neither secrecy nor authenticity.
 const UNPROTECTED_PUBLIC_KEY: &[u8; 32] = b"phi-envelope-UNPROTECTED-PUBLIC!";
 
-/// Argon2id parameters as stored in the header.
+/// Argon2id parameters of a keystore (stored in its cleartext header):
+/// memory, passes and lanes. Argon2id version 0x13, 16-byte salt, 32-byte
+/// output, no secret key, no associated data (docs/KEYSTORE.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Argon2Params {
-    /// Memory in KiB.
+pub struct Argon2idParams {
+    /// Memory in KiB (`m`), 8192 ..= 1048576.
     pub m_kib: u32,
-    /// Passes.
+    /// Passes (`t`), 1 ..= 10.
     pub t: u32,
-    /// Lanes.
+    /// Lanes (`p`), 1 ..= 16.
     pub p: u32,
 }
 
-impl Argon2Params {
+pub(super) type Argon2Params = Argon2idParams;
+
+impl Argon2idParams {
     /// RFC 9106 section 4, the second recommended option (for when 2 GiB of
-    /// memory is too much): 64 MiB, 3 passes, 4 lanes.
-    pub const RFC_9106_SECOND: Argon2Params = Argon2Params {
+    /// memory is too much): 64 MiB, 3 passes, 4 lanes. The default of new
+    /// keystores.
+    pub const RFC_9106_SECOND: Argon2idParams = Argon2idParams {
         m_kib: 64 * 1024,
         t: 3,
         p: 4,
     };
 
+    /// Checked parameters: the bounds every keystore file is held to
+    /// (m 8 MiB ..= 1 GiB, t 1 ..= 10, p 1 ..= 16, m × t ≤ 4 GiB).
+    pub fn new(m_kib: u32, t: u32, p: u32) -> crate::Result<Argon2idParams> {
+        let params = Argon2idParams { m_kib, t, p };
+        params.check().map_err(|_| {
+            crate::Error::InvalidArgument(format!(
+                "Argon2id parameters m_kib={m_kib}, t={t}, p={p} are outside the accepted range \
+                 (m_kib 8192..=1048576, t 1..=10, p 1..=16, m_kib*t <= 4194304)"
+            ))
+        })?;
+        Ok(params)
+    }
+
     /// The bounds checked before a file's parameters are used, so that a
     /// hostile file cannot make us allocate or compute without limit.
-    pub fn check(self) -> Result<(), String> {
+    pub(super) fn check(self) -> Result<(), String> {
         const MIN_M_KIB: u32 = 8 * 1024;
         const MAX_M_KIB: u32 = 1024 * 1024;
         let ok = (MIN_M_KIB..=MAX_M_KIB).contains(&self.m_kib)
@@ -138,7 +159,8 @@ impl KdfJson {
     }
 }
 
-/// The cleartext header: the AAD of the sealed table.
+/// The cleartext header: the AAD of the sealed table (and, for an
+/// unprotected file, the start of the AAD of its checksum tag).
 #[derive(Serialize)]
 struct HeaderJson<'a> {
     format: &'a str,
@@ -187,6 +209,8 @@ struct Probe {
 /// A parsed, structurally valid keystore file, not yet authenticated.
 pub(super) struct Parsed {
     pub kdf: Kdf,
+    /// The file's format version (1 or 2).
+    pub version: u32,
     header_aad: Vec<u8>,
     nonce: [u8; 12],
     payload: Payload,
@@ -210,10 +234,10 @@ fn invalid(reason: impl Into<String>) -> ParseError {
 
 const OUR_PREFIX: &[u8] = b"{\"format\":\"phi-envelope-keystore\",";
 
-fn header_aad(kdf: &KdfJson) -> Vec<u8> {
+fn header_aad(version: u32, kdf: &KdfJson) -> Vec<u8> {
     serde_json::to_vec(&HeaderJson {
         format: FORMAT,
-        version: FORMAT_VERSION,
+        version,
         kdf,
     })
     .expect("serializing the header cannot fail")
@@ -273,10 +297,11 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed, ParseError> {
         ));
     }
     match probe.version.as_ref().and_then(serde_json::Value::as_u64) {
-        Some(v) if v == u64::from(FORMAT_VERSION) => {}
+        Some(v) if (u64::from(OLDEST_READ_VERSION)..=u64::from(FORMAT_VERSION)).contains(&v) => {}
         Some(v) => {
             return Err(invalid(format!(
-                "unsupported keystore format version {v} (this build reads version {FORMAT_VERSION}); a newer phi-envelope may read it"
+                "unsupported keystore format version {v} (this build reads versions {OLDEST_READ_VERSION} \
+                 to {FORMAT_VERSION}); a newer phi-envelope may read it"
             )))
         }
         None => return Err(invalid("the keystore file is malformed: no valid \"version\"")),
@@ -350,13 +375,20 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed, ParseError> {
     };
     Ok(Parsed {
         kdf,
-        header_aad: header_aad(&file.kdf),
+        version: file.version,
+        header_aad: header_aad(file.version, &file.kdf),
         nonce,
         payload,
     })
 }
 
 impl Parsed {
+    /// The header bytes that are the AAD of the table (test vectors).
+    #[cfg(test)]
+    pub fn header_aad_for_tests(&self) -> &[u8] {
+        &self.header_aad
+    }
+
     /// Authenticates and decrypts the table. `key` is the derived key of a
     /// protected file (ignored for an unprotected one). The error is one
     /// message for every authentication failure.
@@ -384,7 +416,7 @@ impl Parsed {
                 Zeroizing::new(table.0.as_bytes().to_vec())
             }
         };
-        Table::from_json(&plaintext).map_err(|why| {
+        Table::from_json(&plaintext, self.version).map_err(|why| {
             invalid(format!(
                 "the key table is inconsistent ({why}); restore the keystore from a backup"
             ))
@@ -392,18 +424,29 @@ impl Parsed {
     }
 }
 
-/// The file bytes of `table`, sealed under `key` (protected) or in clear
-/// with a checksum tag (unprotected), under a fresh random nonce.
+/// The file bytes (format version [`FORMAT_VERSION`]) of `table`, sealed
+/// under `key` (protected) or in clear with a checksum tag (unprotected),
+/// under a fresh random nonce.
 pub(super) fn seal(
     kdf: &Kdf,
     key: Option<&[u8; 32]>,
     table: &Table,
 ) -> crate::Result<Zeroizing<Vec<u8>>> {
+    seal_version(FORMAT_VERSION, kdf, key, table)
+}
+
+/// [`seal`] as a file of format `version` (1 only to make test vectors).
+pub(super) fn seal_version(
+    version: u32,
+    kdf: &Kdf,
+    key: Option<&[u8; 32]>,
+    table: &Table,
+) -> crate::Result<Zeroizing<Vec<u8>>> {
     let kdf_json = KdfJson::of(kdf);
-    let aad = header_aad(&kdf_json);
+    let aad = header_aad(version, &kdf_json);
     let mut nonce = [0u8; 12];
     fill_random(&mut nonce)?;
-    let json = table.to_json();
+    let json = table.to_json_for(version);
     let (ciphertext, clear, tag) = match kdf {
         Kdf::Argon2id { .. } => {
             let key = key.expect("a protected keystore is sealed with its key");
@@ -423,7 +466,7 @@ pub(super) fn seal(
     };
     let file = FileJson {
         format: FORMAT.into(),
-        version: FORMAT_VERSION,
+        version,
         kdf: kdf_json,
         nonce: hex::encode(&nonce),
         ciphertext,
@@ -494,8 +537,10 @@ mod tests {
     fn unprotected_round_trip_and_every_byte_flip() {
         let mut t = Table::default();
         t.create_key("k", 5, Zeroizing::new([9; 32])).unwrap();
+        t.generation = 3;
         let bytes = seal(&Kdf::Unprotected, None, &t).unwrap();
         let back = parse(&bytes).unwrap().open(None).unwrap();
+        assert_eq!(back.generation, t.generation);
         assert_eq!(back.to_json().as_slice(), t.to_json().as_slice());
         for i in 0..bytes.len() {
             let mut b = bytes.to_vec();

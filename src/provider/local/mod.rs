@@ -85,65 +85,60 @@
 //!
 //! # The file
 //!
-//! One JSON document, written by phi-envelope in compact form followed by
-//! a newline, and read back only if it is byte for byte what phi-envelope
-//! would write (a reformatted file is refused). A protected keystore:
+//! One JSON document on one line, written by phi-envelope in compact form,
+//! and read back only if it is byte for byte what phi-envelope would write
+//! (a reformatted file is refused). **docs/KEYSTORE.md specifies it byte
+//! for byte**, with committed vectors and an independent decoder: the
+//! cleartext header (format, version, Argon2id parameters and salt), the
+//! key table sealed as one AES-256-GCM message under the 32-byte key that
+//! Argon2id (version 0x13) derives from the passphrase, with the header as
+//! additional data and a fresh nonce on every write. This build writes
+//! format version [`KEYSTORE_FORMAT_VERSION`] (2) and reads versions
+//! [`OLDEST_READ_VERSION`] (1) to 2.
 //!
-//! ```text
-//! {"format":"phi-envelope-keystore","version":1,
-//!  "kdf":{"alg":"argon2id","m_kib":65536,"t":3,"p":4,"salt":"<16 bytes, hex>"},
-//!  "nonce":"<12 bytes, hex>","ciphertext":"<AES-256-GCM(table) || tag, hex>"}
-//! ```
-//!
-//! (on one line). The cleartext header is the first three fields; the
-//! whole key table is encrypted as one AES-256-GCM message under the
-//! 32-byte key that Argon2id (version 0x13) derives from the passphrase and
-//! the random salt, with a fresh random nonce on every write, and with the
-//! additional data `{"format":"phi-envelope-keystore","version":1,"kdf":{...}}`
-//! exactly as in the file. The default parameters are the second
-//! recommended option of RFC 9106, section 4 (m = 64 MiB, t = 3, p = 4).
-//! Before running the KDF, parameters read from a file must lie within
-//! m 8 MiB ..= 1 GiB, t 1 ..= 10, p 1 ..= 16 and m × t ≤ 4 GiB, so that a
-//! hostile file cannot make us allocate or compute without limit. The
-//! derived key stays in memory (zeroized on drop) for later writes; the
-//! passphrase itself is not kept.
-//!
-//! The key table, the plaintext, is
-//!
-//! ```text
-//! {"keys":[{"name":"records","versions":[
-//!   {"version":1,"state":"destroyed","created_at":1767225600},
-//!   {"version":2,"state":"enabled","created_at":1769904000,"key":"<32 bytes, hex>"}]}]}
-//! ```
-//!
-//! with states `enabled`, `decrypt-only`, `disabled`, `destroyed`,
-//! `created_at` in seconds since the Unix epoch, and `key` present exactly
-//! when the version is not destroyed. On reading: at most [`MAX_KEYS`]
-//! keys, [`MAX_VERSIONS`] versions a key, versions ascending from 1, at
-//! most one enabled, valid names, no duplicates. The whole file is at most
-//! [`MAX_KEYSTORE_FILE_LEN`] bytes, checked before it is read.
+//! New keystores use [`Argon2idParams::RFC_9106_SECOND`] (m = 64 MiB,
+//! t = 3, p = 4); [`change_passphrase`](LocalKeystore::change_passphrase)
+//! may raise them. Before running the KDF, parameters read from a file
+//! must lie within m 8 MiB ..= 1 GiB, t 1 ..= 10, p 1 ..= 16 and
+//! m × t ≤ 4 GiB, so that a hostile file cannot make us allocate or compute
+//! without limit. The derived key stays in memory (zeroized on drop) for
+//! later writes; the passphrase itself is not kept. On reading: at most
+//! [`MAX_KEYS`] keys, [`MAX_VERSIONS`] versions a key, versions ascending
+//! from 1, at most one enabled, valid names, no duplicates; the whole file
+//! at most [`MAX_KEYSTORE_FILE_LEN`] bytes, checked before it is read.
 //!
 //! An **unprotected** keystore (tests only: [`create_unprotected_for_tests`](
-//! LocalKeystore::create_unprotected_for_tests)) has
-//! `"kdf":{"alg":"none-unprotected-insecure"}` and carries the table in
-//! clear, as a JSON string, in a `"table"` field, followed by a `"tag"`: the
-//! AES-256-GCM tag over an empty plaintext with the additional data
-//! `header || table`, under the fixed, **public** key
-//! `"phi-envelope-UNPROTECTED-PUBLIC!"` (32 ASCII bytes). That tag catches
-//! accidental corruption only; anyone can read the keys and forge the file.
-//! A protected opener refuses an unprotected file and vice versa.
+//! LocalKeystore::create_unprotected_for_tests)) carries the table in
+//! clear with a checksum tag under a public key; anyone can read its keys
+//! and forge it. A protected opener refuses an unprotected file and vice
+//! versa.
 //!
 //! Every failure to read a keystore is an [`Error::Keystore`] that says
 //! what is wrong and what to do: not found, permissions, not a keystore,
 //! truncated, unsupported version, modified, wrong passphrase (which cannot
 //! be told apart from a modified ciphertext), protected/unprotected
-//! mismatch.
+//! mismatch, rolled back.
+//!
+//! # Rollback
+//!
+//! An older copy of the file put back in place would still authenticate and
+//! bring back the versions destroyed since. The key table carries a
+//! *generation*, raised by one on every write ([`generation`](
+//! LocalKeystore::generation)). A file whose generation is lower than the
+//! highest this process has seen of the same path is refused, by the
+//! running value at its next call and by a new [`open`](LocalKeystore::open);
+//! with a generation file ([`with_generation_file`](
+//! LocalKeystore::with_generation_file)) kept where whoever can replace the
+//! keystore cannot write, a new process refuses it too.
 //!
 //! # Files, permissions, concurrency, crashes
 //!
 //! - New keystores are created with mode 0600; opening a file that grants
-//!   any permission to group or others (`mode & 0o077 != 0`) is refused,
-//!   with the `chmod 600` to run. Symbolic links are refused.
+//!   any permission to group or others (`mode & 0o077 != 0`), that belongs
+//!   to another user or that is not a regular file is refused, with the
+//!   `chmod 600` to run. Symbolic links are refused (`O_NOFOLLOW`). A
+//!   directory that others can write (unless sticky) or that belongs to
+//!   another user (not root) is refused.
 //! - Every change is written atomically: a temporary file
 //!   `.NAME.<random>.tmp` in the same directory, created with `O_EXCL` and
 //!   mode 0600, written, fsynced, renamed over the keystore, then the
@@ -151,30 +146,38 @@
 //!   the old keystore intact; temporary files left by a process killed
 //!   mid-write are ignored by readers and removed by the next write.
 //! - Writers take an exclusive advisory lock ([`std::fs::File::lock`]) on
-//!   the sidecar file `PATH.lock` (created mode 0600, never deleted), re-read
-//!   the keystore under the lock, apply the change, write, and only then
-//!   release it: two processes (or two `LocalKeystore` values) rotating the
-//!   same keystore lose no update. A keystore that cannot be read is never
-//!   overwritten.
-//! - Every operation first re-reads the file (a few KiB) and reloads the
-//!   table if its bytes changed, so that a rotation, state change or
-//!   destruction made by another process applies here at the next call;
-//!   destroyed keys are not served from memory.
+//!   the sidecar file `PATH.lock` (created mode 0600, never deleted; opened
+//!   with `O_NOFOLLOW | O_NONBLOCK` and refused unless it is a regular file
+//!   of the user's own), re-read the keystore under the lock, apply the
+//!   change, write, and only then release it: two processes (or two
+//!   `LocalKeystore` values) rotating the same keystore lose no update. A
+//!   keystore that cannot be read is never overwritten.
+//! - Every operation first checks the file's identity (device, inode, size,
+//!   modification and change time: one `lstat`) and reloads the table only
+//!   when it changed, so that a rotation, state change or destruction made
+//!   by another process applies here at the next call, without re-reading
+//!   the file or re-running Argon2id on every wrap and unwrap; destroyed
+//!   keys are not served from memory. Writers give each new file a later
+//!   modification time than the one it replaces, so two versions never
+//!   share an identity.
 //!
 //! The provider's futures do this small file I/O inline, on the thread that
-//! polls them (a read of the keystore for each call; for the lifecycle
-//! verbs a lock, a write and two fsyncs). That is usually negligible; an
-//! application that cannot afford it on its async executor runs the calls
-//! on a blocking pool, or relies on the data-key cache to make them rare.
+//! polls them (an `lstat` for each call, a read when the file changed; for
+//! the lifecycle verbs a lock, a write and two fsyncs). That is usually
+//! negligible; an application that cannot afford it on its async executor
+//! runs the calls on a blocking pool, or relies on the data-key cache to
+//! make them rare.
 
 mod file;
 mod fsio;
+mod generation;
 mod hex;
 mod table;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -182,7 +185,7 @@ use secrecy::ExposeSecret;
 pub use secrecy::SecretString;
 use zeroize::Zeroizing;
 
-use self::file::{Argon2Params, Kdf};
+use self::file::Kdf;
 use self::fsio::keystore_error;
 use self::table::{provider_error, KekBytes, Table};
 use super::{
@@ -192,7 +195,9 @@ use crate::error::{Error, Result};
 use crate::format::{EncryptionContext, WrappedKey};
 use crate::primitives::{fill_random, Aes256Gcm, Dek};
 
+pub use self::file::Argon2idParams;
 pub use self::file::MAX_FILE_LEN as MAX_KEYSTORE_FILE_LEN;
+pub use self::file::{FORMAT_VERSION as KEYSTORE_FORMAT_VERSION, OLDEST_READ_VERSION};
 pub use self::table::{MAX_KEYS, MAX_VERSIONS};
 
 /// The provider id of the local keystore, and the scheme of its key
@@ -214,30 +219,37 @@ enum Protection {
     Unprotected,
 }
 
+/// What one [`LocalKeystore`] holds of its file, behind one lock.
 struct Cache {
+    /// The derived key and the KDF header it belongs to; replaced whole by
+    /// a passphrase change.
+    protection: Protection,
     table: Table,
-    /// SHA-256 of the file bytes the table was read from (or written as).
-    digest: [u8; 32],
+    /// The identity of the file version the table was read from (or
+    /// written as); `None` forces a reload at the next use.
+    identity: Option<fsio::Identity>,
 }
 
 /// A keystore file of versioned AES-256 key-encryption keys; implements
 /// [`KeyProvider`] with the id `local`. See the [module docs](self) for the
-/// file format, the state machine and the guarantees.
+/// state machine and the guarantees, and docs/KEYSTORE.md for the file
+/// format byte for byte.
 ///
 /// `Debug` shows the path, the protection and each key's versions and
 /// states, never key bytes.
 pub struct LocalKeystore {
     path: PathBuf,
-    protection: Protection,
+    /// `path` with its directory resolved: the key of this process's
+    /// rollback marks.
+    canonical: PathBuf,
+    /// The operator's generation file, if one is kept.
+    generation_file: Option<PathBuf>,
     cache: Mutex<Cache>,
     wraps: Mutex<HashMap<(String, u32), u64>>,
-}
-
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+    /// Full reads (and authentications) of the file by this value.
+    file_reads: AtomicU64,
+    /// Argon2id derivations by this value.
+    kdf_runs: AtomicU64,
 }
 
 fn now() -> u64 {
@@ -286,19 +298,65 @@ fn mode_mismatch(path: &Path, found: Kdf) -> Error {
     }
 }
 
+fn seal(protection: &Protection, table: &Table) -> Result<Zeroizing<Vec<u8>>> {
+    match protection {
+        Protection::Passphrase { kdf, key } => file::seal(kdf, Some(key), table),
+        Protection::Unprotected => file::seal(&Kdf::Unprotected, None, table),
+    }
+}
+
+/// Authenticates and decodes file bytes with the key of `protection`.
+fn decode(path: &Path, protection: &Protection, bytes: &[u8]) -> Result<Table> {
+    let parsed = file::parse(bytes).map_err(|e| keystore_error(path, e.0))?;
+    let key = match protection {
+        Protection::Passphrase { kdf, key } => {
+            if parsed.kdf == Kdf::Unprotected {
+                return Err(mode_mismatch(path, parsed.kdf));
+            }
+            if parsed.kdf != *kdf {
+                return Err(keystore_error(
+                    path,
+                    "the keystore's passphrase, salt or KDF parameters changed since it was opened (keys \
+                     passwd, or the file was replaced); open it again, with its current passphrase",
+                ));
+            }
+            Some(&**key)
+        }
+        Protection::Unprotected => {
+            if parsed.kdf != Kdf::Unprotected {
+                return Err(mode_mismatch(path, parsed.kdf));
+            }
+            None
+        }
+    };
+    parsed.open(key).map_err(|e| keystore_error(path, e.0))
+}
+
 impl LocalKeystore {
     /// Creates a new keystore file at `path` protected by `passphrase`
-    /// (Argon2id, RFC 9106 parameters), with no keys. Fails if the file
-    /// exists or the passphrase is empty.
+    /// (Argon2id with [`Argon2idParams::RFC_9106_SECOND`]), with no keys.
+    /// Fails if the file exists, the passphrase is empty, or the directory
+    /// can be written by others.
     pub fn create(path: impl AsRef<Path>, passphrase: SecretString) -> Result<LocalKeystore> {
+        Self::create_with_params(path, passphrase, Argon2idParams::RFC_9106_SECOND)
+    }
+
+    /// [`create`](Self::create) with other Argon2id parameters (within the
+    /// bounds of [`Argon2idParams::new`]).
+    pub fn create_with_params(
+        path: impl AsRef<Path>,
+        passphrase: SecretString,
+        params: Argon2idParams,
+    ) -> Result<LocalKeystore> {
         let path = path.as_ref();
         if passphrase.expose_secret().is_empty() {
             return Err(keystore_error(path, "the passphrase must not be empty"));
         }
+        Argon2idParams::new(params.m_kib, params.t, params.p)?;
         refuse_existing(path)?;
+        fsio::check_dir(path)?;
         let mut salt = [0u8; 16];
         fill_random(&mut salt)?;
-        let params = Argon2Params::RFC_9106_SECOND;
         let key = file::derive(&passphrase, params, &salt).map_err(|r| keystore_error(path, r))?;
         drop(passphrase);
         Self::create_with(
@@ -307,18 +365,22 @@ impl LocalKeystore {
                 kdf: Kdf::Argon2id { params, salt },
                 key,
             },
+            1,
         )
     }
 
     /// Opens the keystore file at `path` with `passphrase`.
     ///
     /// Refuses, with an [`Error::Keystore`] saying why: a missing file, a
-    /// symbolic link, permissions that let group or others access the file,
-    /// a file that is not a keystore, truncated, of an unknown version,
-    /// modified, opened with the wrong passphrase, or unprotected.
+    /// symbolic link, a file of another user or that group or others may
+    /// access, a directory that others can write, a file that is not a
+    /// keystore, truncated, of an unknown version, modified, opened with the
+    /// wrong passphrase, unprotected, or rolled back (older than a
+    /// generation this process has seen).
     pub fn open(path: impl AsRef<Path>, passphrase: SecretString) -> Result<LocalKeystore> {
         let path = path.as_ref();
-        let bytes = fsio::read(path)?;
+        fsio::check_dir(path)?;
+        let (bytes, identity) = fsio::read(path)?;
         let parsed = file::parse(&bytes).map_err(|e| keystore_error(path, e.0))?;
         let Kdf::Argon2id { params, salt } = parsed.kdf else {
             return Err(mode_mismatch(path, parsed.kdf));
@@ -329,12 +391,35 @@ impl LocalKeystore {
         let table = parsed
             .open(Some(&key))
             .map_err(|e| keystore_error(path, e.0))?;
-        Ok(Self::with_table(
+        Self::loaded(
             path,
             Protection::Passphrase { kdf, key },
             table,
-            digest(&bytes),
-        ))
+            identity,
+            1,
+        )
+    }
+
+    /// Opens the keystore at `path`, or creates it (as [`create`](Self::create),
+    /// with no keys) if no file is there. A file that exists but does not
+    /// open is an error, never replaced.
+    pub fn open_or_create(
+        path: impl AsRef<Path>,
+        passphrase: SecretString,
+    ) -> Result<LocalKeystore> {
+        let path = path.as_ref();
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match Self::create(path, passphrase.clone()) {
+                    // Another process created it in between.
+                    Err(Error::Keystore { .. }) if std::fs::symlink_metadata(path).is_ok() => {
+                        Self::open(path, passphrase)
+                    }
+                    r => r,
+                }
+            }
+            _ => Self::open(path, passphrase),
+        }
     }
 
     /// **Tests only: no protection.** Creates a keystore whose keys are
@@ -343,7 +428,7 @@ impl LocalKeystore {
     pub fn create_unprotected_for_tests(path: impl AsRef<Path>) -> Result<LocalKeystore> {
         let path = path.as_ref();
         refuse_existing(path)?;
-        Self::create_with(path, Protection::Unprotected)
+        Self::create_with(path, Protection::Unprotected, 0)
     }
 
     /// **Tests only: no protection.** Opens a keystore made by
@@ -351,27 +436,79 @@ impl LocalKeystore {
     /// refuses a passphrase-protected one.
     pub fn open_unprotected_for_tests(path: impl AsRef<Path>) -> Result<LocalKeystore> {
         let path = path.as_ref();
-        let bytes = fsio::read(path)?;
+        fsio::check_dir(path)?;
+        let (bytes, identity) = fsio::read(path)?;
         let parsed = file::parse(&bytes).map_err(|e| keystore_error(path, e.0))?;
         if parsed.kdf != Kdf::Unprotected {
             return Err(mode_mismatch(path, parsed.kdf));
         }
         let table = parsed.open(None).map_err(|e| keystore_error(path, e.0))?;
-        Ok(Self::with_table(
-            path,
-            Protection::Unprotected,
-            table,
-            digest(&bytes),
-        ))
+        Self::loaded(path, Protection::Unprotected, table, identity, 0)
     }
 
-    fn create_with(path: &Path, protection: Protection) -> Result<LocalKeystore> {
-        let store = Self::with_table(path, protection, Table::default(), [0; 32]);
-        let bytes = store.seal(&Table::default())?;
+    /// Keeps the keystore's generation (its rollback high-water mark) in
+    /// the file `generation_file` as well, so that a **new** process also
+    /// refuses an older copy of the keystore put in its place.
+    ///
+    /// Put it where whoever can replace the keystore file cannot write
+    /// (another directory, owned by the service or by root; another
+    /// volume). Checked now: if the file names a higher generation than the
+    /// keystore's, the keystore was rolled back and this fails; if it does
+    /// not exist, it is created with the keystore's generation (trust on
+    /// first use). Every later write of the keystore raises it (an
+    /// [`Error::Keystore`] says so when that fails after the keystore was
+    /// written). Its format: the generation in decimal and a newline, mode
+    /// 0600; it follows the same file rules as the keystore.
+    pub fn with_generation_file(
+        mut self,
+        generation_file: impl AsRef<Path>,
+    ) -> Result<LocalKeystore> {
+        let g = generation_file.as_ref().to_owned();
+        fsio::check_dir(&g)?;
+        let _lock = fsio::lock(&self.path)?;
+        let current = self.current()?.table.generation;
+        match generation::read_file(&g)? {
+            Some(mark) if current < mark => {
+                return Err(generation::rolled_back(
+                    &self.path,
+                    current,
+                    mark,
+                    &format!("the generation file {}", g.display()),
+                    "write the keystore's generation into the generation file (or remove it) deliberately, \
+                     knowing that destroyed keys may come back",
+                ))
+            }
+            Some(mark) if current == mark => {}
+            _ => generation::write_file(&g, current)?,
+        }
+        self.generation_file = Some(g);
+        Ok(self)
+    }
+
+    fn create_with(path: &Path, protection: Protection, kdf_runs: u64) -> Result<LocalKeystore> {
+        let mut table = Table::default();
+        table.generation = 1;
+        let bytes = seal(&protection, &table)?;
         let _lock = fsio::lock(path)?;
         fsio::remove_stale_temps(path);
-        fsio::write_atomic(path, &bytes, true)?;
-        store.lock_cache().digest = digest(&bytes);
+        let identity = fsio::write_atomic(path, &bytes, true, None)?;
+        let store = Self::with_table(path, protection, table, identity, kdf_runs);
+        generation::reset(&store.canonical, 1);
+        Ok(store)
+    }
+
+    /// A keystore just read from its file: refused if rolled back.
+    fn loaded(
+        path: &Path,
+        protection: Protection,
+        table: Table,
+        identity: fsio::Identity,
+        kdf_runs: u64,
+    ) -> Result<LocalKeystore> {
+        let generation = table.generation;
+        let store = Self::with_table(path, protection, table, Some(identity), kdf_runs);
+        store.file_reads.store(1, Ordering::Relaxed);
+        generation::check_and_raise(path, &store.canonical, generation)?;
         Ok(store)
     }
 
@@ -379,19 +516,88 @@ impl LocalKeystore {
         path: &Path,
         protection: Protection,
         table: Table,
-        digest: [u8; 32],
+        identity: Option<fsio::Identity>,
+        kdf_runs: u64,
     ) -> LocalKeystore {
         LocalKeystore {
             path: path.to_owned(),
-            protection,
-            cache: Mutex::new(Cache { table, digest }),
+            canonical: generation::canonical(path),
+            generation_file: None,
+            cache: Mutex::new(Cache {
+                protection,
+                table,
+                identity,
+            }),
             wraps: Mutex::new(HashMap::new()),
+            file_reads: AtomicU64::new(0),
+            kdf_runs: AtomicU64::new(kdf_runs),
         }
     }
 
     /// The keystore file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The generation of the keystore as this value last read or wrote it:
+    /// raised by one on every write of the file (0 for a file of format
+    /// version 1 not yet rewritten).
+    pub fn generation(&self) -> u64 {
+        self.lock_cache().table.generation
+    }
+
+    /// The Argon2id parameters of a protected keystore (`None` for an
+    /// unprotected one).
+    pub fn kdf_params(&self) -> Option<Argon2idParams> {
+        match &self.lock_cache().protection {
+            Protection::Passphrase {
+                kdf: Kdf::Argon2id { params, .. },
+                ..
+            } => Some(*params),
+            _ => None,
+        }
+    }
+
+    /// Changes the passphrase and the Argon2id parameters of a protected
+    /// keystore, atomically: a new random salt, the key table re-sealed
+    /// under the new derived key, the file replaced in one rename under the
+    /// lock. A crash leaves either the old file (old passphrase) or the new
+    /// one (new passphrase), never a mix. The keys, their versions and
+    /// states do not change; the generation rises by one.
+    ///
+    /// Other [`LocalKeystore`] values and processes that have the keystore
+    /// open get an [`Error::Keystore`] at their next call and must open it
+    /// again with the new passphrase. Old copies of the file still open
+    /// with the old passphrase.
+    pub fn change_passphrase(
+        &self,
+        new_passphrase: SecretString,
+        params: Argon2idParams,
+    ) -> Result<()> {
+        if matches!(self.lock_cache().protection, Protection::Unprotected) {
+            return Err(keystore_error(
+                &self.path,
+                "an unprotected (test-only) keystore has no passphrase to change; create a protected one",
+            ));
+        }
+        if new_passphrase.expose_secret().is_empty() {
+            return Err(keystore_error(
+                &self.path,
+                "the new passphrase must not be empty",
+            ));
+        }
+        Argon2idParams::new(params.m_kib, params.t, params.p)?;
+        let mut salt = [0u8; 16];
+        fill_random(&mut salt)?;
+        let key = file::derive(&new_passphrase, params, &salt)
+            .map_err(|r| keystore_error(&self.path, r))?;
+        self.kdf_runs.fetch_add(1, Ordering::Relaxed);
+        drop(new_passphrase);
+        let protection = Protection::Passphrase {
+            kdf: Kdf::Argon2id { params, salt },
+            key,
+        };
+        self.modify_with(Some(protection), |_| Ok(((), false)))
     }
 
     /// Creates `key` with version 1 enabled (primary): the synchronous form
@@ -403,8 +609,8 @@ impl LocalKeystore {
     }
 
     /// Every key, names ascending, with its versions and states, as of the
-    /// file now (or, if the file cannot be read at the moment, as last
-    /// read; every other operation reports that error).
+    /// file now (or, if the file cannot be read at the moment or was rolled
+    /// back, as last read; every other operation reports that error).
     pub fn keys(&self) -> Vec<KeyInfo> {
         if let Ok(cache) = self.current() {
             return cache.table.infos();
@@ -418,50 +624,19 @@ impl LocalKeystore {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn seal(&self, table: &Table) -> Result<Zeroizing<Vec<u8>>> {
-        match &self.protection {
-            Protection::Passphrase { kdf, key } => file::seal(kdf, Some(key), table),
-            Protection::Unprotected => file::seal(&Kdf::Unprotected, None, table),
-        }
-    }
-
-    /// Authenticates and decodes file bytes with this keystore's key.
-    fn decode(&self, bytes: &[u8]) -> Result<Table> {
-        let parsed = file::parse(bytes).map_err(|e| keystore_error(&self.path, e.0))?;
-        let key = match &self.protection {
-            Protection::Passphrase { kdf, key } => {
-                if parsed.kdf == Kdf::Unprotected {
-                    return Err(mode_mismatch(&self.path, parsed.kdf));
-                }
-                if parsed.kdf != *kdf {
-                    return Err(keystore_error(
-                        &self.path,
-                        "the keystore's salt or KDF parameters changed since it was opened (re-keyed or replaced); open it again",
-                    ));
-                }
-                Some(&**key)
-            }
-            Protection::Unprotected => {
-                if parsed.kdf != Kdf::Unprotected {
-                    return Err(mode_mismatch(&self.path, parsed.kdf));
-                }
-                None
-            }
-        };
-        parsed
-            .open(key)
-            .map_err(|e| keystore_error(&self.path, e.0))
-    }
-
-    /// The table as the file holds it now: re-reads the file and reloads
-    /// the table when the bytes changed.
+    /// The table as the file holds it now: one `lstat` of the file, and a
+    /// reload (read, authenticate, decode, rollback check) only when its
+    /// identity changed since the table was read or written.
     fn current(&self) -> Result<MutexGuard<'_, Cache>> {
         let mut cache = self.lock_cache();
-        let bytes = fsio::read(&self.path)?;
-        let d = digest(&bytes);
-        if d != cache.digest {
-            cache.table = self.decode(&bytes)?;
-            cache.digest = d;
+        let now = fsio::identity(&self.path)?;
+        if cache.identity != Some(now) {
+            let (bytes, identity) = fsio::read(&self.path)?;
+            self.file_reads.fetch_add(1, Ordering::Relaxed);
+            let table = decode(&self.path, &cache.protection, &bytes)?;
+            generation::check_and_raise(&self.path, &self.canonical, table.generation)?;
+            cache.table = table;
+            cache.identity = Some(identity);
         }
         Ok(cache)
     }
@@ -470,16 +645,48 @@ impl LocalKeystore {
     /// whether the table changed; nothing is written when it did not, or
     /// when anything fails.
     fn modify<R>(&self, change: impl FnOnce(&mut Table) -> Result<(R, bool)>) -> Result<R> {
+        self.modify_with(None, change)
+    }
+
+    /// [`modify`](Self::modify), sealing under `protection` when given (and
+    /// then writing even when the table did not change).
+    fn modify_with<R>(
+        &self,
+        protection: Option<Protection>,
+        change: impl FnOnce(&mut Table) -> Result<(R, bool)>,
+    ) -> Result<R> {
         let _lock = fsio::lock(&self.path)?;
         let mut cache = self.current()?;
         let mut table = cache.table.clone();
         let (result, changed) = change(&mut table)?;
-        if changed {
-            let bytes = self.seal(&table)?;
-            fsio::remove_stale_temps(&self.path);
-            fsio::write_atomic(&self.path, &bytes, false)?;
-            cache.table = table;
-            cache.digest = digest(&bytes);
+        if !changed && protection.is_none() {
+            return Ok(result);
+        }
+        table.generation = table.generation.checked_add(1).ok_or_else(|| {
+            keystore_error(&self.path, "the keystore's generation counter is exhausted")
+        })?;
+        let bytes = seal(protection.as_ref().unwrap_or(&cache.protection), &table)?;
+        fsio::remove_stale_temps(&self.path);
+        let identity = fsio::write_atomic(&self.path, &bytes, false, cache.identity)?;
+        let generation = table.generation;
+        generation::raise(&self.canonical, generation);
+        cache.table = table;
+        cache.identity = identity;
+        if let Some(p) = protection {
+            cache.protection = p;
+        }
+        drop(cache);
+        if let Some(g) = &self.generation_file {
+            generation::write_file(g, generation).map_err(|e| {
+                keystore_error(
+                    g,
+                    format!(
+                        "the keystore change WAS written (generation {generation}), but the generation file \
+                         could not be updated ({e}); do not repeat the change: fix the generation file, or \
+                         write {generation} into it"
+                    ),
+                )
+            })?;
         }
         Ok(result)
     }
@@ -627,21 +834,23 @@ fn refuse_existing(path: &Path) -> Result<()> {
 
 impl fmt::Debug for LocalKeystore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let protection = match &self.protection {
-            Protection::Passphrase {
-                kdf: Kdf::Argon2id { params, .. },
-                ..
-            } => format!(
-                "passphrase (argon2id m={} KiB, t={}, p={})",
-                params.m_kib, params.t, params.p
-            ),
-            Protection::Passphrase { .. } => "passphrase".to_owned(),
-            Protection::Unprotected => "UNPROTECTED (tests only)".to_owned(),
-        };
         let mut d = f.debug_struct("LocalKeystore");
-        d.field("path", &self.path).field("protection", &protection);
+        d.field("path", &self.path);
         match self.cache.try_lock() {
             Ok(cache) => {
+                let protection = match &cache.protection {
+                    Protection::Passphrase {
+                        kdf: Kdf::Argon2id { params, .. },
+                        ..
+                    } => format!(
+                        "passphrase (argon2id m={} KiB, t={}, p={})",
+                        params.m_kib, params.t, params.p
+                    ),
+                    Protection::Passphrase { .. } => "passphrase".to_owned(),
+                    Protection::Unprotected => "UNPROTECTED (tests only)".to_owned(),
+                };
+                d.field("protection", &protection)
+                    .field("generation", &cache.table.generation);
                 let keys: Vec<String> = cache
                     .table
                     .iter()
@@ -689,6 +898,16 @@ impl KeyProvider for LocalKeystore {
         Box::pin(async move { self.describe_sync(key) })
     }
 
+    /// `local:NAME` is the only spelling of a local key: it is its identity.
+    fn identity<'a>(
+        &'a self,
+        key: &'a KeyRef,
+    ) -> BoxFuture<'a, Result<Option<super::KeyIdentity>>> {
+        let id = matches!(key.kind(), KeyRefKind::Local { .. })
+            .then(|| super::KeyIdentity::new(PROVIDER_ID, key.as_str()));
+        Box::pin(async move { Ok(id) })
+    }
+
     fn create_key<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
         Box::pin(async move { self.add_key(key) })
     }
@@ -710,6 +929,9 @@ impl KeyProvider for LocalKeystore {
         Box::pin(async move { self.destroy_sync(key, version) })
     }
 }
+
+#[cfg(test)]
+mod vector_tests;
 
 #[cfg(test)]
 mod tests {
@@ -741,6 +963,58 @@ mod tests {
         block_on(store.rotate(&key)).unwrap();
         let w = block_on(store.wrap(&key, &dek, &ctx)).unwrap();
         assert_eq!(w.key_version, 2);
+    }
+
+    fn fast() -> Argon2idParams {
+        Argon2idParams::new(8 * 1024, 1, 1).unwrap()
+    }
+
+    fn reads(s: &LocalKeystore) -> (u64, u64) {
+        (
+            s.file_reads.load(Ordering::Relaxed),
+            s.kdf_runs.load(Ordering::Relaxed),
+        )
+    }
+
+    #[test]
+    fn calls_neither_reread_nor_rederive_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.json");
+        let pass = SecretString::from("pass phrase");
+        let a = LocalKeystore::create_with_params(&path, pass.clone(), fast()).unwrap();
+        let key: KeyRef = "local:k".parse().unwrap();
+        a.add_key(&key).unwrap();
+        assert_eq!(reads(&a), (0, 1), "create derives once and reads nothing");
+        let b = LocalKeystore::open(&path, pass).unwrap();
+        assert_eq!(reads(&b), (1, 1));
+        let ctx = EncryptionContext::new();
+        let dek = Dek::generate().unwrap();
+        for _ in 0..20 {
+            let w = block_on(b.wrap(&key, &dek, &ctx)).unwrap();
+            assert!(matches!(
+                block_on(b.unwrap(&w, &ctx)),
+                Ok(Unwrapped::Key(_))
+            ));
+            block_on(b.describe(&key)).unwrap();
+        }
+        assert_eq!(reads(&b), (1, 1), "no re-read, no re-derivation per call");
+        // A change through another value is seen at the next call: one
+        // reload, still no derivation.
+        block_on(a.rotate(&key)).unwrap();
+        let w = block_on(b.wrap(&key, &dek, &ctx)).unwrap();
+        assert_eq!(w.key_version, 2);
+        assert_eq!(reads(&b), (2, 1));
+        // Its own writes do not make it reload either.
+        block_on(b.rotate(&key)).unwrap();
+        block_on(b.wrap(&key, &dek, &ctx)).unwrap();
+        assert_eq!(reads(&b), (2, 1));
+        assert_eq!(reads(&a), (0, 1));
+        // Quick changes in a row, the last back to an earlier size.
+        block_on(a.set_state(&key, 1, KeyState::Disabled)).unwrap();
+        block_on(a.set_state(&key, 1, KeyState::DecryptOnly)).unwrap();
+        block_on(a.set_state(&key, 1, KeyState::Disabled)).unwrap();
+        let info = block_on(b.describe(&key)).unwrap();
+        assert_eq!(info.version(1).unwrap().state, KeyState::Disabled);
     }
 
     #[test]

@@ -34,9 +34,14 @@ pub(super) struct VersionEntry {
     pub key: Option<KekBytes>,
 }
 
-/// Every key of a keystore, by name; versions ascending.
+/// Every key of a keystore, by name; versions ascending; and the table's
+/// generation.
 #[derive(Clone, Default)]
 pub(super) struct Table {
+    /// Raised by one on every write of the file (format version 2; 0 for a
+    /// table read from a version-1 file). A reader refuses a table whose
+    /// generation is lower than one it has seen: a rolled-back file.
+    pub generation: u64,
     keys: BTreeMap<String, Vec<VersionEntry>>,
 }
 
@@ -343,6 +348,8 @@ impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for Bounded<T, N
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TableIn {
+    #[serde(default)]
+    generation: Option<u64>,
     keys: Bounded<KeyIn, MAX_KEYS>,
 }
 
@@ -365,6 +372,8 @@ struct VersionIn {
 
 #[derive(Serialize)]
 struct TableOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<u64>,
     keys: Vec<KeyOut<'a>>,
 }
 
@@ -384,10 +393,19 @@ struct VersionOut<'a> {
 }
 
 impl Table {
-    /// The table as JSON, in a zeroizing buffer sized up front so that it
-    /// never reallocates (which would leave copies of key bytes behind).
+    /// The table as JSON (format version 2), in a zeroizing buffer sized
+    /// up front so that it never reallocates (which would leave copies of
+    /// key bytes behind).
+    #[cfg(test)]
     pub fn to_json(&self) -> Zeroizing<Vec<u8>> {
+        self.to_json_for(super::file::FORMAT_VERSION)
+    }
+
+    /// The table as JSON for a file of format `version`: version 1 has no
+    /// generation member.
+    pub fn to_json_for(&self, version: u32) -> Zeroizing<Vec<u8>> {
         let out = TableOut {
+            generation: (version >= 2).then_some(self.generation),
             keys: self
                 .keys
                 .iter()
@@ -407,7 +425,7 @@ impl Table {
         };
         // {"name":"..","versions":[..]} and per version at most
         // {"version":4294967295,"state":"decrypt-only","created_at":18446744073709551615,"key":"<64>"},
-        let estimate = 16
+        let estimate = 48
             + self
                 .keys
                 .iter()
@@ -418,9 +436,10 @@ impl Table {
         buf
     }
 
-    /// Parses and checks the table; the error says what is wrong without
-    /// echoing any value.
-    pub fn from_json(bytes: &[u8]) -> std::result::Result<Table, String> {
+    /// Parses and checks the table of a file of format `version`: version
+    /// 1 has no generation (read as 0), version 2 must have one, at least
+    /// 1. The error says what is wrong without echoing any value.
+    pub fn from_json(bytes: &[u8], version: u32) -> std::result::Result<Table, String> {
         let parsed: TableIn = serde_json::from_slice(bytes).map_err(|e| {
             format!(
                 "the key table does not parse (line {}, column {})",
@@ -428,6 +447,12 @@ impl Table {
                 e.column()
             )
         })?;
+        let generation = match (version, parsed.generation) {
+            (1, None) => 0,
+            (1, Some(_)) => return Err("a version-1 table has a generation".into()),
+            (_, Some(g)) if g >= 1 => g,
+            (_, _) => return Err("the table has no valid generation".into()),
+        };
         let mut keys = BTreeMap::new();
         for k in parsed.keys.0 {
             let name = k.name;
@@ -468,7 +493,7 @@ impl Table {
                 return Err(format!("key {name} appears twice"));
             }
         }
-        Ok(Table { keys })
+        Ok(Table { generation, keys })
     }
 }
 
@@ -531,8 +556,18 @@ mod tests {
         let text = std::str::from_utf8(&json).unwrap();
         assert!(!text.contains(&"ab".repeat(32)), "destroyed bytes gone");
         assert!(text.contains(&"cd".repeat(32)));
-        let back = Table::from_json(&json).unwrap();
+        t.generation = 7;
+        let json = t.to_json();
+        assert!(json.starts_with(b"{\"generation\":7,\"keys\":["));
+        let back = Table::from_json(&json, 2).unwrap();
         assert_eq!(back.to_json().as_slice(), json.as_slice());
+        assert_eq!(back.generation, 7);
+        // Version 1 has no generation; version 2 needs one.
+        let v1 = br#"{"keys":[]}"#;
+        assert_eq!(Table::from_json(v1, 1).unwrap().generation, 0);
+        assert!(Table::from_json(v1, 2).is_err());
+        assert!(Table::from_json(br#"{"generation":0,"keys":[]}"#, 2).is_err());
+        assert!(Table::from_json(br#"{"generation":3,"keys":[]}"#, 1).is_err());
 
         for bad in [
             r#"{"keys":[{"name":"a","versions":[]}]}"#,
@@ -542,13 +577,13 @@ mod tests {
             r#"{"keys":[{"name":"a","versions":[{"version":2,"state":"destroyed","created_at":0},{"version":1,"state":"destroyed","created_at":0}]}]}"#,
             r#"{"keys":[],"extra":1}"#,
         ] {
-            assert!(Table::from_json(bad.as_bytes()).is_err(), "{bad}");
+            assert!(Table::from_json(bad.as_bytes(), 1).is_err(), "{bad}");
         }
         let secret = format!(
             r#"{{"keys":[{{"name":"a","versions":[{{"version":1,"state":"enabled","created_at":0,"key":"{}"}}]}}]}}"#,
             "AB".repeat(32)
         );
-        let err = Table::from_json(secret.as_bytes()).err().unwrap();
+        let err = Table::from_json(secret.as_bytes(), 1).err().unwrap();
         assert!(
             !err.contains("ABAB"),
             "errors never echo key material: {err}"
@@ -559,7 +594,7 @@ mod tests {
     fn too_many_keys_is_refused_while_parsing() {
         let one = r#"{"name":"k","versions":[{"version":1,"state":"destroyed","created_at":0}]}"#;
         let many = vec![one; MAX_KEYS + 1].join(",");
-        let err = Table::from_json(format!(r#"{{"keys":[{many}]}}"#).as_bytes())
+        let err = Table::from_json(format!(r#"{{"keys":[{many}]}}"#).as_bytes(), 1)
             .err()
             .unwrap();
         assert!(err.contains("does not parse"), "{err}");

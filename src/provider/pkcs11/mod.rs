@@ -8,7 +8,7 @@
 //! # async fn demo() -> phi_envelope::Result<()> {
 //! use std::sync::Arc;
 //! use phi_envelope::provider::pkcs11::{Pin, Pkcs11Config, Pkcs11Provider};
-//! use phi_envelope::{Envelope, Keyring, KeyRef};
+//! use phi_envelope::{Caller, Envelope, Keyring, KeyRef};
 //!
 //! let config = Pkcs11Config::new(
 //!     "/usr/lib/softhsm/libsofthsm2.so",
@@ -22,7 +22,7 @@
 //!     .provider(Arc::new(hsm))
 //!     .recipient(key.clone())
 //!     .build()?;
-//! keyring.create_key(&key, &Default::default()).await?; // once
+//! keyring.create_key(&key, &Caller::new("alice@ops", "setup")).await?; // once
 //! let envelope = Envelope::new(keyring);
 //! # Ok(()) }
 //! ```
@@ -233,6 +233,13 @@
 //! compared with the connected token; an absent attribute matches).
 //! `slot-id` and the query attributes (`module-path`, ...) are not
 //! compared: slot numbers change, and module paths differ between hosts.
+//!
+//! For the same reason they are not part of a key's identity
+//! ([`KeyProvider::identity`]): every URI of this token naming the same
+//! `object` and `id` is one key to the keyring's caches, key policies and
+//! lifecycle verbs, reported as `pkcs11:token=LABEL;serial=SERIAL;object=...;id=...`
+//! of the connected token. (The wrapped DEK itself stays bound to the exact
+//! URI text in its header entry, as the AAD above says.)
 
 mod errors;
 mod objects;
@@ -992,6 +999,35 @@ impl KeyProvider for Pkcs11Provider {
             })
             .await
         })
+    }
+
+    /// The connected token (label and serial) and the key's objects
+    /// (`object` label and `id`): `module-path`, `module-name`,
+    /// `pin-source`, `slot-id`, `type` and token attributes that match the
+    /// connected token do not change which key a URI names. A URI for
+    /// another token has no identity here.
+    fn identity<'a>(
+        &'a self,
+        key: &'a KeyRef,
+    ) -> BoxFuture<'a, Result<Option<crate::provider::KeyIdentity>>> {
+        let id = match key.kind() {
+            KeyRefKind::Pkcs11(uri) if self.is_mine(uri) => {
+                let canonical = Pkcs11Uri {
+                    token: Some(self.state.inner.token.clone()),
+                    serial: Some(self.state.serial.clone()),
+                    object: uri.object.clone(),
+                    // KeyName treats a missing id as the empty one.
+                    id: Some(uri.id.clone().unwrap_or_default()),
+                    ..Pkcs11Uri::default()
+                };
+                Some(crate::provider::KeyIdentity::new(
+                    PROVIDER_ID,
+                    canonical.to_uri(),
+                ))
+            }
+            _ => None,
+        };
+        Box::pin(async move { Ok(id) })
     }
 
     fn create_key<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
