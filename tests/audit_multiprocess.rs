@@ -455,3 +455,149 @@ fn a_writer_refuses_a_tail_cut_behind_its_back() {
     // Still refused on the next try: what is on disk is not what it wrote.
     assert!(log.append(&ev("this-writer", 6, 0)).is_err());
 }
+
+/// A writer of another process died in the middle of an append (SIGKILL,
+/// power failure): the log ends in a line without its newline. The next
+/// append, under the lock, does not write after it: by default it refuses
+/// and says how to repair; with `repair_torn_tail` it cuts the line off
+/// and records a `torn-tail` gap, and the chain goes on.
+#[test]
+fn a_line_torn_by_another_writer_is_refused_or_repaired() {
+    for repair in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::builder()
+            .audit_key(key())
+            .repair_torn_tail(repair)
+            .open(&path)
+            .unwrap();
+        log.append(&ev("this-writer", 0, 0)).unwrap();
+        // What the other writer would have written next, cut in half.
+        let copy_dir = tempfile::tempdir().unwrap();
+        let copy = copy_dir.path().join("audit.jsonl");
+        fs::copy(&path, &copy).unwrap();
+        let c = AuditLog::builder().audit_key(key()).open(&copy).unwrap();
+        c.append(&ev("killed-writer", 0, 0)).unwrap();
+        drop(c);
+        let line = last_line(&copy);
+        append_raw(&path, &line.as_bytes()[..line.len() / 2]);
+        let torn = fs::read(&path).unwrap();
+
+        let r = log.append(&ev("this-writer", 1, 0));
+        if !repair {
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("incomplete") && e.contains("repair_torn_tail"),
+                "{e}"
+            );
+            assert_eq!(fs::read(&path).unwrap(), torn, "nothing appended");
+            continue;
+        }
+        r.unwrap();
+        log.append(&ev("this-writer", 2, 0)).unwrap();
+        drop(log);
+        let report = Verifier::new().key(key()).verify(&path).unwrap();
+        assert_eq!(report.entries, 3);
+        assert_eq!(report.gaps.len(), 1);
+        assert_eq!(report.gaps[0].reason, "torn-tail");
+    }
+}
+
+/// The log's first file moved away (to an evidence directory, as the
+/// rotation steps say) while a writer still has it open: that writer's
+/// lock no longer excludes the writers of the new log, and its entries
+/// would land in the evidence file. It refuses, for good, and writes
+/// nothing to the moved file; a new log at the path works.
+#[test]
+fn a_writer_refuses_a_log_moved_away_while_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::builder().audit_key(key()).open(&path).unwrap();
+    log.append(&ev("this-writer", 0, 0)).unwrap();
+    let moved = dir.path().join("evidence.jsonl");
+    fs::rename(&path, &moved).unwrap();
+    let evidence = fs::read(&moved).unwrap();
+
+    let e = log
+        .append(&ev("this-writer", 1, 0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("moved away") && e.contains("Reopen"), "{e}");
+    assert_eq!(fs::read(&moved).unwrap(), evidence, "nothing appended");
+    // A new first file at the path (another writer started a new log) is
+    // not this writer's either.
+    fs::write(&path, b"").unwrap();
+    let e = log
+        .append(&ev("this-writer", 2, 0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("refuses"), "{e}");
+    assert_eq!(fs::read(&path).unwrap(), b"", "nothing appended");
+    drop(log);
+    fs::remove_file(&path).unwrap();
+
+    let log = AuditLog::builder().audit_key(key()).open(&path).unwrap();
+    log.append(&ev("this-writer", 3, 0)).unwrap();
+    drop(log);
+    assert_eq!(Verifier::new().key(key()).verify(&path).unwrap().entries, 1);
+    assert_eq!(
+        Verifier::new().key(key()).verify(&moved).unwrap().entries,
+        1
+    );
+}
+
+/// Whoever can write the log's directory plants a symbolic link under the
+/// log's name (pointing at a file of the victim's, or at nothing) or under
+/// the name of its next rotated file: the writer follows none of them. It
+/// refuses with an error that names the link, and the target is neither
+/// created nor written nor locked.
+#[test]
+fn a_symbolic_link_in_place_of_a_log_file_is_refused() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let victim = elsewhere.path().join("victim");
+    fs::write(&victim, b"precious\n").unwrap();
+
+    // The first file: a link to an existing file, then a dangling one.
+    let path = dir.path().join("audit.jsonl");
+    symlink(&victim, &path).unwrap();
+    let e = AuditLog::builder()
+        .audit_key(key())
+        .open(&path)
+        .unwrap_err();
+    assert!(matches!(e, OpenError::Invalid(_)), "{e:?}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    fs::remove_file(&path).unwrap();
+    let absent = elsewhere.path().join("absent");
+    symlink(&absent, &path).unwrap();
+    let e = AuditLog::builder()
+        .audit_key(key())
+        .open(&path)
+        .unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert!(!absent.exists(), "the link's target was created");
+    fs::remove_file(&path).unwrap();
+
+    // A rotated file: a link planted as the log's next file.
+    let log = AuditLog::builder()
+        .audit_key(key())
+        .max_file_bytes(2 << 10)
+        .open(&path)
+        .unwrap();
+    log.append(&ev("this-writer", 0, 0)).unwrap();
+    let next = dir.path().join("audit.jsonl.000002");
+    symlink(&victim, &next).unwrap();
+    // Found by the open writer under the lock, at its next append...
+    let e = log.append(&ev("this-writer", 1, 0)).unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    drop(log);
+    // ... and by the next open.
+    let e = AuditLog::builder()
+        .audit_key(key())
+        .max_file_bytes(2 << 10)
+        .open(&path)
+        .unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
+}
