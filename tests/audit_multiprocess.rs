@@ -334,7 +334,7 @@ fn a_verify_waits_for_the_append_in_progress() {
 /// The last line of `path`, newline included.
 fn last_line(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap();
-    text.split_inclusive('\n').last().unwrap().to_owned()
+    text.split_inclusive('\n').next_back().unwrap().to_owned()
 }
 
 fn append_raw(path: &Path, bytes: &[u8]) {

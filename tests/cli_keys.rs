@@ -307,7 +307,7 @@ fn a_forked_audit_log_is_refused_and_the_error_says_how_to_start_a_new_one() {
     }
     let copy = fs::read_to_string(env.path("copy.jsonl")).unwrap();
     let mut forked = fs::read_to_string(&log).unwrap();
-    forked.push_str(copy.lines().last().unwrap());
+    forked.push_str(copy.lines().next_back().unwrap());
     forked.push('\n');
     fs::write(&log, &forked).unwrap();
 
