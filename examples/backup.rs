@@ -529,13 +529,21 @@ impl From<phi_envelope::Error> for CliError {
             E::Keystore { .. } | E::PolicyDenied(_) | E::KeyLifecycle(_) => {
                 CliError::new(exit::KEY, text)
             }
-            E::Audit(_) => CliError::new(exit::AUDIT, format!("{text}; no key was used")),
+            E::Audit(_) => CliError::new(
+                exit::AUDIT,
+                format!("{text}; no key was used ({AUDIT_LOG_SETTING})"),
+            ),
             E::Io(io) => CliError::from_io(io, Path::new("")),
             E::Rng => CliError::new(exit::IO, text),
             _ => CliError::new(exit::USAGE, text),
         }
     }
 }
+
+/// Where the CLI's audit log is configured: what an operator changes to
+/// start a new log at another path.
+pub const AUDIT_LOG_SETTING: &str =
+    "the audit log's path is --audit-log or PHI_ENVELOPE_AUDIT_LOG: set a new path to start a new log there";
 
 // ---------------------------------------------------------------------------
 

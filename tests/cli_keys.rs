@@ -275,3 +275,81 @@ fn audit_log_is_written_verified_and_tampering_is_named() {
         .unwrap();
     assert_eq!(code(&o), 6, "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// Two runs that shared the audit log without its lock (an older version,
+/// a copy written back) forked its chain: the next run uses no key (exit 6),
+/// writes nothing, and its error says how to start a new log (the verify
+/// command, moving the files, the setting that names the log). Following
+/// it gives a working log again.
+#[test]
+fn a_forked_audit_log_is_refused_and_the_error_says_how_to_start_a_new_one() {
+    let env = Env::new();
+    fs::write(env.path("f"), b"phi").unwrap();
+    let log = env.path("audit.jsonl");
+    fs::write(env.path("audit.key"), "42".repeat(32)).unwrap();
+    let args = |log: &str, rest: &[&str]| {
+        let mut a = vec!["--audit-log", log, "--audit-key-file", "audit.key"];
+        a.extend_from_slice(rest);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let encrypt = |out: &'static str| ["encrypt", "--context", "case=1", "-o", out, "f"];
+    let o = env
+        .cmd()
+        .args(args("audit.jsonl", &["keys", "init"]))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    // The fork: a second writer continued a copy of the same tail.
+    fs::copy(&log, env.path("copy.jsonl")).unwrap();
+    for (l, out) in [("audit.jsonl", "1.phi"), ("copy.jsonl", "2.phi")] {
+        let o = env.cmd().args(args(l, &encrypt(out))).output().unwrap();
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let copy = fs::read_to_string(env.path("copy.jsonl")).unwrap();
+    let mut forked = fs::read_to_string(&log).unwrap();
+    forked.push_str(copy.lines().next_back().unwrap());
+    forked.push('\n');
+    fs::write(&log, &forked).unwrap();
+
+    let o = env
+        .cmd()
+        .args(args("audit.jsonl", &encrypt("3.phi")))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(code(&o), 6, "{err}");
+    for needed in [
+        "audit verify",
+        "evidence",
+        "new log",
+        "--audit-log",
+        "PHI_ENVELOPE_AUDIT_LOG",
+    ] {
+        assert!(
+            err.contains(needed),
+            "the error does not say {needed:?}: {err}"
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        forked,
+        "nothing appended"
+    );
+
+    // The way out it describes: keep the old log as evidence, start anew.
+    fs::create_dir(env.path("evidence")).unwrap();
+    fs::rename(&log, env.path("evidence/audit.jsonl")).unwrap();
+    let o = env
+        .cmd()
+        .args(args("audit.jsonl", &encrypt("4.phi")))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    env.ok(&[
+        "--audit-key-file",
+        "audit.key",
+        "audit",
+        "verify",
+        "audit.jsonl",
+    ]);
+}

@@ -359,7 +359,10 @@ fn open_audit_log(g: &Global) -> Result<Option<Arc<AuditLog>>, CliError> {
     let log = b.open(path).map_err(|e| {
         CliError::new(
             exit::AUDIT,
-            format!("{e}; no key was used (the operation needs its audit log)"),
+            format!(
+                "{e}; no key was used (the operation needs its audit log; {})",
+                crate::AUDIT_LOG_SETTING
+            ),
         )
     })?;
     Ok(Some(Arc::new(log)))

@@ -1,7 +1,7 @@
 //! The append-only, hash-chained JSON Lines audit log.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -47,8 +47,13 @@ pub enum OpenError {
     /// the chain.
     #[error("audit log {} is already open in this process: share one AuditLog (it is thread-safe) instead of opening it twice", .0.display())]
     InUse(PathBuf),
-    /// The end of the log does not verify, so the chain cannot be resumed.
-    #[error("cannot resume the audit log: {0}; run audit::verify on it and investigate before writing to it again")]
+    /// The end of the log does not verify (an edited or incomplete last
+    /// line, or a fork: the last line does not follow from the one before
+    /// it), so the chain cannot be resumed. Nothing was written. The message
+    /// says what to do: for an incomplete last line, open with
+    /// [`repair_torn_tail`](AuditLogBuilder::repair_torn_tail); otherwise
+    /// start a new log (see the [module documentation](super#when-the-chain-is-broken-starting-a-new-log)).
+    #[error("cannot resume the audit log: {0}; nothing was written. {advice}", advice = damaged_advice(.0))]
     Damaged(BadLine),
     /// The log was written with another audit key (or with none, or with
     /// one where this log is configured without).
@@ -100,7 +105,12 @@ impl AuditLogBuilder {
 
     /// Whether [`open`](Self::open) may cut off an incomplete last line (a
     /// write torn by a crash) and record a `gap` line in its place (default
-    /// `false`: such a log is refused with [`OpenError::Damaged`]).
+    /// `false`: such a log is refused with [`OpenError::Damaged`]). The
+    /// same holds later, for an incomplete line that a writer of another
+    /// process left when it died in the middle of an append: found under
+    /// the lock at the next append, it is cut off and recorded, or (by
+    /// default) the append is refused until the log is reopened with this
+    /// set.
     ///
     /// The cut line is an event whose operation never completed: the
     /// keyring releases a result only after its event is written.
@@ -110,8 +120,9 @@ impl AuditLogBuilder {
     }
 
     /// Opens the log whose first file is `path`, creating it if no file of
-    /// it exists, or resuming its chain: the last file's header is checked
-    /// against the configured key and its last line is verified. The whole
+    /// it exists, or resuming its chain: under the log's lock, the last
+    /// file's header is checked against the configured key, and its last
+    /// line is verified along with its link to the line before it. The whole
     /// chain is not re-verified (see [`verify`](super::verify)).
     pub fn open(self, path: impl AsRef<Path>) -> Result<AuditLog, OpenError> {
         AuditLog::open_with(self, path.as_ref())
@@ -136,9 +147,11 @@ impl AuditLogBuilder {
 /// counted and recorded by a `gap` line at the next successful append.
 ///
 /// Only one `AuditLog` per log may be open in a process (a second
-/// [`open`](AuditLog::open) fails with [`OpenError::InUse`]); do not point
-/// two processes at the same log either: their chains would fork, which the
-/// verifier reports.
+/// [`open`](AuditLog::open) fails with [`OpenError::InUse`]: share it).
+/// Several processes may write the same log: each append holds an
+/// exclusive lock on the log's first file and continues the chain from
+/// the end of the log on disk; a writer that finds it broken refuses (see
+/// [several processes](super#several-processes-one-log)).
 pub struct AuditLog {
     cfg: Config,
     state: Mutex<State>,
@@ -166,6 +179,10 @@ struct Config {
     mac: Mac,
     fsync: FsyncPolicy,
     max_file_bytes: Option<u64>,
+    repair_torn_tail: bool,
+    /// A handle to the log's first file, whose exclusive `flock` every
+    /// writer (in any process) holds while it reads the tail and appends.
+    lock: File,
 }
 
 /// This process's claim on a log path, released on drop.
@@ -218,6 +235,14 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
     }
 }
 
+fn missing_first_file(base: &Path, first: &Path) -> OpenError {
+    OpenError::Invalid(format!(
+        "{} is missing but later files of the log exist ({}): restore it, or open the log under a new name",
+        base.display(),
+        first.display()
+    ))
+}
+
 fn create_new(path: &Path) -> io::Result<File> {
     let mut opts = OpenOptions::new();
     opts.append(true).create_new(true);
@@ -226,7 +251,78 @@ fn create_new(path: &Path) -> io::Result<File> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    opts.open(path)
+    open_file(&mut opts, path)
+}
+
+/// Opens a file of the log with `opts`, never following a symbolic link
+/// in the last component (`O_NOFOLLOW`) and never blocking on a FIFO or a
+/// device (`O_NONBLOCK`, harmless on a regular file), and refuses anything
+/// but a regular file: whoever can plant a link or a FIFO next to the log
+/// cannot redirect its writes, its lock or its reads to another file, nor
+/// hang a writer.
+fn open_file(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    #[cfg(unix)]
+    {
+        use rustix::fs::OFlags;
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32);
+    }
+    let file = opts.open(path).map_err(|e| {
+        if is_symlink_refused(&e) {
+            io::Error::new(
+                e.kind(),
+                "a symbolic link: refusing to follow it (it could redirect the audit log or its lock to another file); give the path of the file itself",
+            )
+        } else {
+            e
+        }
+    })?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// [`open_file`] for reading.
+pub(super) fn open_read(path: &Path) -> io::Result<File> {
+    open_file(OpenOptions::new().read(true), path)
+}
+
+/// Whether an open failed because `O_NOFOLLOW` met a symbolic link.
+#[cfg(unix)]
+fn is_symlink_refused(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+}
+
+#[cfg(not(unix))]
+fn is_symlink_refused(_: &io::Error) -> bool {
+    false
+}
+
+/// Refuses a path of the log that is not a regular file (a symbolic link
+/// is not followed), with a clear error; `Ok(false)` if it does not exist.
+fn check_regular(path: &Path) -> Result<bool, OpenError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(OpenError::Invalid(format!(
+            "{} is a symbolic link: the files of an audit log must be the files themselves (a link could redirect the log or its lock to another file); open the log by the path of the file it points to",
+            path.display()
+        )));
+    }
+    if !meta.is_file() {
+        return Err(OpenError::Invalid(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(true)
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
@@ -256,56 +352,145 @@ struct Tail {
     len: u64,
     /// Offset and length of an incomplete last line, if any.
     torn: Option<(u64, u64)>,
-    /// The last complete line (without its newline).
-    last: Option<Vec<u8>>,
+    /// The last complete line (without its newline) and its offset; empty
+    /// if it is longer than any line the log writes.
+    last: Option<(u64, Vec<u8>)>,
+    /// The complete line before it, the same way.
+    before: Option<(u64, Vec<u8>)>,
 }
 
-/// Reads the end of `path` without reading the whole file.
+/// The most [`read_tail`] reads: an incomplete line, the last line and the
+/// one before it, each at most `MAX_LINE` bytes with its newline.
+const MAX_TAIL_WINDOW: u64 = 3 * (MAX_LINE as u64 + 1);
+
+/// Reads the end of `path` (its last two complete lines and an incomplete
+/// line after them) without reading the whole file: a small window from
+/// the end first, a larger one only when the lines are long.
 fn read_tail(path: &Path) -> io::Result<Tail> {
-    let mut f = File::open(path)?;
+    let mut f = open_read(path)?;
     let len = f.metadata()?.len();
-    let window = len.min(2 * MAX_LINE as u64 + 2);
-    f.seek(SeekFrom::Start(len - window))?;
-    let mut buf = Vec::with_capacity(window as usize);
-    f.take(window).read_to_end(&mut buf)?;
+    let mut window = len.min(16 << 10);
+    let mut buf = Vec::new();
+    loop {
+        f.seek(SeekFrom::Start(len - window))?;
+        buf.clear();
+        (&mut f).take(window).read_to_end(&mut buf)?;
+        // Enough when the window holds the newline before the line before
+        // the last one, or starts at the beginning of the file.
+        let newlines = buf.iter().rev().filter(|&&b| b == b'\n').take(3).count();
+        if newlines == 3 || window >= len || window >= MAX_TAIL_WINDOW {
+            break;
+        }
+        window = (window * 4).min(len).min(MAX_TAIL_WINDOW);
+    }
     let start = len - buf.len() as u64;
     // Everything after the last newline is an incomplete line.
     let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let torn =
         (complete < buf.len()).then(|| (start + complete as u64, (buf.len() - complete) as u64));
-    let last = if complete == 0 {
-        None
-    } else {
-        let body = &buf[..complete - 1];
+    // The complete line ending just before `end` (an index of `buf` just
+    // past a newline), with its offset; empty when it starts before the
+    // window (longer than any line the log writes).
+    let line_before = |end: usize| -> Option<(usize, Vec<u8>)> {
+        if end == 0 {
+            return None;
+        }
+        let body = &buf[..end - 1];
         let from = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         if from == 0 && start > 0 {
-            // The line is longer than the window: not one of ours.
-            Some(Vec::new())
+            Some((from, Vec::new()))
         } else {
-            Some(body[from..].to_vec())
+            Some((from, body[from..].to_vec()))
         }
     };
-    Ok(Tail { len, torn, last })
+    let last = line_before(complete);
+    let before = match &last {
+        Some((from, raw)) if !raw.is_empty() => line_before(*from),
+        _ => None,
+    };
+    let at = |l: Option<(usize, Vec<u8>)>| l.map(|(from, raw)| (start + from as u64, raw));
+    Ok(Tail {
+        len,
+        torn,
+        last: at(last),
+        before: at(before),
+    })
 }
 
 /// Reads the first line of `path` (without its newline), at most
 /// `MAX_LINE` bytes.
 fn read_first_line(path: &Path) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    File::open(path)?
-        .take(MAX_LINE as u64)
-        .read_to_end(&mut buf)?;
-    if let Some(i) = buf.iter().position(|&b| b == b'\n') {
-        buf.truncate(i);
+    io::BufReader::with_capacity(8 << 10, open_read(path)?.take(MAX_LINE as u64))
+        .read_until(b'\n', &mut buf)?;
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
     }
     Ok(buf)
+}
+
+/// The log whose first file is `path` is `path` with a segment suffix
+/// (`.000002`, ...) removed.
+fn base_of(path: &Path) -> PathBuf {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return path.to_path_buf();
+    };
+    match name.rsplit_once('.') {
+        Some((stem, n))
+            if !stem.is_empty() && n.len() >= 6 && n.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            path.with_file_name(stem)
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
+/// How to start a new log after the chain of `base` broke.
+pub(crate) fn new_log_steps(base: &Path) -> String {
+    let b = base.display();
+    format!(
+        "To rotate to a new log: stop every process that writes {b}; run `backup audit verify {b}` (audit::verify) and keep its report; move {b} and its rotated files ({b}.000002, ...) to an evidence directory, unchanged (they remain the record up to the first bad line); then the next open of {b} starts a new log (or configure a new path). See SECURITY.md, \"Audit log\""
+    )
+}
+
+/// What to do about a log that cannot be resumed.
+fn damaged_advice(bad: &BadLine) -> String {
+    let base = base_of(&bad.file);
+    if bad.problem == Problem::Incomplete {
+        format!(
+            "The last line is incomplete (a writer died in the middle of an append): open the log with repair_torn_tail(true) to cut it off and record a gap line. {}",
+            new_log_steps(&base)
+        )
+    } else {
+        format!(
+            "Do not append to it: its chain is broken (edited, cut, or forked by a writer that did not hold the log's lock). {}",
+            new_log_steps(&base)
+        )
+    }
+}
+
+/// An exclusive advisory lock (`flock`) on a log's first file, released
+/// on drop, on every path.
+struct Exclusive<'a>(&'a File);
+
+impl Exclusive<'_> {
+    fn take(file: &File) -> io::Result<Exclusive<'_>> {
+        file.lock()?;
+        Ok(Exclusive(file))
+    }
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
 }
 
 /// The 1-based number of the line starting at `offset` (counted only when
 /// an error is reported).
 fn line_number_at(path: &Path, offset: u64) -> u64 {
     let mut n = 1;
-    if let Ok(f) = File::open(path) {
+    if let Ok(f) = open_read(path) {
         let mut r = io::BufReader::new(f.take(offset));
         let mut buf = [0u8; 64 * 1024];
         while let Ok(k) = r.read(&mut buf) {
@@ -351,6 +536,31 @@ impl AuditLog {
             open.push(registered.clone());
             Registration(registered)
         };
+        // The first file carries the lock, so it exists before anything is
+        // read: created empty here if the log is new (several processes may
+        // do so at once; the first to hold the lock writes the header).
+        let found = segments(base).map_err(io_err(base))?;
+        if let Some((n, first)) = found.first() {
+            if *n != 1 {
+                return Err(missing_first_file(base, first));
+            }
+        }
+        // Also refuses a symbolic link that `segments` does not list (a
+        // dangling one): the open below would refuse it less clearly.
+        let exists = check_regular(base)?;
+        let lock_file = if !exists {
+            let mut opts = OpenOptions::new();
+            opts.read(true).append(true).create(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            open_file(&mut opts, base)
+        } else {
+            open_read(base)
+        }
+        .map_err(io_err(base))?;
         let cfg = Config {
             base: base.to_path_buf(),
             mac: match opts.key {
@@ -359,13 +569,23 @@ impl AuditLog {
             },
             fsync: opts.fsync,
             max_file_bytes: opts.max_file_bytes,
+            repair_torn_tail: opts.repair_torn_tail,
+            lock: lock_file,
         };
-        // On error, `registration` is dropped and releases the path.
-        let state = cfg.resume(opts.repair_torn_tail)?;
-        if cfg.fsync != FsyncPolicy::Never {
-            // Whatever an earlier process left in the page cache.
-            state.file.sync_data().map_err(io_err(&state.path))?;
-        }
+        // On error, `registration` is dropped and releases the path, and
+        // the lock is released.
+        let state = {
+            let _locked = Exclusive::take(&cfg.lock).map_err(|e| OpenError::Io {
+                path: base.to_path_buf(),
+                source: io::Error::new(e.kind(), format!("cannot lock the log: {e}")),
+            })?;
+            let state = cfg.resume()?;
+            if cfg.fsync != FsyncPolicy::Never {
+                // Whatever an earlier process left in the page cache.
+                state.file.sync_data().map_err(io_err(&state.path))?;
+            }
+            state
+        };
         let durable = Durable {
             file: state.file.try_clone().map_err(io_err(&state.path))?,
             synced: state.next_seq,
@@ -383,28 +603,27 @@ impl AuditLog {
 
 impl Config {
     /// Finds the end of the chain on disk and returns the writer state.
-    fn resume(&self, repair: bool) -> Result<State, OpenError> {
+    /// Call with the lock held. A new (empty) first file gets the genesis
+    /// header; an incomplete last line is cut off (and recorded by a `gap`
+    /// line) if `repair_torn_tail` is set, and refused otherwise.
+    fn resume(&self) -> Result<State, OpenError> {
+        let repair = self.repair_torn_tail;
         let found = segments(&self.base).map_err(io_err(&self.base))?;
         let Some(&(last_n, ref last_path)) = found.last() else {
-            // A new log: the genesis header.
-            let file = create_new(&self.base).map_err(io_err(&self.base))?;
-            let mut st = self.fresh_state(file, self.base.clone(), 1, 0, [0; 32]);
-            self.write_header(&mut st, None)
-                .map_err(io_err(&self.base))?;
-            return Ok(st);
+            // Removed since it was opened: never start a new chain silently.
+            return Err(OpenError::Invalid(format!(
+                "{} was removed while the log was open: no entry was written. {}",
+                self.base.display(),
+                new_log_steps(&self.base)
+            )));
         };
         if found[0].0 != 1 {
-            return Err(OpenError::Invalid(format!(
-                "{} is missing but later files of the log exist ({}): restore it, or open the log under a new name",
-                self.base.display(),
-                found[0].1.display()
-            )));
+            return Err(missing_first_file(&self.base, &found[0].1));
         }
-        let meta = std::fs::metadata(last_path).map_err(io_err(last_path))?;
-        if !meta.is_file() {
-            return Err(OpenError::Invalid(format!(
-                "{} is not a regular file",
-                last_path.display()
+        if !check_regular(last_path)? {
+            return Err(io_err(last_path)(io::Error::new(
+                io::ErrorKind::NotFound,
+                "removed while it was being opened",
             )));
         }
         let mut tail = read_tail(last_path).map_err(io_err(last_path))?;
@@ -418,19 +637,15 @@ impl Config {
                     problem: Problem::Incomplete,
                 }));
             }
-            let f = OpenOptions::new()
-                .write(true)
-                .open(last_path)
-                .map_err(io_err(last_path))?;
+            let f =
+                open_file(OpenOptions::new().write(true), last_path).map_err(io_err(last_path))?;
             f.set_len(offset).map_err(io_err(last_path))?;
             f.sync_all().map_err(io_err(last_path))?;
             tail = read_tail(last_path).map_err(io_err(last_path))?;
             repaired = true;
         }
-        let file = OpenOptions::new()
-            .append(true)
-            .open(last_path)
-            .map_err(io_err(last_path))?;
+        let file =
+            open_file(OpenOptions::new().append(true), last_path).map_err(io_err(last_path))?;
         let mut st = if tail.len == 0 {
             // A file created by a rotation (or a new log) that crashed
             // before its header was written: write it now.
@@ -524,27 +739,57 @@ impl Config {
         Ok(())
     }
 
-    /// Decodes and verifies the last complete line of a file.
+    /// Decodes and verifies the last complete line of a file, and that it
+    /// follows from the line before it (in sequence and chained to it): a
+    /// fork at the end of the log (two lines with one sequence number,
+    /// written by writers that did not share the lock) is not resumed.
     fn check_last_line(&self, path: &Path, tail: &Tail) -> Result<Line, OpenError> {
-        let offset = tail.len - tail.last.as_ref().map_or(0, |l| l.len() as u64 + 1);
-        let bad = |problem| {
+        let bad = |offset: u64, seq: Option<u64>, problem| {
             OpenError::Damaged(BadLine {
                 file: path.to_path_buf(),
                 line: line_number_at(path, offset),
-                seq: None,
+                seq,
                 problem,
             })
         };
-        let raw = tail
-            .last
-            .as_deref()
-            .ok_or_else(|| bad(Problem::EmptyFile))?;
-        if raw.is_empty() {
-            return Err(bad(Problem::TooLong));
+        let Some((offset, raw)) = &tail.last else {
+            return Err(bad(tail.len, None, Problem::EmptyFile));
+        };
+        let line = self.verified_line(raw).map_err(|p| bad(*offset, None, p))?;
+        let seq = Some(line.seq);
+        match (&tail.before, &line.body) {
+            (None, _) => {}
+            (Some(_), Body::Header(_)) => return Err(bad(*offset, seq, Problem::UnexpectedHeader)),
+            (Some((before_offset, before_raw)), _) => {
+                let before = self
+                    .verified_line(before_raw)
+                    .map_err(|p| bad(*before_offset, None, p))?;
+                if line.seq != before.seq.wrapping_add(1) {
+                    return Err(bad(
+                        *offset,
+                        seq,
+                        Problem::SeqMismatch {
+                            expected: before.seq.wrapping_add(1),
+                            found: line.seq,
+                        },
+                    ));
+                }
+                if line.prev != before.hash {
+                    return Err(bad(*offset, seq, Problem::PrevMismatch));
+                }
+            }
         }
-        let (line, body) = line::decode(raw).map_err(bad)?;
+        Ok(line)
+    }
+
+    /// Decodes one line and checks its hash.
+    fn verified_line(&self, raw: &[u8]) -> Result<Line, Problem> {
+        if raw.is_empty() {
+            return Err(Problem::TooLong);
+        }
+        let (line, body) = line::decode(raw)?;
         if !self.mac.matches(&line.prev, body, &line.hash) {
-            return Err(bad(Problem::HashMismatch));
+            return Err(Problem::HashMismatch);
         }
         Ok(line)
     }
@@ -622,6 +867,16 @@ impl Config {
                 event_json.len()
             )));
         }
+        // Every writer of this log, in any process, appends under this
+        // lock, and continues the chain from what is on disk under it, not
+        // from what it wrote last. Released on return, on every path.
+        let _locked = Exclusive::take(&self.lock).map_err(|e| {
+            SinkError(format!(
+                "audit log {}: cannot lock it: {e}",
+                self.base.display()
+            ))
+        })?;
+        self.catch_up(st, durable)?;
         if let Some(max) = self.max_file_bytes {
             let gap = if st.lost > 0 { 240 } else { 0 };
             if st.lines_in_file > 1 && st.bytes + estimate + gap > max {
@@ -677,6 +932,150 @@ impl Config {
             st.unsynced = 0;
         }
         Ok((event_seq, sync))
+    }
+
+    /// With the lock held: brings `st` to the end of the chain on disk, so
+    /// that the next line continues it whoever wrote last. Cheap when this
+    /// writer wrote last (one `fstat` and one `stat`); otherwise the end of
+    /// the last file is read from its end (two lines) and checked. Refuses
+    /// (and refuses every later entry, until reopened) when the chain on
+    /// disk does not verify or does not contain what this writer wrote.
+    fn catch_up(&self, st: &mut State, durable: &Mutex<Durable>) -> Result<(), SinkError> {
+        if let Some(what) = self.replaced()? {
+            let msg = format!(
+                "audit log {} refuses the entry: {what} while this writer had it open, so its lock no longer excludes the log's other writers and its entries would not go to the log; nothing was written. Reopen the log (restart this process)",
+                self.base.display()
+            );
+            st.broken = Some(msg.clone());
+            return Err(SinkError(msg));
+        }
+        let next = segment_path(&self.base, st.segment + 1);
+        let rotated = match std::fs::symlink_metadata(&next) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(SinkError(format!("audit log {}: {e}", next.display()))),
+        };
+        if !rotated {
+            let len = st
+                .file
+                .metadata()
+                .map(|m| m.len())
+                .map_err(|e| SinkError(format!("audit log {}: {e}", st.path.display())))?;
+            if len == st.bytes {
+                // Nobody wrote since this writer did.
+                return Ok(());
+            }
+        }
+        let fresh = match self.resume() {
+            Ok(fresh) => fresh,
+            Err(OpenError::Damaged(bad)) if bad.problem == Problem::Incomplete => {
+                // A writer died in the middle of an append. Not sticky:
+                // reopening with repair_torn_tail fixes it for everyone.
+                return Err(SinkError(format!(
+                    "audit log {} refuses the entry: {bad}. {}",
+                    self.base.display(),
+                    damaged_advice(&bad)
+                )));
+            }
+            Err(OpenError::Damaged(bad)) => {
+                let reason = format!("the chain on disk is broken: {bad}");
+                let msg = format!(
+                    "audit log {} refuses the entry: {reason}. {}",
+                    self.base.display(),
+                    damaged_advice(&bad)
+                );
+                st.broken = Some(msg.clone());
+                return Err(SinkError(msg));
+            }
+            Err(e) => {
+                return Err(SinkError(format!(
+                    "audit log {}: cannot read the end of the chain: {e}",
+                    self.base.display()
+                )))
+            }
+        };
+        // What this writer wrote last must still be the end of the chain or
+        // before it: a shorter chain, or another line with the same number,
+        // means lines were removed or the chain was forked.
+        let mine = st.next_seq.saturating_sub(1);
+        let found = fresh.next_seq.saturating_sub(1);
+        if found < mine || (found == mine && fresh.prev != st.prev) {
+            let what = if found < mine {
+                format!("the log ends at entry {found} but this writer last wrote entry {mine}: lines were removed from its end, or an older copy was put back")
+            } else {
+                format!("entry {found} on disk is not the one this writer wrote: another writer forked the chain, or it was rewritten")
+            };
+            let msg = format!(
+                "audit log {} refuses the entry: {what}. Do not append to it. {}",
+                self.base.display(),
+                new_log_steps(&self.base)
+            );
+            st.broken = Some(msg.clone());
+            return Err(SinkError(msg));
+        }
+        if fresh.segment == st.segment {
+            st.bytes = fresh.bytes;
+            st.lines_in_file = fresh.lines_in_file;
+            st.next_seq = fresh.next_seq;
+            st.prev = fresh.prev;
+            return Ok(());
+        }
+        // Another writer started a newer file. What this writer left in its
+        // file goes to stable storage first, as on a rotation of its own:
+        // the group commit only syncs the current file.
+        if self.fsync != FsyncPolicy::Never {
+            if let Err(e) = st.file.sync_data() {
+                let reason = format!("fsync failed: {e}");
+                lock(durable).failed = Some(reason.clone());
+                st.broken = Some(reason);
+                return Err(SinkError(format!(
+                    "audit log {}: fsync failed: {e}",
+                    st.path.display()
+                )));
+            }
+            st.unsynced = 0;
+        }
+        let handle = fresh
+            .file
+            .try_clone()
+            .map_err(|e| SinkError(format!("audit log {}: {e}", fresh.path.display())))?;
+        let old_next = st.next_seq;
+        let (lost, unsynced) = (st.lost, st.unsynced);
+        *st = fresh;
+        st.lost = lost;
+        st.unsynced = unsynced;
+        let mut d = lock(durable);
+        d.file = handle;
+        if self.fsync != FsyncPolicy::Never {
+            d.synced = d.synced.max(old_next);
+        }
+        Ok(())
+    }
+
+    /// With the lock held: whether the log's first file is no longer the
+    /// file whose lock this writer holds (moved away, e.g. to an evidence
+    /// directory, or replaced), and how; one `lstat` and one `fstat`.
+    fn replaced(&self) -> Result<Option<&'static str>, SinkError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let held = self
+                .lock
+                .metadata()
+                .map_err(|e| SinkError(format!("audit log {}: {e}", self.base.display())))?;
+            match std::fs::symlink_metadata(&self.base) {
+                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => Ok(None),
+                Ok(_) => Ok(Some("its first file was replaced")),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    Ok(Some("its first file was moved away or removed"))
+                }
+                Err(e) => Err(SinkError(format!("audit log {}: {e}", self.base.display()))),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(None)
+        }
     }
 
     /// Starts the next file, whose header chains to the current last line.
@@ -788,9 +1187,10 @@ impl AuditLog {
         Ok(())
     }
 
-    /// The end of the chain: the last line's `seq` and `hash`. Store it
-    /// outside the log's reach to detect a truncated tail later
-    /// ([`verify_with_anchor`](super::verify_with_anchor)).
+    /// The end of the chain as of this writer's last append (or open):
+    /// that line's `seq` and `hash` (other processes may have appended
+    /// since). Store it outside the log's reach to detect a truncated tail
+    /// later ([`verify_with_anchor`](super::verify_with_anchor)).
     pub fn anchor(&self) -> Anchor {
         let st = lock(&self.state);
         Anchor {

@@ -111,11 +111,84 @@
 //! starts with the genesis header) unless a
 //! [start anchor](Verifier::start_after) is given on purpose.
 //!
-//! A crash in the middle of a write leaves an incomplete last line; the
-//! operation it recorded was not completed (the event is written before the
-//! keyring releases a result). [`AuditLog::open`] refuses such a log unless
+//! A crash in the middle of a write (a `SIGKILL`, a power failure) can
+//! leave an incomplete last line, without its newline; the operation it
+//! recorded was not completed (the event is written before the keyring
+//! releases a result). A writer never continues after it: [`AuditLog::open`]
+//! refuses such a log, and so does a writer of another process that finds
+//! it at its next append, unless
 //! [`repair_torn_tail`](AuditLogBuilder::repair_torn_tail) is set, in which
-//! case it cuts the incomplete line off and records a `gap` line saying so.
+//! case the incomplete line is cut off and a `gap` line (`torn-tail`) says
+//! so. [`verify`] reports it as [`Problem::Incomplete`].
+//!
+//! # Several processes, one log
+//!
+//! Several processes may write one log at once (two cron jobs, a verify
+//! during a backup, a fleet of workers on one host): their entries form
+//! one chain. Every writer holds an exclusive advisory lock on the log's
+//! first file (`flock(2)`, through `std::fs::File::lock`) across each
+//! append, a rotation included, and under the lock continues the chain
+//! from the end of the log on disk, not from what it wrote last: if the
+//! file did not change since its own last append (one `fstat` and one
+//! `stat` tell), it continues at once; otherwise it reads the last file's
+//! last two lines from its end (never the whole file) and checks them. The
+//! lock is released before the fsync (whose group commit is unchanged: an
+//! entry is on stable storage before it is acknowledged) and on every
+//! error path.
+//!
+//! A writer refuses the entry (and so the keyring refuses the key use,
+//! [`Error::Audit`](crate::Error::Audit)) when what it finds is not a
+//! chain it can continue: the last line does not verify, or does not
+//! follow from the line before it (two lines with one `seq`: a fork by a
+//! writer that did not take the lock, such as an older version or a copy
+//! of the file written back), or the log no longer holds what this writer
+//! wrote last (lines removed from the end, an older copy restored). The
+//! refusal is sticky for that [`AuditLog`], and a later open refuses the
+//! log too ([`OpenError::Damaged`]); the error says how to start a new log
+//! (below). These checks look at the end of the log only; [`verify`]
+//! checks all of it.
+//!
+//! [`Verifier::verify`] takes a shared lock on the same file while it
+//! lists the files and notes the length of the last one, then verifies
+//! that snapshot without the lock: it never reads an append in progress
+//! (half a line, a new file without its header yet) as damage, and writers
+//! wait only for that listing. [`Verifier::verify_files`] reads the files
+//! it is given as they are (for copies and archives). Any other tool that
+//! reads a live log should do the same: `flock(LOCK_SH)` on the first file,
+//! note the lengths, unlock, read up to them.
+//!
+//! The lock is advisory: it excludes only writers that take it (this
+//! crate's). It is held on the file, not on its name, so moving the first
+//! file away (to an evidence directory, say) or replacing it while writers
+//! run would let a writer that still has the old file open and one that
+//! opens the new one each hold "the" lock: under the lock, every append
+//! checks that the path still names the file it locks (one `lstat`), and a
+//! writer that finds it moved or replaced refuses every later entry until
+//! it is reopened. Locks are per host unless the file system shares them
+//! (NFS does, through its lock manager).
+//!
+//! The writer opens every file of the log with `O_NOFOLLOW` and
+//! `O_NONBLOCK` and accepts only regular files: a symbolic link (or a
+//! FIFO) planted in the log's directory, under the log's name or a rotated
+//! file's, is refused with an error, never followed, so it cannot redirect
+//! the log's writes or its lock to another file.
+//!
+//! # When the chain is broken: starting a new log
+//!
+//! A log that does not verify is never appended to again (an entry after a
+//! fork or a cut would hide where the chain broke). To rotate to a new log:
+//!
+//! 1. Stop every process that writes the log (the next ones would be
+//!    refused anyway).
+//! 2. Run [`verify`] on it (`backup audit verify LOG`) and keep its report:
+//!    it names the first bad line. Keep the last anchor you stored, too.
+//! 3. Move the log's files, `LOG` and its rotated files `LOG.000002`, ...,
+//!    unchanged, to an evidence directory: up to the first bad line they
+//!    remain the verified record, and what follows is for the
+//!    investigation.
+//! 4. Start the writers again: the first open of `LOG` creates a new log
+//!    (a new genesis header at `seq` 0), or configure a new path. Record in
+//!    your ticket which old log and anchor the new one follows.
 
 pub(crate) mod json;
 mod line;

@@ -353,22 +353,69 @@ impl Verifier {
     }
 
     /// Verifies the log whose first file is `path` and its rotated files.
+    ///
+    /// Safe while writers (in this or other processes) append: the files
+    /// and the length of the last one are taken under a shared lock on the
+    /// first file (the lock every writer holds, exclusively, across an
+    /// append and a rotation), so the log is verified as it was at that
+    /// moment, between two appends, and lines appended later are not read.
+    /// An append in progress is never mistaken for an incomplete line or a
+    /// new file without its header. The lock is held only while the files
+    /// are listed, not during the verification. Where the file system has
+    /// no locks, the files are read as they are.
     pub fn verify(&self, path: impl AsRef<Path>) -> Result<VerifyReport, VerifyError> {
         let path = path.as_ref();
-        let mut files = segments(path).map_err(|source| VerifyError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let list = || {
+            segments(path).map_err(|source| VerifyError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        // `None` if the first file cannot be opened (or is not a regular
+        // file; no writer writes through a link or to a FIFO): it is then
+        // read without the lock, and reported where it is read.
+        let first = super::log::open_read(path).ok();
+        let locked = first.as_ref().is_some_and(|f| f.lock_shared().is_ok());
+        let listed = list().and_then(|files| {
+            let last_len = match files.last() {
+                Some((_, last)) if locked => Some(
+                    std::fs::metadata(last)
+                        .map_err(|source| VerifyError::Io {
+                            path: last.clone(),
+                            source,
+                        })?
+                        .len(),
+                ),
+                _ => None,
+            };
+            Ok((files, last_len))
+        });
+        if let (Some(f), true) = (&first, locked) {
+            let _ = f.unlock();
+        }
+        let (mut files, last_len) = listed?;
         if files.first().is_none_or(|(n, _)| *n != 1) {
             // `path` itself is missing: let opening it report that.
             files.insert(0, (1, path.to_path_buf()));
         }
         let files: Vec<PathBuf> = files.into_iter().map(|(_, p)| p).collect();
-        self.verify_files(&files)
+        self.verify_upto(&files, last_len)
     }
 
-    /// Verifies the given files, in this order, as one chain.
+    /// Verifies the given files, in this order, as one chain, as they are
+    /// (no lock is taken: for a log that is being written, use
+    /// [`verify`](Self::verify), which reads a consistent snapshot).
     pub fn verify_files<P: AsRef<Path>>(&self, files: &[P]) -> Result<VerifyReport, VerifyError> {
+        self.verify_upto(files, None)
+    }
+
+    /// [`verify_files`](Self::verify_files), reading at most `last_len`
+    /// bytes of the last file.
+    fn verify_upto<P: AsRef<Path>>(
+        &self,
+        files: &[P],
+        last_len: Option<u64>,
+    ) -> Result<VerifyReport, VerifyError> {
         if files.is_empty() {
             return Err(VerifyError::NoFiles);
         }
@@ -399,7 +446,12 @@ impl Verifier {
         let mut last_line = (files[0].as_ref().to_path_buf(), 0u64);
         for (index, path) in files.iter().enumerate() {
             let path = path.as_ref();
-            let n = run.file(index, path)?;
+            let limit = if index + 1 == files.len() {
+                last_len
+            } else {
+                None
+            };
+            let n = run.file(index, path, limit)?;
             last_line = (path.to_path_buf(), n);
         }
         if let Some(anchor) = &self.end {
@@ -441,13 +493,15 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Verifies one file; returns its number of lines.
-    fn file(&mut self, index: usize, path: &Path) -> Result<u64, VerifyError> {
+    /// Verifies one file (its first `limit` bytes, if given); returns its
+    /// number of lines.
+    fn file(&mut self, index: usize, path: &Path, limit: Option<u64>) -> Result<u64, VerifyError> {
         let io_err = |source| VerifyError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let mut reader = BufReader::with_capacity(64 * 1024, File::open(path).map_err(io_err)?);
+        let file = File::open(path).map_err(io_err)?;
+        let mut reader = BufReader::with_capacity(64 * 1024, file.take(limit.unwrap_or(u64::MAX)));
         let mut buf = Vec::with_capacity(1024);
         let mut line_no = 0u64;
         let first_seq = self.expected_seq;
