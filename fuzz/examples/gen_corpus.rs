@@ -211,6 +211,16 @@ fn keystores(out: &mut Out) {
     s.add_key(&a).unwrap();
     out.put("keystore_load", &std::fs::read(&p).unwrap());
     let _ = std::fs::remove_dir_all(&dir);
+    // The published keystore vectors, format 1 (no generation) and 2.
+    for name in ["keystore-v1.json", "keystore-v2.json"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/vectors")
+            .join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let file = v["keystore_file"].as_str().unwrap();
+        out.put("keystore_load", file.as_bytes());
+    }
 }
 
 #[cfg(feature = "audit")]

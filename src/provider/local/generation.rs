@@ -70,6 +70,13 @@ pub(super) fn raise(key: &Path, generation: u64) {
     *mark = (*mark).max(generation);
 }
 
+/// Forgets every mark: fuzzing only, so that each input is loaded as a new
+/// process would load it.
+#[cfg(fuzzing)]
+pub(super) fn forget_all() {
+    seen_map().clear();
+}
+
 /// Sets this process's mark of `key` to `generation`: a keystore was
 /// created at that path, on purpose.
 pub(super) fn reset(key: &Path, generation: u64) {

@@ -200,6 +200,16 @@ pub use self::file::MAX_FILE_LEN as MAX_KEYSTORE_FILE_LEN;
 pub use self::file::{FORMAT_VERSION as KEYSTORE_FORMAT_VERSION, OLDEST_READ_VERSION};
 pub use self::table::{MAX_KEYS, MAX_VERSIONS};
 
+/// **Fuzzing builds only** (`--cfg fuzzing`, set by cargo-fuzz): forgets
+/// the generations this process has seen, so that a fuzz target loads each
+/// input as a fresh process would instead of refusing it as a rollback of
+/// an earlier input.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn forget_seen_generations_for_fuzzing() {
+    generation::forget_all();
+}
+
 /// The provider id of the local keystore, and the scheme of its key
 /// references.
 pub const PROVIDER_ID: &str = "local";
