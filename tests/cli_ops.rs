@@ -316,23 +316,27 @@ fn the_actor_is_never_unknown() {
     // No --actor, no PHI_ENVELOPE_ACTOR, and a $USER that any process
     // could have set: the OS user is recorded, for data and key
     // management alike.
-    let run = |args: &[&str]| {
-        let o = env
-            .cmd()
-            .env_remove("PHI_ENVELOPE_ACTOR")
-            .env("USER", "someone-else")
-            .env_remove("LOGNAME")
+    // Half of the commands also without $USER and $LOGNAME (a cron job, a
+    // systemd unit): never "unknown".
+    let run = |args: &[&str], user: Option<&str>| {
+        let mut c = env.cmd();
+        c.env_remove("PHI_ENVELOPE_ACTOR").env_remove("LOGNAME");
+        match user {
+            Some(u) => c.env("USER", u),
+            None => c.env_remove("USER"),
+        };
+        let o = c
             .args(["--audit-log", "audit.jsonl"])
             .args(args)
             .output()
             .unwrap();
         assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
     };
-    run(&["keys", "init"]);
+    run(&["keys", "init"], None);
     fs::write(env.path("f"), b"phi").unwrap();
-    run(&["encrypt", "-o", "f.phi", "f"]);
-    run(&["keys", "rotate", "local:backups"]);
-    run(&["decrypt", "-o", "f.out", "f.phi"]);
+    run(&["encrypt", "-o", "f.phi", "f"], None);
+    run(&["keys", "rotate", "local:backups"], Some("someone-else"));
+    run(&["decrypt", "-o", "f.out", "f.phi"], Some("someone-else"));
     let got = actors(&env);
     assert!(got.len() >= 4, "{got:?}");
     let want = os_user();
