@@ -40,7 +40,8 @@ pub mod exit {
     /// passphrase, refused confirmation.
     pub const USAGE: u8 = 1;
     /// The backup is not authentic or not usable: authentication failed
-    /// (wrong key, wrong context, modified), truncated, not a backup,
+    /// (wrong key, wrong context, modified), truncated, not a backup, an
+    /// input of another size than `--expect-size`,
     /// unsafe archive, tampered audit log.
     pub const INTEGRITY: u8 = 2;
     /// A key or provider problem: keystore missing or wrong passphrase, no
@@ -64,7 +65,8 @@ Exit codes:
   0  success
   1  usage error (arguments, --context, key reference, no passphrase)
   2  integrity: authentication failed (wrong key, wrong --context, or modified),
-     truncated, not a backup, unsafe archive, tampered audit log
+     truncated, not a backup, unsafe archive, tampered audit log,
+     input size other than --expect-size
   3  key or provider problem (keystore, passphrase, key disabled/destroyed, no key for the backup)
   4  I/O error (not found, permission denied, disk full)
   5  output exists: refusing to overwrite without --force

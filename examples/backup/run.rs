@@ -121,6 +121,17 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
         if md.is_dir() {
             Kind::Directory
         } else {
+            if let (Some(expected), true) = (a.expect_size, md.is_file()) {
+                if expected != md.len() {
+                    return Err(size_mismatch(
+                        &a.input,
+                        util::SizeMismatch {
+                            expected,
+                            read: md.len(),
+                        },
+                    ));
+                }
+            }
             Kind::File
         }
     };
@@ -181,17 +192,8 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
             } else {
                 let f = File::open(&a.input).map_err(|e| CliError::from_io(e, &a.input))?;
                 let len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
-                if let (Some(expected), Some(len)) = (a.expect_size, len) {
-                    if expected != len {
-                        return Err(size_mismatch(
-                            &a.input,
-                            util::SizeMismatch {
-                                expected,
-                                read: len,
-                            },
-                        ));
-                    }
-                }
+                // (A file that changed size since the check above is
+                // caught by the ExpectSize reader below.)
                 (f, len)
             };
             let bar = util::progress(total, "encrypting", g.quiet);
