@@ -101,6 +101,13 @@ struct Sandbox {
 
 impl Sandbox {
     fn new() -> Sandbox {
+        // The runbook's checks are jq pipelines: without jq they cannot be
+        // run, and the test must say why rather than fail obscurely.
+        let jq = Command::new("jq").arg("--version").output();
+        assert!(
+            jq.is_ok_and(|o| o.status.success()),
+            "jq is needed to run the documents' shell blocks (scripts/install-deps.sh installs it)"
+        );
         let env = Env::new();
         let bin_dir = env.path("bin");
         fs::create_dir(&bin_dir).unwrap();
