@@ -40,7 +40,8 @@ pub mod exit {
     /// passphrase, refused confirmation.
     pub const USAGE: u8 = 1;
     /// The backup is not authentic or not usable: authentication failed
-    /// (wrong key, wrong context, modified), truncated, not a backup,
+    /// (wrong key, wrong context, modified), truncated, not a backup, an
+    /// input of another size than `--expect-size`,
     /// unsafe archive, tampered audit log.
     pub const INTEGRITY: u8 = 2;
     /// A key or provider problem: keystore missing or wrong passphrase, no
@@ -64,7 +65,8 @@ Exit codes:
   0  success
   1  usage error (arguments, --context, key reference, no passphrase)
   2  integrity: authentication failed (wrong key, wrong --context, or modified),
-     truncated, not a backup, unsafe archive, tampered audit log
+     truncated, not a backup, unsafe archive, tampered audit log,
+     input size other than --expect-size
   3  key or provider problem (keystore, passphrase, key disabled/destroyed, no key for the backup)
   4  I/O error (not found, permission denied, disk full)
   5  output exists: refusing to overwrite without --force
@@ -77,7 +79,7 @@ Environment:
   PHI_ENVELOPE_NEW_PASSPHRASE  new passphrase of `keys passwd` (else --new-passphrase-file, else a prompt)
   PHI_ENVELOPE_KEYSTORE_GENERATION_FILE  rollback mark of the keystore (as --keystore-generation-file)
   PHI_ENVELOPE_AUDIT_LOG    audit log (JSON Lines, hash-chained)
-  PHI_ENVELOPE_ACTOR        who runs the command, for the audit log (default $USER)
+  PHI_ENVELOPE_ACTOR        who runs the command, for the audit log (default: the OS user, else uid:N)
 
 See docs/CLI.md for everything else.";
 
@@ -130,7 +132,7 @@ pub struct Global {
     )]
     pub audit_key_file: Option<PathBuf>,
     /// Who runs the command, recorded in audit events [env:
-    /// PHI_ENVELOPE_ACTOR; default $USER]
+    /// PHI_ENVELOPE_ACTOR; default: the OS user's login name, else uid:N]
     #[arg(
         long,
         global = true,
@@ -187,6 +189,12 @@ enum Command {
         /// directory, instead of refusing to back it up
         #[arg(long)]
         skip_outside_links: bool,
+        /// Refuse (exit 2, nothing committed) unless the input is exactly
+        /// BYTES long: for scripts that know the size of what a producer
+        /// sends, since a producer that dies looks like the end of its
+        /// output (files and stdin, not directories)
+        #[arg(long, value_name = "BYTES")]
+        expect_size: Option<u64>,
         /// A file, a directory, or - for stdin
         #[arg(value_name = "INPUT")]
         input: PathBuf,
@@ -511,21 +519,7 @@ impl From<phi_envelope::Error> for CliError {
                     "{text} (use the keystore that holds them: --keystore or PHI_ENVELOPE_KEYSTORE)"
                 ),
             ),
-            E::Provider(p) => {
-                let hint = match p.kind() {
-                    ProviderErrorKind::KeyDestroyed => {
-                        " (the key version was destroyed: backups wrapped only under it are gone for good)"
-                    }
-                    ProviderErrorKind::KeyDisabled => {
-                        " (enable the version with `backup keys enable REF --version N` to restore)"
-                    }
-                    ProviderErrorKind::KeyNotFound => {
-                        " (check the key reference with `backup keys list`)"
-                    }
-                    _ => "",
-                };
-                CliError::new(exit::KEY, format!("{p}{hint}"))
-            }
+            E::Provider(p) => CliError::new(exit::KEY, provider_message(&p)),
             E::Keystore { .. } | E::PolicyDenied(_) | E::KeyLifecycle(_) => {
                 CliError::new(exit::KEY, text)
             }
@@ -544,6 +538,92 @@ impl From<phi_envelope::Error> for CliError {
 /// start a new log at another path.
 pub const AUDIT_LOG_SETTING: &str =
     "the audit log's path is --audit-log or PHI_ENVELOPE_AUDIT_LOG: set a new path to start a new log there";
+
+/// A provider's refusal in the CLI's words: what the provider says is
+/// wrong, without the advice it gives a library caller (which names
+/// library functions such as `create_key` or `set_state`, and may say to
+/// enable a version), followed by the `backup` command that helps. A
+/// retired (disabled) version is never to be enabled again: that makes it
+/// the primary and undoes the rotation; decrypt-only is the fix.
+fn provider_message(p: &phi_envelope::provider::ProviderError) -> String {
+    let fact = provider_fact(p.message());
+    let (key, version) = key_and_version(&fact);
+    let key = key.unwrap_or_else(|| "REF".into());
+    let hint = match (p.kind(), version) {
+        (ProviderErrorKind::KeyDestroyed, _) => {
+            " (the key version was destroyed: backups wrapped only under it are gone for good; \
+             restore from a copy wrapped to another key, if there is one)"
+                .to_owned()
+        }
+        (ProviderErrorKind::KeyDisabled, Some(v)) => format!(
+            " (to read backups under this retired version, make it decrypt-only: \
+             `backup keys decrypt-only {key} --version {v}`; new backups stay under the current version)"
+        ),
+        (ProviderErrorKind::KeyDisabled, None) => format!(
+            " (there is no primary version to encrypt under: make a new one with `backup keys rotate {key}`)"
+        ),
+        (ProviderErrorKind::KeyNotFound, _) => format!(
+            " (check the reference with `backup keys list`, or create the key with `backup keys create {key}`)"
+        ),
+        (ProviderErrorKind::InvalidState, Some(_)) if fact.contains("primary") => format!(
+            " (make another version primary first with `backup keys rotate {key}`, \
+             or set this one decrypt-only or disabled)"
+        ),
+        _ => String::new(),
+    };
+    format!("key provider {}: {fact}{hint}", p.provider())
+}
+
+/// The statement in a provider's message, without its advice: the text
+/// before the first "; " (where the advice starts), and no parenthesis
+/// naming a library function.
+fn provider_fact(message: &str) -> String {
+    let fact = message.split("; ").next().unwrap_or(message);
+    let mut out = String::new();
+    let mut rest = fact;
+    while let Some(open) = rest.find(" (") {
+        let Some(len) = rest[open..].find(')') else {
+            break;
+        };
+        let inner = &rest[open + 2..open + len];
+        out.push_str(&rest[..open]);
+        if !names_library_call(inner) {
+            out.push_str(&rest[open..=open + len]);
+        }
+        rest = &rest[open + len + 1..];
+    }
+    out.push_str(rest);
+    out.trim_end_matches([',', ':', ' ']).to_owned()
+}
+
+/// True when `text` names a function of the library or of a provider's API
+/// (`create_key`, `LocalKeystore::add_key`, `set_state(Enabled)`,
+/// `EnableKey`), which mean nothing to an operator of the CLI.
+fn names_library_call(text: &str) -> bool {
+    text.contains("::")
+        || text.contains("Enable")
+        || text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|w| w.contains('_') && w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+}
+
+/// The key reference and version a provider's message is about: "key REF
+/// version N ..." or "key REF ...".
+fn key_and_version(fact: &str) -> (Option<String>, Option<u32>) {
+    let words: Vec<&str> = fact.split_whitespace().collect();
+    for (i, w) in words.iter().enumerate() {
+        let w = w.trim_end_matches([',', ':', ';']);
+        if phi_envelope::KeyRef::parse(w).is_err() || !w.contains(':') {
+            continue;
+        }
+        let version = match (words.get(i + 1), words.get(i + 2)) {
+            (Some(&"version"), Some(n)) => n.trim_end_matches([',', ':', ';']).parse().ok(),
+            _ => None,
+        };
+        return (Some(w.to_owned()), version);
+    }
+    (None, None)
+}
 
 // ---------------------------------------------------------------------------
 
@@ -587,6 +667,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             output,
             force,
             skip_outside_links,
+            expect_size,
             input,
         } => run::encrypt(
             g,
@@ -597,6 +678,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
                 input,
                 force,
                 skip_outside_links,
+                expect_size,
             },
         ),
         Command::Decrypt {

@@ -66,6 +66,9 @@ listing() {
     (cd "$1" && find . -printf '%y %m %Ts %p %l\n' | LC_ALL=C sort)
 }
 
+say "create the keystore and its first key, local:backups (only \`keys init\` creates a keystore)"
+"$bin" keys init --name backups
+
 summary=()
 status=0
 for src in "${inputs[@]}"; do
@@ -73,7 +76,7 @@ for src in "${inputs[@]}"; do
     backup="$work/$name.phi"
     restored="$work/restored-$name"
 
-    say "encrypt $src -> $backup (the keystore is created on first use)"
+    say "encrypt $src -> $backup"
     "$bin" encrypt --key local:backups "${context[@]}" -o "$backup" "$src"
 
     say "inspect (no key needed)"

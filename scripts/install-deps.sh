@@ -17,7 +17,8 @@ set -euo pipefail
 
 MOTO_VERSION="${PHI_MOTO_VERSION:-5.2.1}"
 OPENBAO_VERSION="${PHI_OPENBAO_VERSION:-2.7.2}"
-APT_PACKAGES=(softhsm2)
+# jq: the runbook (docs/KEY-LIFECYCLE.md) and the test that runs it (tests/cli_docs.rs).
+APT_PACKAGES=(softhsm2 jq)
 if [[ "${PHI_SKIP_OPENSC:-0}" != "1" ]]; then
     APT_PACKAGES+=(opensc)
 fi

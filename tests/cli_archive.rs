@@ -130,6 +130,7 @@ fn assert_refused(env: &Env, cases: Vec<(&str, Vec<u8>, &str)>) {
 #[test]
 fn a_well_formed_crafted_archive_restores() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     let archive = Evil::new()
         .dir("a")
         .file("a/f", b"data")
@@ -277,6 +278,7 @@ fn hard_links_devices_duplicates_and_trailing_data_are_refused() {
 #[test]
 fn encrypt_refuses_links_a_restore_would_refuse() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     fs::create_dir(env.path("d")).unwrap();
     fs::write(env.path("d/f"), b"x").unwrap();
     std::os::unix::fs::symlink("/etc/hostname", env.path("d/abs")).unwrap();

@@ -14,9 +14,13 @@ use cli_support::{code, make_tree, names, snapshot, stdout, unlock, Env};
 #[test]
 fn directory_round_trip_keeps_every_byte_mode_and_mtime() {
     let env = Env::new();
+    // Only `keys init` creates the keystore and the key; encrypt uses them.
+    let o = env.ok(&["keys", "init"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("created a new keystore"), "{err}");
+    assert!(env.keystore.exists());
     let src = env.path("src");
     make_tree(&src);
-    // The first encrypt on a fresh machine creates the keystore and key.
     let o = env.ok(&[
         "encrypt",
         "--context",
@@ -26,8 +30,7 @@ fn directory_round_trip_keeps_every_byte_mode_and_mtime() {
         "src",
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("created a new keystore"), "{err}");
-    assert!(env.keystore.exists());
+    assert!(!err.contains("created"), "{err}");
     env.ok(&[
         "decrypt",
         "--context",
@@ -134,6 +137,7 @@ fn file_and_stdin_stdout_round_trips() {
 #[test]
 fn verify_good_tampered_truncated_foreign_and_empty_inputs() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     make_tree(&env.path("src"));
     env.ok(&["encrypt", "-o", "good.phi", "src"]);
     let good = fs::read(env.path("good.phi")).unwrap();
@@ -226,6 +230,7 @@ fn verify_good_tampered_truncated_foreign_and_empty_inputs() {
 #[test]
 fn wrong_key_and_wrong_context_fail_without_output() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     fs::write(env.path("f"), b"lab results").unwrap();
     env.ok(&[
         "encrypt",
@@ -350,6 +355,7 @@ fn wrong_key_and_wrong_context_fail_without_output() {
 #[test]
 fn refuses_to_overwrite_without_force_and_replaces_with_it() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     fs::write(env.path("a"), b"first").unwrap();
     fs::write(env.path("b"), b"second").unwrap();
     fs::create_dir(env.path("dir")).unwrap();
@@ -394,6 +400,7 @@ fn refuses_to_overwrite_without_force_and_replaces_with_it() {
 #[test]
 fn raw_decrypt_gives_the_tar_stream_and_inspect_needs_no_key() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     fs::create_dir(env.path("d")).unwrap();
     fs::write(env.path("d/f"), b"data").unwrap();
     env.ok(&["encrypt", "-o", "d.phi", "d"]);
@@ -427,6 +434,7 @@ fn raw_decrypt_gives_the_tar_stream_and_inspect_needs_no_key() {
 #[test]
 fn restore_drill_verifies_every_backup_in_a_folder() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     fs::create_dir(env.path("backups")).unwrap();
     for i in 0..4 {
         let f = format!("in{i}");
@@ -498,6 +506,7 @@ fn restore_drill_verifies_every_backup_in_a_folder() {
 #[test]
 fn usage_errors_are_one_line_and_exit_1() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     fs::write(env.path("f"), b"x").unwrap();
     let o = env.run(&[]);
     assert_eq!(code(&o), 1);

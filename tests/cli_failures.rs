@@ -11,18 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli_support::{code, names, Env};
-
-fn temps(dir: &Path) -> Vec<String> {
-    names(dir)
-        .into_iter()
-        .filter(|n| n.starts_with('.') && (n.ends_with(".tmp") || n.ends_with(".old")))
-        .collect()
-}
+use cli_support::{code, names, signal, temps, Env};
 
 #[test]
 fn dev_full_as_stdout_is_an_io_error() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     fs::write(env.path("f"), vec![7u8; 300_000]).unwrap();
     env.ok(&["encrypt", "-o", "f.phi", "f"]);
     for args in [
@@ -71,6 +65,7 @@ impl Drop for Tmpfs {
 #[test]
 fn full_disk_leaves_nothing_under_the_final_name() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     // CI runs as root on this kind of machine, where mounting works; a
     // machine where it does not fails here loudly rather than skipping.
     let small = Tmpfs::mount(&env.path("small"), "2m").expect(
@@ -116,17 +111,6 @@ fn wait_for_temp(dir: &Path) -> String {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    // The shell's kill builtin: no procps needed.
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill {sig} {pid}"))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 #[test]
 fn killed_encrypt_leaves_only_a_temp_file_that_clean_removes() {
     let env = Env::new();
@@ -161,6 +145,7 @@ fn killed_encrypt_leaves_only_a_temp_file_that_clean_removes() {
 #[test]
 fn interrupted_restore_removes_its_temporary_directory() {
     let env = Env::new();
+    env.ok(&["keys", "init"]);
     fs::create_dir(env.path("tree")).unwrap();
     for i in 0..4 {
         fs::write(env.path(&format!("tree/f{i}")), vec![i as u8; 2 << 20]).unwrap();

@@ -112,8 +112,26 @@ fn init_list_rotate_disable_destroy_and_rewrap() {
     fs::write(env.path("v1-old-copy.phi"), &before).unwrap();
     env.ok(&["keys", "disable", "local:backups", "--version", "1"]);
     // The primary cannot be destroyed.
-    env.fails(&["keys", "destroy", "local:backups", "--version", "2"], 3);
-    env.ok(&["keys", "destroy", "local:backups", "--version", "1"]);
+    env.fails(
+        &[
+            "keys",
+            "destroy",
+            "--yes",
+            "local:backups",
+            "--version",
+            "2",
+        ],
+        3,
+    );
+    // Without a terminal, destroying needs --yes.
+    env.ok(&[
+        "keys",
+        "destroy",
+        "--yes",
+        "local:backups",
+        "--version",
+        "1",
+    ]);
     let err = env.fails(
         &[
             "decrypt",

@@ -45,6 +45,8 @@ fn hsm_and_local_recipients_rotate_rewrap_and_restore_without_the_keystore() {
     )
     .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-");
     let key = format!("pkcs11:token={token};object={label}");
+    // The local recipient needs its keystore: only `keys init` creates one.
+    hsm(&["keys", "init"]);
     hsm(&["keys", "create", &key]);
     fs::write(env.path("dump.sql"), b"dump under the HSM").unwrap();
     hsm(&[

@@ -53,6 +53,8 @@ fn backup_encrypt_rotate_rewrap_and_restore_with_a_transit_key() {
         t.subsec_nanos()
     });
     let key = format!("vault-transit:transit/{name}");
+    // The local recipient needs its keystore: only `keys init` creates one.
+    ok(&["keys", "init"]);
     ok(&["keys", "create", &key]);
     fs::write(env.path("dump.sql"), b"dump under Transit").unwrap();
     let encrypt = [

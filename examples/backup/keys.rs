@@ -129,22 +129,17 @@ pub struct Keys {
 impl Keys {
     /// An envelope acting for the operator with `purpose`.
     pub fn envelope(&self, purpose: &str) -> Envelope {
-        let e = Envelope::from_shared(self.keyring.clone());
-        match &self.caller.actor {
-            Some(actor) => e.as_caller(actor.clone(), purpose),
-            None => e.as_caller("unknown", purpose),
-        }
+        Envelope::from_shared(self.keyring.clone()).as_caller(self.actor(), purpose)
     }
 
     /// The caller for key management.
     pub fn manager(&self, purpose: &str) -> Caller {
-        Caller::new(
-            self.caller
-                .actor
-                .clone()
-                .unwrap_or_else(|| "unknown".into()),
-            purpose,
-        )
+        Caller::new(self.actor(), purpose)
+    }
+
+    /// The operator's name: [`connect`] always sets one.
+    fn actor(&self) -> String {
+        self.caller.actor.clone().unwrap_or_default()
     }
 
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -152,25 +147,46 @@ impl Keys {
     }
 }
 
-/// What to do about the local keystore.
+/// What to do about the local keystore. Only `keys init` ever creates
+/// one: a mistyped path must fail, not start a keystore (and a key) that
+/// nobody will find again.
 #[derive(Clone, Debug)]
 pub enum Local {
-    /// Open it; it must exist.
+    /// Open it; it must exist, except that a backup also wrapped to an
+    /// HSM or KMS key is opened without it when it is missing (disaster
+    /// recovery: decrypt, verify, rewrap).
     Open,
-    /// Open it, or create it with these keys if it does not exist (the
-    /// first `encrypt` on a fresh machine).
-    OpenOrCreate(Vec<KeyRef>),
+    /// Open it; it must exist (encrypt: every recipient must be usable).
+    Require,
+    /// `keys init`: open it, or create it with these keys if it does not
+    /// exist.
+    Init(Vec<KeyRef>),
 }
 
-/// The operator's name for events: `--actor`, `PHI_ENVELOPE_ACTOR`, or
-/// the login name.
+/// The operator's name for events: `--actor` or `PHI_ENVELOPE_ACTOR`, else
+/// the OS user running the process: its login name from the user database,
+/// else `uid:N`. Never empty and never a placeholder such as "unknown": the
+/// library refuses key management without an actor, and an audit trail
+/// needs a name it can be held to. (`$USER` is not used: any process can
+/// set it to anything.)
 fn actor(g: &Global) -> String {
-    g.actor
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("LOGNAME").ok())
-        .filter(|a| !a.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    if let Some(a) = g.actor.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
+        return a.to_owned();
+    }
+    let uid = rustix::process::getuid().as_raw();
+    login_name(uid).unwrap_or_else(|| format!("uid:{uid}"))
+}
+
+/// The login name of `uid` in /etc/passwd (NAME:PASSWORD:UID:...), if any.
+fn login_name(uid: u32) -> Option<String> {
+    let db = fs::read_to_string("/etc/passwd").ok()?;
+    db.lines().find_map(|line| {
+        let mut f = line.split(':');
+        let name = f.next()?;
+        let _password = f.next()?;
+        let id: u32 = f.next()?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_owned())
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
@@ -242,7 +258,7 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
     if want_local {
         let ks = match (&local, exists) {
             (_, true) => LocalKeystore::open(&path, passphrase(g, &path, false)?)?,
-            (Local::OpenOrCreate(keys), false) => {
+            (Local::Init(keys), false) => {
                 make_keystore_dir(&path)?;
                 let pass = passphrase(g, &path, true)?;
                 let ks = LocalKeystore::create(&path, pass)?;
@@ -259,8 +275,9 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
                 return Err(CliError::new(
                     exit::KEY,
                     format!(
-                        "no keystore at {}: pass --keystore PATH or set PHI_ENVELOPE_KEYSTORE to the keystore \
-                         that holds the keys, or run `backup keys init` to create one",
+                        "no keystore at {}; nothing was created: check --keystore or PHI_ENVELOPE_KEYSTORE \
+                         (a typo?) and point it at the keystore that holds the keys, or create one with \
+                         `backup keys init` (only `keys init` creates a keystore)",
                         path.display()
                     ),
                 ))
@@ -401,11 +418,7 @@ pub fn init(g: &Global, name: &str) -> Result<(), CliError> {
     }
     let path = keystore_path(g)?;
     let existed = path.symlink_metadata().is_ok();
-    let keys = connect(
-        g,
-        &schemes_of([&key]),
-        Local::OpenOrCreate(vec![key.clone()]),
-    )?;
+    let keys = connect(g, &schemes_of([&key]), Local::Init(vec![key.clone()]))?;
     if existed {
         let store = keys.local.as_ref().expect("local keystore is open");
         if store.keys().iter().any(|k| k.key_ref == key) {
@@ -503,7 +516,16 @@ pub fn set_state(g: &Global, key: &str, version: u32, state: KeyState) -> Result
 
 pub fn destroy(g: &Global, key: &str, version: u32, yes: bool) -> Result<(), CliError> {
     let key = key_ref(key)?;
-    if !yes && io::stdin().is_terminal() && io::stderr().is_terminal() {
+    let terminal = io::stdin().is_terminal() && io::stderr().is_terminal();
+    if !yes && !terminal {
+        // A script, a cron job, a pipe: nobody can confirm, and silence
+        // is not consent to crypto-shredding.
+        return Err(CliError::usage(format!(
+            "refusing to destroy {key} version {version} without confirmation: there is no terminal to ask on; \
+             add --yes to destroy it from a script (nothing was destroyed)"
+        )));
+    }
+    if !yes {
         eprint!(
             "Destroying {key} version {version} makes every backup wrapped only under it unreadable, \
              for good.\nType the key reference to confirm: "
@@ -527,7 +549,29 @@ pub fn destroy(g: &Global, key: &str, version: u32, yes: bool) -> Result<(), Cli
     ))?;
     println!("{key} version {version} is destroyed: backups wrapped only under it can no longer be decrypted");
     print_info(&info, false);
+    println!("note: {}", copies_note(&key, version, &keys.keystore_path));
     Ok(())
+}
+
+/// What `destroy` cannot reach: the copies of the key that outlive it
+/// (docs/KEY-LIFECYCLE.md, 5.5).
+fn copies_note(key: &KeyRef, version: u32, keystore: &Path) -> String {
+    match key.scheme() {
+        "local" => format!(
+            "copies of the keystore file made before now (backups of {}, snapshots, replicas) still hold \
+             {key} version {version}: crypto-shredding is complete only once they are destroyed too",
+            keystore.display()
+        ),
+        "pkcs11" => format!(
+            "the HSM's backups, replicas and cloned partitions may still hold {key} version {version}: \
+             destroy it there too (vendor procedure)"
+        ),
+        "aws-kms" => format!(
+            "KMS deletes {key} only when its waiting period ends; until then an administrator can cancel \
+             the deletion (CancelKeyDeletion) and the key material still exists"
+        ),
+        _ => format!("copies of {key} version {version} held elsewhere are not destroyed by this command"),
+    }
 }
 
 fn print_info(info: &KeyInfo, indent: bool) {

@@ -5,6 +5,7 @@ use std::fs::{self, File};
 use std::io::{self, IsTerminal, Seek, SeekFrom, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ use crate::archive::{self, Stats};
 use crate::keys::{self, Keys, Local};
 use crate::util::{
     self, human_bytes, human_duration, human_rate, is_std, json_str, shown, stdin_file,
-    stdout_file, Watch,
+    stdout_file, ExpectSize, Watch,
 };
 use crate::{exit, CliError, Global};
 
@@ -80,6 +81,24 @@ pub struct EncryptArgs {
     pub input: PathBuf,
     pub force: bool,
     pub skip_outside_links: bool,
+    /// `--expect-size`: the plaintext's exact length.
+    pub expect_size: Option<u64>,
+}
+
+/// The `--expect-size` refusal.
+fn size_mismatch(input: &Path, m: util::SizeMismatch) -> CliError {
+    let what = if m.read > m.expected {
+        format!("more than {} bytes (at least {})", m.expected, m.read)
+    } else {
+        format!("{} bytes", m.read)
+    };
+    CliError::integrity(format!(
+        "{}: the input is {what} but --expect-size says {}: the producer stopped early or sent \
+         something else; nothing was committed under the output name (a stream on stdout has no \
+         final chunk and does not decrypt as complete)",
+        shown(input, "stdin"),
+        m.expected
+    ))
 }
 
 pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
@@ -102,9 +121,26 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
         if md.is_dir() {
             Kind::Directory
         } else {
+            if let (Some(expected), true) = (a.expect_size, md.is_file()) {
+                if expected != md.len() {
+                    return Err(size_mismatch(
+                        &a.input,
+                        util::SizeMismatch {
+                            expected,
+                            read: md.len(),
+                        },
+                    ));
+                }
+            }
             Kind::File
         }
     };
+    if a.expect_size.is_some() && kind == Kind::Directory {
+        return Err(CliError::usage(format!(
+            "--expect-size is for a file or stdin, not the directory {}: an archive's size is not known in advance",
+            a.input.display()
+        )));
+    }
     refuse_existing(&a.output, a.force)?;
     if is_std(&a.output) && io::stdout().is_terminal() {
         return Err(CliError::usage(
@@ -123,7 +159,7 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
         }
     }
     let schemes: BTreeSet<String> = recipients.iter().map(|k| k.scheme().to_owned()).collect();
-    let keys = keys::connect(g, &schemes, Local::OpenOrCreate(recipients.clone()))?;
+    let keys = keys::connect(g, &schemes, Local::Require)?;
     let envelope = keys.envelope("backup").to_recipients(recipients.clone());
     util::install_signal_handlers();
     let opts = file_options(g, a.force);
@@ -156,16 +192,27 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
             } else {
                 let f = File::open(&a.input).map_err(|e| CliError::from_io(e, &a.input))?;
                 let len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+                // (A file that changed size since the check above is
+                // caught by the ExpectSize reader below.)
                 (f, len)
             };
             let bar = util::progress(total, "encrypting", g.quiet);
+            let found = Arc::new(OnceLock::new());
             let r = keys.block_on(envelope.encrypt_stream_parallel(
-                Watch::new(input, bar.clone()),
+                Watch::new(
+                    ExpectSize::new(input, a.expect_size, found.clone()),
+                    bar.clone(),
+                ),
                 out.writer(),
                 &ctx,
                 &opts,
             ));
             bar.finish_and_clear();
+            if let (Err(_), Some(m)) = (&r, found.get()) {
+                if !util::interrupted() {
+                    return Err(size_mismatch(&a.input, *m));
+                }
+            }
             (
                 r.map_err(|e| CliError::from_engine(e, &in_name, &out_name))?,
                 None,
@@ -265,6 +312,13 @@ impl Output {
     }
 
     fn finish(self, target: &Path) -> Result<(), CliError> {
+        // A signal after the last read: the end of input may be its doing
+        // (Ctrl-C kills a pipeline's producer too, and its death closes the
+        // pipe), so what was read may be short. Dropping the temporary
+        // file removes it; nothing appears under the final name.
+        if util::interrupted() {
+            return Err(CliError::interrupted());
+        }
         match self {
             Output::File(f) => f.commit().map_err(|e| CliError::from_lib(e, target)),
             Output::Stdout(mut f) => f.flush().map_err(|e| CliError::from_io(e, target)),
@@ -301,7 +355,9 @@ enum Plan {
 
 enum Stage {
     /// The first bytes, held until the kind is known.
-    Sniff(Vec<u8>),
+    /// (Wiped when dropped: it is plaintext. Its capacity is reserved up
+    /// front, so it never reallocates and leaves no copy behind.)
+    Sniff(zeroize::Zeroizing<Vec<u8>>),
     Null,
     File(AtomicFile),
     Stdout(File),
@@ -330,7 +386,7 @@ impl Router {
     fn new(plan: Plan) -> Router {
         Router {
             plan,
-            stage: Stage::Sniff(Vec::with_capacity(SNIFF)),
+            stage: Stage::Sniff(zeroize::Zeroizing::new(Vec::with_capacity(SNIFF))),
             kind: None,
         }
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use zeroize::Zeroizing;
 
 static INTERRUPTED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 
@@ -85,19 +86,99 @@ impl<R> Watch<R> {
     }
 }
 
+impl<R> Watch<R> {
+    /// After a read of `n` bytes: an end of input that follows a signal is
+    /// the signal's doing (Ctrl-C in `producer | backup encrypt -`
+    /// kills the producer too, and its death closes the pipe), not the
+    /// end of the data.
+    fn after(&self, n: usize) -> io::Result<usize> {
+        if n == 0 {
+            check_interrupt()?;
+        }
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
 impl<R: Read> Read for Watch<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         check_interrupt()?;
         let n = self.inner.read(buf)?;
-        self.bar.inc(n as u64);
-        Ok(n)
+        self.after(n)
     }
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         check_interrupt()?;
         let n = self.inner.read_vectored(bufs)?;
-        self.bar.inc(n as u64);
+        self.after(n)
+    }
+}
+
+/// What `--expect-size` found: the announced size and the bytes read, once
+/// they differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeMismatch {
+    pub expected: u64,
+    /// The bytes read; when the input was longer, the count at which
+    /// reading stopped (more than `expected`).
+    pub read: u64,
+}
+
+/// A reader that fails once its input proves longer than `expected`, and
+/// at the end of input when it was shorter: the engine then never writes
+/// the final chunk, so neither a file nor a stream on stdout can pass for
+/// a complete backup. The mismatch is kept in `found` for the error
+/// message. Without an expected size it only passes the data through.
+pub struct ExpectSize<R> {
+    inner: R,
+    expected: Option<u64>,
+    read: u64,
+    found: Arc<OnceLock<SizeMismatch>>,
+}
+
+impl<R> ExpectSize<R> {
+    pub fn new(
+        inner: R,
+        expected: Option<u64>,
+        found: Arc<OnceLock<SizeMismatch>>,
+    ) -> ExpectSize<R> {
+        ExpectSize {
+            inner,
+            expected,
+            read: 0,
+            found,
+        }
+    }
+
+    fn after(&mut self, n: usize) -> io::Result<usize> {
+        self.read += n as u64;
+        let Some(expected) = self.expected else {
+            return Ok(n);
+        };
+        if self.read > expected || (n == 0 && self.read != expected) {
+            let m = SizeMismatch {
+                expected,
+                read: self.read,
+            };
+            let _ = self.found.set(m);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the input's size differs from --expect-size",
+            ));
+        }
         Ok(n)
+    }
+}
+
+impl<R: Read> Read for ExpectSize<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.after(n)
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        let n = self.inner.read_vectored(bufs)?;
+        self.after(n)
     }
 }
 
@@ -106,31 +187,36 @@ const CHANNEL_CHUNK: usize = 1 << 20;
 /// How many chunks a [`channel`] holds at most: its memory bound.
 const CHANNEL_DEPTH: usize = 4;
 
+/// A chunk of plaintext in flight: wiped when it is dropped, so that the
+/// plaintext of a backup or a restore does not linger in freed memory.
+type Chunk = Zeroizing<Vec<u8>>;
+
 /// An in-process pipe between two threads that carries 1 MiB chunks (a
 /// kernel pipe moves 64 KiB at a time, with a system call and a copy each
 /// way): the tar stream between the archiver and the encryption engine,
 /// and between the decryption engine and the restorer. At most
-/// `CHANNEL_DEPTH` chunks are in flight. Dropping the reader makes writes
-/// fail with a broken pipe; dropping the writer (after a flush) is the end
-/// of the stream.
+/// `CHANNEL_DEPTH` chunks are in flight, each wiped once consumed (the
+/// buffers never grow, so no copy is left behind by a reallocation).
+/// Dropping the reader makes writes fail with a broken pipe; dropping the
+/// writer (after a flush) is the end of the stream.
 pub fn channel() -> (ChannelReader, ChannelWriter) {
     let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_DEPTH);
     (
         ChannelReader {
             rx,
-            chunk: Vec::new(),
+            chunk: Zeroizing::new(Vec::new()),
             pos: 0,
         },
         ChannelWriter {
             tx,
-            buf: Vec::with_capacity(CHANNEL_CHUNK),
+            buf: Zeroizing::new(Vec::new()),
         },
     )
 }
 
 pub struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
+    rx: std::sync::mpsc::Receiver<Chunk>,
+    chunk: Chunk,
     pos: usize,
 }
 
@@ -153,12 +239,14 @@ impl Read for ChannelReader {
 }
 
 pub struct ChannelWriter {
-    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
-    buf: Vec<u8>,
+    tx: std::sync::mpsc::SyncSender<Chunk>,
+    buf: Chunk,
 }
 
 impl ChannelWriter {
-    fn send(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+    fn send(&mut self, chunk: Chunk) -> io::Result<()> {
+        // A chunk the reader never takes (it is gone) is dropped, and so
+        // wiped, by the failed send.
         self.tx
             .send(chunk)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "Broken pipe"))
@@ -168,13 +256,18 @@ impl ChannelWriter {
 impl io::Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.buf.is_empty() && data.len() >= CHANNEL_CHUNK {
-            self.send(data.to_vec())?;
+            self.send(Zeroizing::new(data.to_vec()))?;
             return Ok(data.len());
+        }
+        if self.buf.is_empty() && self.buf.capacity() < CHANNEL_CHUNK {
+            // Reserved while empty: growing it later would leave copies of
+            // plaintext in freed memory.
+            self.buf.reserve_exact(CHANNEL_CHUNK);
         }
         let n = data.len().min(CHANNEL_CHUNK - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() == CHANNEL_CHUNK {
-            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHANNEL_CHUNK));
+            let full = std::mem::replace(&mut self.buf, Zeroizing::new(Vec::new()));
             self.send(full)?;
         }
         Ok(n)
@@ -182,7 +275,7 @@ impl io::Write for ChannelWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
-            let part = std::mem::take(&mut self.buf);
+            let part = std::mem::replace(&mut self.buf, Zeroizing::new(Vec::new()));
             self.send(part)?;
         }
         Ok(())

@@ -31,6 +31,22 @@ pub fn bin() -> &'static Path {
             .unwrap_or("debug");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // What cargo sets for a running test is not the environment of the
+        // `cargo test` that built the dependencies: some build scripts
+        // (ring's) rerun when it changes, and every test run would then
+        // rebuild them twice (here, and in the next `cargo test`).
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if k == "CARGO_MANIFEST_DIR"
+                || k == "CARGO_MANIFEST_PATH"
+                || k == "CARGO_CRATE_NAME"
+                || k == "CARGO_PRIMARY_PACKAGE"
+                || k == "CARGO_TARGET_TMPDIR"
+                || k.starts_with("CARGO_PKG_")
+            {
+                cmd.env_remove(k);
+            }
+        }
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
             .args(["build", "--quiet", "--example", "backup", "--target-dir"])
             .arg(target_dir);
@@ -272,4 +288,37 @@ pub fn names(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// Temporary files or directories (`.NAME.<hex>.tmp`, `.old`) left in `dir`.
+pub fn temps(dir: &Path) -> Vec<String> {
+    names(dir)
+        .into_iter()
+        .filter(|n| n.starts_with('.') && (n.ends_with(".tmp") || n.ends_with(".old")))
+        .collect()
+}
+
+/// Sends `sig` (`-INT`, `-KILL`, ...) to `target`: a pid, or `-PGID` for a
+/// process group. The shell's kill builtin: no procps needed.
+pub fn signal(target: impl std::fmt::Display, sig: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill {sig} {target}"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {target}");
+}
+
+/// Polls `cond` until it holds. It guards against a hang only: a test
+/// that would wait for ever fails after a minute instead.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
