@@ -1004,60 +1004,75 @@ fn new_secret_id(mount: &str) -> String {
     ])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_renewable_token_is_renewed_before_it_expires() {
-    let admin = provider();
-    let key = new_key(&admin, "renewed").await;
-    let policy = unique("renewed-policy");
+/// A policy file written for `key` and a token with it: `ttl`, renewable
+/// or not (its policies include `default`: lookup-self, renew-self).
+fn token_for(key: &KeyRef, ttl: &str, renewable: bool) -> String {
+    let policy = unique("renewal-policy");
     bao_at(
         &addr(),
         &var("VAULT_TOKEN"),
         &["policy", "write", &policy, "-"],
-        Some(&seal_open_policy(&key)),
+        Some(&seal_open_policy(key)),
     );
-    // Six seconds to live, renewable for an hour; its policies include
-    // `default` (lookup-self, renew-self).
-    let token = bao(&[
+    bao(&[
         "token",
         "create",
         &format!("-policy={policy}"),
-        "-ttl=6s",
+        &format!("-ttl={ttl}"),
         "-explicit-max-ttl=1h",
-        "-renewable=true",
+        &format!("-renewable={renewable}"),
         "-field=token",
-    ]);
-    let p = provider_with(config().token(VaultToken::new(token.clone()).unwrap()));
-    let env = envelope(p, &key);
+    ])
+}
+
+// The sleeps below leave seconds of margin either side of the 2/3 and 9/10
+// points of each lease: they test behaviour over time, not speed.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewable_token_is_renewed_before_it_expires() {
+    let admin = provider();
+    let key = new_key(&admin, "renewed").await;
     let c = ctx("renewed");
-    let m = env.seal(b"kept alive", &c).await.unwrap();
-    // Past two thirds of the TTL: this request renews first ...
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let m = envelope(admin, &key).seal(b"kept alive", &c).await.unwrap();
+    // Twenty seconds to live, renewable for an hour.
+    let token = token_for(&key, "20s", true);
+    let env = envelope(
+        provider_with(config().token(VaultToken::new(token.clone()).unwrap())),
+        &key,
+    );
+    // The first request learns the lease; past two thirds of it (13.3 s),
+    // the next request renews first ...
     assert_eq!(env.open(&m, &c).await.unwrap(), b"kept alive");
-    // ... so the token outlives its first six seconds.
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"kept alive");
+    // ... so the token outlives its first twenty seconds.
+    tokio::time::sleep(Duration::from_secs(15)).await;
     assert_eq!(env.open(&m, &c).await.unwrap(), b"kept alive");
     let lookup = bao(&["token", "lookup", "-format=json", &token]);
     let v: serde_json::Value = serde_json::from_str(&lookup).unwrap();
     assert!(v["data"]["ttl"].as_u64().unwrap() > 0, "{lookup}");
-    // Without renewal the same token is gone after its TTL.
-    let short = bao(&[
-        "token",
-        "create",
-        &format!("-policy={policy}"),
-        "-ttl=2s",
-        "-renewable=false",
-        "-field=token",
-    ]);
-    let p = provider_with(config().token(VaultToken::new(short).unwrap()));
-    let env = envelope(p, &key);
-    assert_eq!(env.open(&m, &c).await.unwrap(), b"kept alive");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let e = env.open(&m, &c).await.unwrap_err();
-    assert_eq!(kind_of(&e), ProviderErrorKind::AccessDenied);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn app_role_logs_in_renews_and_logs_in_again() {
+async fn a_token_that_cannot_be_renewed_is_used_until_it_expires() {
+    let admin = provider();
+    let key = new_key(&admin, "not-renewed").await;
+    let c = ctx("not-renewed");
+    let m = envelope(admin, &key).seal(b"until then", &c).await.unwrap();
+    let token = token_for(&key, "5s", false);
+    let env = envelope(
+        provider_with(config().token(VaultToken::new(token).unwrap())),
+        &key,
+    );
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"until then");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let e = env.open(&m, &c).await.unwrap_err();
+    assert_eq!(kind_of(&e), ProviderErrorKind::AccessDenied);
+    assert!(!e.is_decrypt());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_role_logs_in_once_and_renews() {
     let admin = provider();
     let key = new_key(&admin, "approle").await;
     let c = ctx("approle");
@@ -1065,11 +1080,10 @@ async fn app_role_logs_in_renews_and_logs_in_again() {
         .seal(b"opened by a role", &c)
         .await
         .unwrap();
-
     // A secret id good for one login: everything after it must be renewal.
     let (mount, role_id) = app_role_mount(
         &seal_open_policy(&key),
-        &["token_ttl=6s", "token_max_ttl=1h", "secret_id_num_uses=1"],
+        &["token_ttl=20s", "token_max_ttl=1h", "secret_id_num_uses=1"],
     );
     let secret = new_secret_id(&mount);
     let role = VaultAppRole::new(&role_id, &secret)
@@ -1084,19 +1098,70 @@ async fn app_role_logs_in_renews_and_logs_in_again() {
     );
     let env = envelope(p.clone(), &key);
     assert_eq!(env.open(&m, &c).await.unwrap(), b"opened by a role");
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    // Renewed in [13.3 s, 18 s) after the login, then again 13.3 s later.
+    tokio::time::sleep(Duration::from_secs(15)).await;
     assert_eq!(env.open(&m, &c).await.unwrap(), b"opened by a role");
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
     assert_eq!(env.open(&m, &c).await.unwrap(), b"opened by a role");
 
-    // Tokens revoked behind its back: the one secret id is used up, so the
-    // new login fails, and says so as access denied.
+    // Its tokens revoked behind its back: the one secret id is used up, so
+    // the new login fails, and says so as access denied.
     bao(&["token", "revoke", "-mode=path", &format!("auth/{mount}/")]);
     let e = env.open(&m, &c).await.unwrap_err();
     let (kind, message) = provider_error(&e);
     assert_eq!(kind, ProviderErrorKind::AccessDenied, "{message}");
+    assert!(
+        message.contains(&format!("auth/{mount}/login")),
+        "{message}"
+    );
     assert!(!message.contains(&secret), "{message}");
     assert!(!e.is_decrypt());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_request_keeps_the_app_role_token() {
+    let admin = provider();
+    let allowed = new_key(&admin, "approle-allowed").await;
+    let denied = new_key(&admin, "approle-denied").await;
+    let c = ctx("approle-denied");
+    let m_allowed = envelope(admin.clone(), &allowed)
+        .seal(b"allowed", &c)
+        .await
+        .unwrap();
+    let m_denied = envelope(admin.clone(), &denied)
+        .seal(b"denied", &c)
+        .await
+        .unwrap();
+    // One login only: a denial that logged in again would use it up.
+    let (mount, role_id) = app_role_mount(
+        &seal_open_policy(&allowed),
+        &["token_ttl=1h", "secret_id_num_uses=1"],
+    );
+    let role = VaultAppRole::new(&role_id, &new_secret_id(&mount))
+        .unwrap()
+        .mount(&mount)
+        .unwrap();
+    let p = provider_with(config().app_role(role));
+    assert_eq!(
+        envelope(p.clone(), &allowed)
+            .open(&m_allowed, &c)
+            .await
+            .unwrap(),
+        b"allowed"
+    );
+    for _ in 0..3 {
+        let e = envelope(p.clone(), &denied)
+            .open(&m_denied, &c)
+            .await
+            .unwrap_err();
+        let (kind, message) = provider_error(&e);
+        assert_eq!(kind, ProviderErrorKind::AccessDenied, "{message}");
+        assert!(!message.contains("login"), "{message}");
+    }
+    assert_eq!(
+        envelope(p, &allowed).open(&m_allowed, &c).await.unwrap(),
+        b"allowed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1108,11 +1173,24 @@ async fn app_role_logs_in_again_after_expiry_or_revocation_from_its_secret_file(
         .seal(b"opened again", &c)
         .await
         .unwrap();
-    // Short tokens that cannot be renewed past three seconds.
-    let (mount, role_id) = app_role_mount(
+
+    // Tokens that cannot live past three seconds: a new login past 9/10.
+    let (short_mount, short_role) = app_role_mount(
         &seal_open_policy(&key),
         &["token_ttl=3s", "token_max_ttl=3s"],
     );
+    let role = VaultAppRole::new(&short_role, &new_secret_id(&short_mount))
+        .unwrap()
+        .mount(&short_mount)
+        .unwrap();
+    let env = envelope(provider_with(config().app_role(role)), &key);
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"opened again");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(env.open(&m, &c).await.unwrap(), b"opened again");
+
+    // Long-lived tokens, the secret id in a file: revocation is what
+    // makes the next request log in again (the 403 retry).
+    let (mount, role_id) = app_role_mount(&seal_open_policy(&key), &["token_ttl=1h"]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("secret-id");
     let first = new_secret_id(&mount);
@@ -1123,8 +1201,7 @@ async fn app_role_logs_in_again_after_expiry_or_revocation_from_its_secret_file(
         .unwrap();
     let env = envelope(provider_with(config().app_role(role)), &key);
     assert_eq!(env.open(&m, &c).await.unwrap(), b"opened again");
-    // Past its maximum TTL: a new login, not an access denied.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    bao(&["token", "revoke", "-mode=path", &format!("auth/{mount}/")]);
     assert_eq!(env.open(&m, &c).await.unwrap(), b"opened again");
 
     // The orchestrator rotates the secret id: the old one is destroyed,
@@ -1151,9 +1228,27 @@ async fn app_role_logs_in_again_after_expiry_or_revocation_from_its_secret_file(
     );
     assert!(!e.is_decrypt());
     std::fs::remove_file(&file).unwrap();
-    bao(&["token", "revoke", "-mode=path", &format!("auth/{mount}/")]);
     let e = env.open(&m, &c).await.unwrap_err();
     assert_eq!(kind_of(&e), ProviderErrorKind::Misconfigured);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_role_login_to_a_server_that_is_down_is_unavailable() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let role = VaultAppRole::new("some-role", "some-secret").unwrap();
+    let p = provider_with(
+        VaultConfig::with_app_role(&format!("http://127.0.0.1:{port}"), role, &CONTEXT_KEY)
+            .unwrap(),
+    );
+    let key = key_ref("down");
+    let e = p.describe(&key).await.unwrap_err();
+    let (kind, message) = provider_error(&e);
+    assert_eq!(kind, ProviderErrorKind::Unavailable, "{message}");
+    assert!(!message.contains("some-secret"), "{message}");
 }
 
 #[test]
@@ -1180,29 +1275,33 @@ fn app_role_comes_from_the_environment_without_a_token() {
         .env("VAULT_ADDR", "http://127.0.0.1:8200")
         .env_remove("VAULT_TOKEN")
         .env_remove("BAO_TOKEN")
+        .env_remove("VAULT_SECRET_ID")
+        .env_remove("VAULT_SECRET_ID_FILE")
         .env("VAULT_ROLE_ID", "env-role-id")
         .env("VAULT_APPROLE_MOUNT", "approle-env");
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        cmd.output().unwrap()
+        let out = cmd.output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), said)
     };
-    let ok = run(&[("VAULT_SECRET_ID", "env-secret-id")]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stdout)
-    );
+    let (ok, said) = run(&[("VAULT_SECRET_ID", "env-secret-id")]);
+    assert!(ok, "{said}");
     // Both a secret id and a file, or neither: a configuration error.
-    let both = run(&[
-        ("VAULT_SECRET_ID", "env-secret-id"),
-        ("VAULT_SECRET_ID_FILE", "/nonexistent"),
-    ]);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&both.stdout),
-        String::from_utf8_lossy(&both.stderr)
-    );
-    assert!(!both.status.success(), "{said}");
-    assert!(said.contains("exactly one of VAULT_SECRET_ID"), "{said}");
+    for extra in [
+        &[
+            ("VAULT_SECRET_ID", "env-secret-id"),
+            ("VAULT_SECRET_ID_FILE", "/nonexistent"),
+        ][..],
+        &[][..],
+    ] {
+        let (ok, said) = run(extra);
+        assert!(!ok, "{said}");
+        assert!(said.contains("exactly one of VAULT_SECRET_ID"), "{said}");
+    }
 }

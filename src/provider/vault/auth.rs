@@ -5,8 +5,12 @@
 //! Renewal is lazy: the request that finds the token past two thirds of its
 //! TTL renews it first (`auth/token/renew-self`), so an idle provider makes
 //! no request and starts no task. An AppRole token is replaced by a new
-//! login when it is past nine tenths of its TTL, when renewal fails, and
-//! once when the server answers 403 (a token revoked early).
+//! login past nine tenths of its TTL, when renewal is refused or capped by
+//! the maximum TTL, and once when the server answers 403 and refuses the
+//! token's own `lookup-self` too (revoked early); a 403 of a policy keeps
+//! the token. A server that is down or throttling is asked about the token
+//! again only after a pause. Leases are clamped to ten years, so that no
+//! deadline arithmetic overflows on an absurd answer.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -22,6 +26,14 @@ use crate::provider::ProviderErrorKind;
 
 /// Longest role id or secret id accepted, in bytes (Vault's are UUIDs).
 const MAX_APPROLE_LEN: usize = 4096;
+
+/// Longest lease believed, in seconds (ten years): a larger or absurd
+/// `lease_duration` is clamped so that no deadline arithmetic overflows.
+const MAX_LEASE_SECS: u64 = 10 * 365 * 86_400;
+
+fn lease_ttl(seconds: u64) -> Duration {
+    Duration::from_secs(seconds.min(MAX_LEASE_SECS))
+}
 
 /// An AppRole identity: the role id, the secret id (zeroized, never
 /// printed), and the mount of the AppRole auth method (`approle` unless
@@ -147,19 +159,25 @@ impl VaultAppRole {
         }
     }
 
-    /// The JSON body of a login (zeroizing: it holds the secret id).
+    /// The JSON body of a login (zeroizing: it holds the secret id). Built
+    /// in a buffer large enough for the worst-case escaping, so that it
+    /// never reallocates and leaves no unwiped copy behind.
     pub(super) fn login_body(&self) -> Result<Zeroizing<Vec<u8>>> {
+        use std::io::Write as _;
         let secret = self.secret_id()?;
-        let mut value = serde_json::json!({
-            "role_id": self.role_id.as_str(),
-            "secret_id": secret.as_str(),
-        });
-        let body = Zeroizing::new(serde_json::to_vec(&value).unwrap_or_default());
-        for field in ["role_id", "secret_id"] {
-            if let Some(serde_json::Value::String(s)) = value.get_mut(field) {
-                zeroize::Zeroize::zeroize(s);
-            }
-        }
+        let mut body = Zeroizing::new(Vec::with_capacity(
+            32 + 6 * (self.role_id.len() + secret.len()),
+        ));
+        let quoted = |out: &mut Vec<u8>, s: &str| serde_json::to_writer(out, s);
+        let mut write = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+            body.write_all(b"{\"role_id\":")?;
+            quoted(&mut body, &self.role_id)?;
+            body.write_all(b",\"secret_id\":")?;
+            quoted(&mut body, &secret)?;
+            body.write_all(b"}")?;
+            Ok(())
+        };
+        write().map_err(|_| config_error("cannot encode the AppRole login"))?;
         Ok(body)
     }
 }
@@ -216,12 +234,36 @@ pub(super) struct Lease {
 impl Lease {
     /// True once two thirds of a renewable, expiring lease have passed.
     pub fn wants_renewal(&self, now: Instant) -> bool {
-        self.renewable && !self.ttl.is_zero() && now >= self.since + self.ttl * 2 / 3
+        self.renewable && self.past(now, 2, 3)
     }
 
     /// True once nine tenths of an expiring lease have passed.
     pub fn nearly_over(&self, now: Instant) -> bool {
-        !self.ttl.is_zero() && now >= self.since + self.ttl * 9 / 10
+        self.past(now, 9, 10)
+    }
+
+    /// True once an expiring lease is over.
+    pub fn over(&self, now: Instant) -> bool {
+        self.past(now, 1, 1)
+    }
+
+    /// True when this lease, granted by a renewal of `before`, is less than
+    /// half of it: the token is near its maximum TTL (or the server gave
+    /// no TTL at all), and renewing gains little.
+    pub fn capped(&self, before: &Lease) -> bool {
+        self.ttl.is_zero() || self.ttl < before.ttl / 2
+    }
+
+    /// True once `num / den` of an expiring lease have passed (never for a
+    /// lease that does not expire, or whose deadline is out of range).
+    fn past(&self, now: Instant, num: u32, den: u32) -> bool {
+        !self.ttl.is_zero()
+            && self
+                .ttl
+                .checked_mul(num)
+                .map(|d| d / den)
+                .and_then(|d| self.since.checked_add(d))
+                .is_some_and(|deadline| now >= deadline)
     }
 }
 
@@ -235,6 +277,15 @@ pub(super) struct Session {
     /// A fixed token's lease could not be learnt (no `lookup-self`
     /// capability, or it does not expire): do not ask again.
     pub settled: bool,
+    /// The server was down or throttling: no lookup or renewal before.
+    pub quiet_until: Option<Instant>,
+}
+
+impl Session {
+    /// True while lookups and renewals are held back.
+    pub fn quiet(&self, now: Instant) -> bool {
+        self.quiet_until.is_some_and(|t| now < t)
+    }
 }
 
 /// Parses the answer of a login or renewal: the new token (a login) and
@@ -271,7 +322,7 @@ pub(super) fn parse_auth(
         token,
         Lease {
             since,
-            ttl: Duration::from_secs(block.lease_duration),
+            ttl: lease_ttl(block.lease_duration),
             renewable: block.renewable,
         },
     ))
@@ -282,7 +333,7 @@ pub(super) fn parse_lookup(body: &[u8], since: Instant) -> Option<Lease> {
     let data = serde_json::from_slice::<LookupAnswer>(body).ok()?.data?;
     (data.ttl > 0).then(|| Lease {
         since,
-        ttl: Duration::from_secs(data.ttl),
+        ttl: lease_ttl(data.ttl),
         renewable: data.renewable,
     })
 }
@@ -332,6 +383,35 @@ mod tests {
         };
         assert!(!forever.wants_renewal(now + Duration::from_secs(1 << 20)));
         assert!(!forever.nearly_over(now + Duration::from_secs(1 << 20)));
+        // An absurd lease from the server: clamped, no overflow, no panic.
+        let body = br#"{"auth":{"client_token":"t","lease_duration":18446744073709551615,"renewable":true}}"#;
+        let (_, huge) = parse_auth(200, body, "login", now).unwrap();
+        assert_eq!(huge.ttl, Duration::from_secs(MAX_LEASE_SECS));
+        assert!(!huge.wants_renewal(now) && !huge.nearly_over(now));
+        let unclamped = Lease {
+            ttl: Duration::MAX,
+            ..lease
+        };
+        assert!(!unclamped.wants_renewal(now) && !unclamped.nearly_over(now));
+        // A renewal capped by the maximum TTL, or without a TTL.
+        let short = Lease {
+            ttl: Duration::from_secs(30),
+            ..lease
+        };
+        assert!(short.capped(&lease) && forever.capped(&lease) && !lease.capped(&lease));
+        assert!(lease.over(now + Duration::from_secs(90)));
+        assert!(!lease.over(now + Duration::from_secs(89)));
+    }
+
+    #[test]
+    fn the_login_body_is_json_of_both_ids() {
+        let r = VaultAppRole::new("ro\\le\"id", "s3cr\"t").unwrap();
+        let body = r.login_body().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["role_id"], "ro\\le\"id");
+        assert_eq!(v["secret_id"], "s3cr\"t");
+        // Never reallocated: the only buffer is the zeroizing one.
+        assert_eq!(body.capacity(), 32 + 6 * (8 + 6));
     }
 
     #[test]

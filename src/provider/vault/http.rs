@@ -22,7 +22,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use zeroize::Zeroizing;
 
-use super::auth::{parse_auth, parse_lookup, Lease, Session};
+use super::auth::{parse_auth, parse_lookup, Lease, Session, VaultAppRole};
 use super::config::{config_error, TokenSource, VaultConfig, VaultToken};
 use super::error::provider_error;
 use crate::error::{Error, Result};
@@ -143,9 +143,13 @@ impl Http {
     }
 
     /// Sends `method /v1/{path}` with `body` (JSON) and reads the answer,
-    /// with a valid token (see [`super::auth`]): an AppRole token the server
-    /// refuses (403) is replaced by a new login and the request sent once
-    /// more. Transport failures and timeouts are
+    /// with a valid token (see [`super::auth`]). An AppRole token that the
+    /// server no longer knows (a 403, and `lookup-self` refused too: revoked
+    /// or expired early) is replaced by a new login and the request sent
+    /// once more; a 403 for a policy that denies the request keeps the
+    /// token and is answered as it is. (Vault checks permissions before any
+    /// handler runs, so a refused request did nothing and is safe to send
+    /// again.) Transport failures and timeouts are
     /// [`ProviderErrorKind::Unavailable`].
     pub(super) async fn call(
         &self,
@@ -160,12 +164,27 @@ impl Http {
         let answer = self
             .send(method.clone(), path, Some(&token), body.clone())
             .await?;
-        if answer.status == 403 && matches!(self.token, Some(TokenSource::AppRole(_))) {
+        if answer.status == 403
+            && matches!(self.token, Some(TokenSource::AppRole(_)))
+            && !self.token_is_known(&token).await
+        {
             self.forget(&token).await;
             let token = self.current_token().await?;
             return self.send(method, path, Some(&token), body).await;
         }
         Ok(answer)
+    }
+
+    /// Whether the server still knows `token` (`lookup-self` answers); a
+    /// server that cannot be asked counts as knowing it.
+    async fn token_is_known(&self, token: &VaultToken) -> bool {
+        match self
+            .send(Method::GET, "auth/token/lookup-self", Some(token), None)
+            .await
+        {
+            Ok(a) => a.status != 403,
+            Err(_) => true,
+        }
     }
 
     /// The token to send now: a token file's content, a fixed token
@@ -185,49 +204,87 @@ impl Http {
                 self.keep_fixed(token).await;
                 Ok(token.clone())
             }
-            TokenSource::AppRole(role) => {
-                let mut session = self.session.lock().await;
-                let now = Instant::now();
-                if let (Some(token), Some(lease)) = (session.token.clone(), session.lease) {
-                    if !lease.nearly_over(now) {
-                        if !lease.wants_renewal(now) {
-                            return Ok(token);
-                        }
-                        if let Ok(renewed) = self.renew(&token, now).await {
-                            session.lease = Some(renewed);
-                            return Ok(token);
-                        }
-                    }
+            TokenSource::AppRole(role) => self.app_role_token(role).await,
+        }
+    }
+
+    /// The AppRole session's token: renewed past two thirds of its lease,
+    /// replaced by a new login past nine tenths, when a renewal is refused
+    /// or capped by the maximum TTL, or when there is none. The session
+    /// changes only when a login succeeds: a failed login leaves a token
+    /// that is still within its lease in use.
+    async fn app_role_token(&self, role: &VaultAppRole) -> Result<VaultToken> {
+        let mut session = self.session.lock().await;
+        let now = Instant::now();
+        let current = session.token.clone().zip(session.lease);
+        if let Some((token, lease)) = &current {
+            if !lease.nearly_over(now) {
+                if !lease.wants_renewal(now) || session.quiet(now) {
+                    return Ok(token.clone());
                 }
-                session.token = None;
-                session.lease = None;
-                let path = format!("auth/{}/login", role.mount);
-                // Like a DEK, the secret id goes to hyper, which frees it unwiped.
-                let mut body = role.login_body()?;
-                let body = Bytes::from(std::mem::take(&mut *body));
-                let answer = self.send(Method::POST, &path, None, Some(body)).await?;
-                let what = format!("the AppRole login at {path}");
-                let (token, lease) = parse_auth(answer.status, &answer.body, &what, now)?;
-                let token = token.ok_or_else(|| {
-                    provider_error(
-                        ProviderErrorKind::Other,
-                        format!("Vault/OpenBao answered {what} without a token"),
-                    )
-                })?;
-                session.token = Some(token.clone());
-                session.lease = Some(lease);
-                Ok(token)
+                match self.renew(token, now).await {
+                    Ok(renewed) if !renewed.capped(lease) => {
+                        session.lease = Some(renewed);
+                        return Ok(token.clone());
+                    }
+                    // Capped by the maximum TTL: log in while it still works.
+                    Ok(_) => {}
+                    Err(e) if transient(&e) => {
+                        session.quiet_until = Some(now + BACKOFF);
+                        return Ok(token.clone());
+                    }
+                    Err(_) => {}
+                }
             }
         }
+        match self.login(role, now).await {
+            Ok((token, lease)) => {
+                session.token = Some(token.clone());
+                session.lease = Some(lease);
+                session.quiet_until = None;
+                Ok(token)
+            }
+            Err(e) => match current {
+                Some((token, lease)) if !lease.over(now) => {
+                    if transient(&e) {
+                        session.quiet_until = Some(now + BACKOFF);
+                    }
+                    Ok(token)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// `POST auth/MOUNT/login` with the role: a new token and its lease.
+    async fn login(&self, role: &VaultAppRole, now: Instant) -> Result<(VaultToken, Lease)> {
+        let path = format!("auth/{}/login", role.mount);
+        // Like a DEK, the secret id goes to hyper, which frees it unwiped.
+        let mut body = role.login_body()?;
+        let body = Bytes::from(std::mem::take(&mut *body));
+        let answer = self.send(Method::POST, &path, None, Some(body)).await?;
+        let what = format!("the AppRole login at {path}");
+        let (token, lease) = parse_auth(answer.status, &answer.body, &what, now)?;
+        let token = token.ok_or_else(|| {
+            provider_error(
+                ProviderErrorKind::Other,
+                format!("Vault/OpenBao answered {what} without a token"),
+            )
+        })?;
+        Ok((token, lease))
     }
 
     /// Learns a fixed token's lease once (`lookup-self`) and renews it past
     /// two thirds of its TTL. Failures here are not the request's: a token
     /// that cannot be looked up or renewed is used as it is until the
-    /// server refuses it.
+    /// server refuses it; a server that is down or throttling is asked
+    /// again after [`BACKOFF`], not by every request.
     async fn keep_fixed(&self, token: &VaultToken) {
         let mut session = self.session.lock().await;
         let now = Instant::now();
+        if session.quiet(now) {
+            return;
+        }
         if session.lease.is_none() && !session.settled {
             match self
                 .send(Method::GET, "auth/token/lookup-self", Some(token), None)
@@ -237,20 +294,25 @@ impl Http {
                     session.lease = parse_lookup(&a.body, now);
                     session.settled = session.lease.is_none();
                 }
-                Ok(_) => session.settled = true,
-                // Unreachable: the request itself will say so; ask next time.
-                Err(_) => {}
+                // Not allowed to look itself up (no `default` policy), or
+                // not a token the server knows: nothing to renew.
+                Ok(a) if (400..500).contains(&a.status) && a.status != 429 => {
+                    session.settled = true
+                }
+                Ok(_) | Err(_) => session.quiet_until = Some(now + BACKOFF),
             }
         }
         if let Some(lease) = session.lease {
             if lease.wants_renewal(now) {
                 match self.renew(token, now).await {
-                    Ok(renewed) => session.lease = Some(renewed),
-                    Err(Error::Provider(p))
-                        if matches!(
-                            p.kind(),
-                            ProviderErrorKind::Unavailable | ProviderErrorKind::Throttled
-                        ) => {}
+                    Ok(mut renewed) => {
+                        // Capped by its maximum TTL: no renewal gains more.
+                        if renewed.capped(&lease) {
+                            renewed.renewable = false;
+                        }
+                        session.lease = Some(renewed);
+                    }
+                    Err(e) if transient(&e) => session.quiet_until = Some(now + BACKOFF),
                     Err(_) => {
                         session.lease = None;
                         session.settled = true;
@@ -355,6 +417,19 @@ impl Http {
             ))),
         }
     }
+}
+
+/// How long a provider waits before asking a server that was down or
+/// throttling about its token again (lookups and renewals only).
+const BACKOFF: Duration = Duration::from_secs(5);
+
+/// A failure that says nothing about the token: the server was down,
+/// sealed or throttling.
+fn transient(e: &Error) -> bool {
+    matches!(e, Error::Provider(p) if matches!(
+        p.kind(),
+        ProviderErrorKind::Unavailable | ProviderErrorKind::Throttled
+    ))
 }
 
 fn unavailable(message: String) -> Error {
