@@ -218,8 +218,13 @@ impl Http {
         let now = Instant::now();
         let current = session.token.clone().zip(session.lease);
         if let Some((token, lease)) = &current {
+            // A login or renewal failed a moment ago: keep the token while
+            // its lease lasts instead of trying again on every request.
+            if session.quiet(now) && !lease.over(now) {
+                return Ok(token.clone());
+            }
             if !lease.nearly_over(now) {
-                if !lease.wants_renewal(now) || session.quiet(now) {
+                if !lease.wants_renewal(now) {
                     return Ok(token.clone());
                 }
                 match self.renew(token, now).await {
@@ -246,9 +251,7 @@ impl Http {
             }
             Err(e) => match current {
                 Some((token, lease)) if !lease.over(now) => {
-                    if transient(&e) {
-                        session.quiet_until = Some(now + BACKOFF);
-                    }
+                    session.quiet_until = Some(now + BACKOFF);
                     Ok(token)
                 }
                 _ => Err(e),
