@@ -415,7 +415,8 @@ async fn a_writer_refuses_a_forked_chain_and_says_how_to_rotate() {
         .audit_key(key())
         .open(&path)
         .unwrap_err();
-    assert!(matches!(e, OpenError::Damaged(_)), "{e:?}");
+    // (The writer that found the fork left the marker, which says so first.)
+    assert!(matches!(e, OpenError::Broken(_)), "{e:?}");
     assert_says_how_to_rotate(&e.to_string(), &path);
     assert_eq!(fs::read(&path).unwrap(), after_refusal, "nothing appended");
 
@@ -426,6 +427,11 @@ async fn a_writer_refuses_a_forked_chain_and_says_how_to_rotate() {
     for f in audit::log_files(&path).unwrap() {
         fs::rename(&f, evidence.join(f.file_name().unwrap())).unwrap();
     }
+    fs::rename(
+        dir.path().join("audit.jsonl.broken"),
+        evidence.join("audit.jsonl.broken"),
+    )
+    .unwrap();
     let log = AuditLog::builder().audit_key(key()).open(&path).unwrap();
     log.append(&ev("this-writer", 3, 0)).unwrap();
     drop(log);
@@ -600,4 +606,123 @@ fn a_symbolic_link_in_place_of_a_log_file_is_refused() {
         .unwrap_err();
     assert!(e.to_string().contains("symbolic link"), "{e}");
     assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
+}
+
+/// A later file of the log renamed away and copied back (an operator
+/// restoring it, a local user who can write the directory) while a writer
+/// appends to it: the writer would go on writing to the renamed file,
+/// outside the log and its lock. It refuses instead, leaves the marker,
+/// and every later open refuses the log too.
+#[test]
+fn a_later_file_renamed_and_copied_back_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::builder()
+        .audit_key(key())
+        .max_file_bytes(600)
+        .open(&path)
+        .unwrap();
+    let mut i = 0;
+    while !log.current_file().ends_with("audit.jsonl.000002") {
+        log.append(&ev("this-writer", i, 0)).unwrap();
+        i += 1;
+        assert!(i < 100, "never rotated");
+    }
+    let second = log.current_file();
+    let moved = dir.path().join("moved-away");
+    fs::rename(&second, &moved).unwrap();
+    fs::copy(&moved, &second).unwrap();
+    let before = fs::read(&moved).unwrap();
+
+    let e = log.append(&ev("this-writer", i, 0)).unwrap_err();
+    assert!(
+        e.to_string().contains("renamed, replaced or removed"),
+        "{e}"
+    );
+    assert_says_how_to_rotate(&e.to_string(), &path);
+    assert_eq!(
+        fs::read(&moved).unwrap(),
+        before,
+        "nothing written outside the log"
+    );
+    assert_eq!(
+        fs::read(&second).unwrap(),
+        before,
+        "nothing written to the copy"
+    );
+    assert!(dir.path().join("audit.jsonl.broken").exists());
+    drop(log);
+    match AuditLog::builder().audit_key(key()).open(&path) {
+        Err(OpenError::Broken(m)) => assert_says_how_to_rotate(&m, &path),
+        other => panic!("a later open resumed a broken log: {other:?}"),
+    }
+}
+
+/// What one writer found broken, every process refuses: the marker left
+/// beside the log makes a later open (another process, a restart) refuse
+/// a chain whose cut end verifies on its own. Moving the files and the
+/// marker away, as the refusal says, gives a new log.
+#[test]
+fn a_cut_chain_found_by_one_writer_is_refused_by_every_later_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::builder().audit_key(key()).open(&path).unwrap();
+    for i in 0..3 {
+        log.append(&ev("this-writer", i, 0)).unwrap();
+    }
+    let before = fs::read(&path).unwrap();
+    log.append(&ev("this-writer", 3, 0)).unwrap();
+    fs::write(&path, &before).unwrap();
+    assert!(log.append(&ev("this-writer", 4, 0)).is_err());
+    drop(log);
+    // The cut chain verifies on its own: only the marker tells.
+    Verifier::new().key(key()).verify(&path).unwrap();
+    match AuditLog::builder().audit_key(key()).open(&path) {
+        Err(OpenError::Broken(m)) => {
+            assert!(m.contains("audit.jsonl.broken"), "{m}");
+            assert_says_how_to_rotate(&m, &path);
+        }
+        other => panic!("a later open resumed a cut log: {other:?}"),
+    }
+    assert_eq!(fs::read(&path).unwrap(), before, "nothing appended");
+    let evidence = dir.path().join("evidence");
+    fs::create_dir(&evidence).unwrap();
+    for name in ["audit.jsonl", "audit.jsonl.broken"] {
+        fs::rename(dir.path().join(name), evidence.join(name)).unwrap();
+    }
+    let fresh = AuditLog::builder().audit_key(key()).open(&path).unwrap();
+    assert_eq!(fresh.append(&ev("this-writer", 0, 0)).unwrap(), 1);
+}
+
+/// A FIFO planted as a rotated file of the log: verify reports it and
+/// returns (it used to wait on the FIFO for ever), and never follows a
+/// symbolic link planted as one.
+#[test]
+fn verify_neither_waits_on_a_fifo_nor_follows_a_link() {
+    for planted in ["fifo", "link"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::builder().audit_key(key()).open(&path).unwrap();
+        log.append(&ev("this-writer", 0, 0)).unwrap();
+        drop(log);
+        let second = dir.path().join("audit.jsonl.000002");
+        if planted == "fifo" {
+            let ok = Command::new("mkfifo").arg(&second).status().unwrap();
+            assert!(ok.success());
+        } else {
+            let outside = dir.path().join("outside");
+            fs::copy(&path, &outside).unwrap();
+            std::os::unix::fs::symlink(&outside, &second).unwrap();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Verifier::new().key(key()).verify(&p).map(|_| ()));
+        });
+        // A hang guard only: verify answers at once.
+        let answer = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("verify waits on a planted {planted}"));
+        assert!(answer.is_err(), "a planted {planted} verified");
+    }
 }

@@ -371,3 +371,45 @@ fn a_forked_audit_log_is_refused_and_the_error_says_how_to_start_a_new_one() {
         "audit.jsonl",
     ]);
 }
+
+/// A run killed in the middle of an append leaves a torn last line. Under
+/// the log's lock only a dead writer can have left it, so the next run cuts
+/// it off and records a `torn-tail` gap line instead of stopping every
+/// later run; the log still verifies.
+#[test]
+fn a_line_torn_by_a_killed_run_is_cut_off_by_the_next_run() {
+    let env = Env::new();
+    fs::write(env.path("f"), b"phi").unwrap();
+    let log = env.path("audit.jsonl");
+    let args = |rest: &[&str]| {
+        let mut a = vec!["--audit-log", "audit.jsonl"];
+        a.extend_from_slice(rest);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let o = env.cmd().args(args(&["keys", "init"])).output().unwrap();
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let text = fs::read_to_string(&log).unwrap();
+    let last = text.lines().next_back().unwrap().to_owned();
+    let mut torn = text.clone();
+    torn.push_str(&last[..last.len() / 2]);
+    fs::write(&log, &torn).unwrap();
+
+    let o = env
+        .cmd()
+        .args(args(&[
+            "encrypt",
+            "--context",
+            "case=1",
+            "-o",
+            "1.phi",
+            "f",
+        ]))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let after = fs::read_to_string(&log).unwrap();
+    assert!(after.starts_with(&text), "the complete lines are kept");
+    assert!(after.contains("torn-tail"), "{after}");
+    assert!(after.ends_with('\n'));
+    env.ok(&["audit", "verify", "audit.jsonl"]);
+}

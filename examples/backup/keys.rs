@@ -369,7 +369,10 @@ fn open_audit_log(g: &Global) -> Result<Option<Arc<AuditLog>>, CliError> {
     let Some(path) = &g.audit_log else {
         return Ok(None);
     };
-    let mut b = AuditLog::builder();
+    // A torn last line can only be a run that died mid-append (the log's
+    // lock excludes live writers while it is examined): cut it off and
+    // record a `torn-tail` gap line rather than stop every later run.
+    let mut b = AuditLog::builder().repair_torn_tail(true);
     if let Some(k) = audit_key(g)? {
         b = b.audit_key(k);
     }

@@ -66,6 +66,11 @@ pub enum OpenError {
         /// The MAC (and key id) in the file's header.
         found: String,
     },
+    /// A writer found the chain broken and left the marker `LOG.broken`
+    /// beside it: no process appends to this log any more. The message
+    /// says how to start a new log.
+    #[error("cannot resume the audit log: {0}; nothing was written")]
+    Broken(String),
     /// The configuration is invalid (e.g. a path without a file name).
     #[error("invalid audit log configuration: {0}")]
     Invalid(String),
@@ -449,8 +454,60 @@ fn base_of(path: &Path) -> PathBuf {
 pub(crate) fn new_log_steps(base: &Path) -> String {
     let b = base.display();
     format!(
-        "To rotate to a new log: stop every process that writes {b}; run `backup audit verify {b}` (audit::verify) and keep its report; move {b} and its rotated files ({b}.000002, ...) to an evidence directory, unchanged (they remain the record up to the first bad line); then the next open of {b} starts a new log (or configure a new path). See SECURITY.md, \"Audit log\""
+        "To rotate to a new log: stop every process that writes {b}; run `backup audit verify {b}` (audit::verify) and keep its report; move {b}, its rotated files ({b}.000002, ...) and {b}.broken if present to an evidence directory, unchanged (they remain the record up to the first bad line); then the next open of {b} starts a new log (or configure a new path). See SECURITY.md, \"Audit log\""
     )
+}
+
+/// The marker a writer leaves beside a log whose chain it found broken, so
+/// that every other writer, and every later process, refuses it too:
+/// `BASE.broken`, holding the refusal (UTF-8 text).
+pub(crate) fn broken_marker(base: &Path) -> PathBuf {
+    let mut name = base.file_name().unwrap_or_default().to_os_string();
+    name.push(".broken");
+    base.with_file_name(name)
+}
+
+/// Most bytes of a marker's text shown in a refusal.
+const MAX_MARKER_SHOWN: u64 = 2048;
+
+/// The refusal recorded in `base`'s marker, if there is one. A marker that
+/// cannot be read (a link, a directory, a FIFO) still refuses.
+fn marked_broken(base: &Path) -> Option<String> {
+    let marker = broken_marker(base);
+    match std::fs::symlink_metadata(&marker) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!(
+            "its marker {} cannot be checked: {e}",
+            marker.display()
+        )),
+        Ok(_) => {
+            let text = open_read(&marker).ok().and_then(|f| {
+                let mut buf = String::new();
+                use std::io::Read as _;
+                f.take(MAX_MARKER_SHOWN).read_to_string(&mut buf).ok()?;
+                Some(buf)
+            });
+            Some(match text {
+                Some(t) => format!(
+                    "{} says the chain was found broken: {}",
+                    marker.display(),
+                    t.trim()
+                ),
+                None => format!("{} marks the chain as broken", marker.display()),
+            })
+        }
+    }
+}
+
+/// The sequence number after `seq`, read from `path`: an entry numbered
+/// `u64::MAX` cannot be followed.
+fn next_seq(path: &Path, seq: u64) -> Result<u64, OpenError> {
+    seq.checked_add(1).ok_or_else(|| {
+        OpenError::Invalid(format!(
+            "{}: its last entry has the largest sequence number; the log is damaged",
+            path.display()
+        ))
+    })
 }
 
 /// What to do about a log that cannot be resumed.
@@ -607,6 +664,12 @@ impl Config {
     /// header; an incomplete last line is cut off (and recorded by a `gap`
     /// line) if `repair_torn_tail` is set, and refused otherwise.
     fn resume(&self) -> Result<State, OpenError> {
+        if let Some(reason) = marked_broken(&self.base) {
+            return Err(OpenError::Broken(format!(
+                "{reason}. Do not append to it. {}",
+                new_log_steps(&self.base)
+            )));
+        }
         let repair = self.repair_torn_tail;
         let found = segments(&self.base).map_err(io_err(&self.base))?;
         let Some(&(last_n, ref last_path)) = found.last() else {
@@ -656,7 +719,7 @@ impl Config {
                 self.check_header(&prev_path, last_n - 1)?;
                 let prev_tail = read_tail(&prev_path).map_err(io_err(&prev_path))?;
                 let line = self.check_last_line(&prev_path, &prev_tail)?;
-                (line.seq + 1, line.hash)
+                (next_seq(&prev_path, line.seq)?, line.hash)
             };
             let mut st = self.fresh_state(file, last_path.clone(), last_n, seq, prev);
             let prev_file = (last_n > 1).then(|| file_name(&segment_path(&self.base, last_n - 1)));
@@ -666,7 +729,13 @@ impl Config {
         } else {
             self.check_header(last_path, last_n)?;
             let line = self.check_last_line(last_path, &tail)?;
-            let mut st = self.fresh_state(file, last_path.clone(), last_n, line.seq + 1, line.hash);
+            let mut st = self.fresh_state(
+                file,
+                last_path.clone(),
+                last_n,
+                next_seq(last_path, line.seq)?,
+                line.hash,
+            );
             st.bytes = tail.len;
             // The exact count is not needed (nor read): only whether the
             // file holds more than its header, which rotation asks.
@@ -949,7 +1018,25 @@ impl Config {
             st.broken = Some(msg.clone());
             return Err(SinkError(msg));
         }
-        let next = segment_path(&self.base, st.segment + 1);
+        if self.current_file_moved(st)? {
+            let msg = format!(
+                "audit log {} refuses the entry: {} was renamed, replaced or removed while this writer had it open, so its entries would not go to the log; nothing was written. Do not append to it. {}",
+                self.base.display(),
+                st.path.display(),
+                new_log_steps(&self.base)
+            );
+            self.mark_broken(&msg);
+            st.broken = Some(msg.clone());
+            return Err(SinkError(msg));
+        }
+        let next_segment = st.segment.checked_add(1).ok_or_else(|| {
+            SinkError(format!(
+                "audit log {}: the file number {} cannot grow: the log is damaged",
+                self.base.display(),
+                st.segment
+            ))
+        })?;
+        let next = segment_path(&self.base, next_segment);
         let rotated = match std::fs::symlink_metadata(&next) {
             Ok(_) => true,
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
@@ -984,6 +1071,15 @@ impl Config {
                     self.base.display(),
                     damaged_advice(&bad)
                 );
+                self.mark_broken(&msg);
+                st.broken = Some(msg.clone());
+                return Err(SinkError(msg));
+            }
+            Err(OpenError::Broken(reason)) => {
+                let msg = format!(
+                    "audit log {} refuses the entry: {reason}",
+                    self.base.display()
+                );
                 st.broken = Some(msg.clone());
                 return Err(SinkError(msg));
             }
@@ -1010,6 +1106,7 @@ impl Config {
                 self.base.display(),
                 new_log_steps(&self.base)
             );
+            self.mark_broken(&msg);
             st.broken = Some(msg.clone());
             return Err(SinkError(msg));
         }
@@ -1050,6 +1147,41 @@ impl Config {
             d.synced = d.synced.max(old_next);
         }
         Ok(())
+    }
+
+    /// Leaves the broken-chain marker (best effort: the refusal stands in
+    /// this writer either way). Never follows a link; an existing marker
+    /// is kept.
+    fn mark_broken(&self, msg: &str) {
+        let marker = broken_marker(&self.base);
+        if let Ok(mut f) = create_new(&marker) {
+            use std::io::Write as _;
+            let _ = f.write_all(msg.as_bytes()).and_then(|()| f.sync_all());
+            let _ = sync_dir(&marker);
+        }
+    }
+
+    /// With the lock held: whether the file this writer appends to is
+    /// still the one its path names (not renamed, replaced or removed).
+    fn current_file_moved(&self, st: &State) -> Result<bool, SinkError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let held = st
+                .file
+                .metadata()
+                .map_err(|e| SinkError(format!("audit log {}: {e}", st.path.display())))?;
+            match std::fs::symlink_metadata(&st.path) {
+                Ok(now) => Ok(now.dev() != held.dev() || now.ino() != held.ino()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+                Err(e) => Err(SinkError(format!("audit log {}: {e}", st.path.display()))),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = st;
+            Ok(false)
+        }
     }
 
     /// With the lock held: whether the log's first file is no longer the
@@ -1093,7 +1225,13 @@ impl Config {
             }
             st.unsynced = 0;
         }
-        let n = st.segment + 1;
+        let n = st.segment.checked_add(1).ok_or_else(|| {
+            SinkError(format!(
+                "audit log {}: the file number {} cannot grow: the log is damaged",
+                self.base.display(),
+                st.segment
+            ))
+        })?;
         let path = segment_path(&self.base, n);
         let file = create_new(&path).map_err(|e| {
             SinkError(format!(

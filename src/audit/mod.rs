@@ -142,11 +142,17 @@
 //! follow from the line before it (two lines with one `seq`: a fork by a
 //! writer that did not take the lock, such as an older version or a copy
 //! of the file written back), or the log no longer holds what this writer
-//! wrote last (lines removed from the end, an older copy restored). The
-//! refusal is sticky for that [`AuditLog`], and a later open refuses the
-//! log too ([`OpenError::Damaged`]); the error says how to start a new log
-//! (below). These checks look at the end of the log only; [`verify`]
-//! checks all of it.
+//! wrote last (lines removed from the end, an older copy restored), or the
+//! file it appends to is no longer the one its path names (renamed,
+//! replaced or removed: its entries would go outside the log). The refusal
+//! is sticky for that [`AuditLog`], and the writer leaves a marker beside
+//! the log, `LOG.broken` (created exclusively, mode 0600, never through a
+//! link; UTF-8 text of the refusal, for the operator only, never parsed):
+//! while it exists every writer and every later open refuse the log
+//! ([`OpenError::Broken`]; a fork at the end is also found at open,
+//! [`OpenError::Damaged`]). The error says how to start a new log (below).
+//! These checks look at the end of the log only; [`verify`] checks all of
+//! it, and ignores the marker.
 //!
 //! [`Verifier::verify`] takes a shared lock on the same file while it
 //! lists the files and notes the length of the last one, then verifies
@@ -182,7 +188,9 @@
 //!    refused anyway).
 //! 2. Run [`verify`] on it (`backup audit verify LOG`) and keep its report:
 //!    it names the first bad line. Keep the last anchor you stored, too.
-//! 3. Move the log's files, `LOG` and its rotated files `LOG.000002`, ...,
+//! 3. Move the log's files, `LOG`, its rotated files `LOG.000002`, ... and
+//!    the marker `LOG.broken` (left by the writer that found the break, so
+//!    that every other writer and later process refuses the log too),
 //!    unchanged, to an evidence directory: up to the first bad line they
 //!    remain the verified record, and what follows is for the
 //!    investigation.

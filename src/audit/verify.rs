@@ -2,7 +2,6 @@
 //! first line where it is wrong.
 
 use std::fmt;
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -379,7 +378,7 @@ impl Verifier {
         let listed = list().and_then(|files| {
             let last_len = match files.last() {
                 Some((_, last)) if locked => Some(
-                    std::fs::metadata(last)
+                    std::fs::symlink_metadata(last)
                         .map_err(|source| VerifyError::Io {
                             path: last.clone(),
                             source,
@@ -500,7 +499,9 @@ impl Run<'_> {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io_err)?;
+        // As a writer opens it: no symbolic link followed, no FIFO waited
+        // on, a regular file only.
+        let file = super::log::open_read(path).map_err(io_err)?;
         let mut reader = BufReader::with_capacity(64 * 1024, file.take(limit.unwrap_or(u64::MAX)));
         let mut buf = Vec::with_capacity(1024);
         let mut line_no = 0u64;
