@@ -1128,9 +1128,14 @@ async fn a_process_killed_while_encrypting_leaves_nothing_under_the_final_name()
         );
     }
     // Cut at a chunk boundary it is truncated; cut inside a chunk, the
-    // partial chunk reads as a final chunk whose tag fails.
+    // partial chunk reads as a final chunk whose tag fails: TruncatedChunk
+    // after full chunks authenticated, Decrypt when it is chunk 0
+    // (FORMAT.md 7.4).
     assert!(
-        matches!(outcome, Err(Error::Truncated | Error::Decrypt)),
+        matches!(
+            outcome,
+            Err(Error::Truncated | Error::TruncatedChunk | Error::Decrypt)
+        ),
         "the partial file must not decrypt: {outcome:?}"
     );
 
