@@ -4,7 +4,8 @@
 //! them under a named, versioned KEK that never leaves it. phi-envelope ships
 //! the local keystore (`local`, default feature `local`), a PKCS#11 HSM provider
 //! (feature `pkcs11`), an AWS KMS provider (feature `aws-kms`) and a
-//! Vault / OpenBao Transit provider (feature `vault`);
+//! Vault / OpenBao Transit provider (feature `vault`), an offline recovery
+//! recipient (feature `recovery`);
 //! applications add their own (Vault, GCP, Azure) by implementing
 //! [`KeyProvider`] outside the crate.
 //!
@@ -26,6 +27,8 @@ mod keyref;
 pub mod local;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "recovery")]
+pub mod recovery;
 #[cfg(feature = "vault")]
 pub mod vault;
 
