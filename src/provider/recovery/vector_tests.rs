@@ -183,3 +183,31 @@ fn recovery_v1_vectors() {
     }
     assert!(cases >= 1);
 }
+
+/// Every `invalid_shares` entry of tests/vectors/recovery-v1.json is
+/// refused at the step it names, with an error that says why.
+#[test]
+fn recovery_v1_invalid_shares() {
+    let doc = load("recovery-v1.json");
+    let cases = doc["invalid_shares"].as_array().unwrap();
+    assert!(cases.len() >= 9);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let word = case["error"].as_str().unwrap();
+        let texts: Vec<&str> = case["shares"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let parsed: Result<Vec<RecoveryShare>> = texts.iter().map(|t| RecoveryShare::parse(t)).collect();
+        let e = match (case["refused_at"].as_str().unwrap(), parsed) {
+            ("read", Err(e)) => e,
+            ("combine", Ok(shares)) => RecoveryPrivateKey::combine(&shares).unwrap_err(),
+            (step, other) => panic!("{name}: expected a refusal at {step}, got {other:?}"),
+        };
+        let text = e.to_string();
+        assert!(matches!(e, Error::RecoveryShare(_)), "{name}: {e:?}");
+        assert!(text.contains(word), "{name}: {text:?} should say {word:?}");
+    }
+}
