@@ -107,10 +107,7 @@ pub(crate) fn is_valid_public_key(pk: &[u8; 32]) -> bool {
 /// `Encap(pkR)` with the ephemeral private key `sk_e`: returns `enc` and
 /// the shared secret. Fails (RFC 9180, section 7.1.4) when the DH output
 /// is all zero, that is when `pk_r` is a small-order point.
-pub(crate) fn encap_with(
-    sk_e: &StaticSecret,
-    pk_r: &PublicKey,
-) -> Result<([u8; N_ENC], Secret32)> {
+pub(crate) fn encap_with(sk_e: &StaticSecret, pk_r: &PublicKey) -> Result<([u8; N_ENC], Secret32)> {
     let dh = sk_e.diffie_hellman(pk_r);
     if !dh.was_contributory() {
         return Err(Error::InvalidArgument(
@@ -170,7 +167,13 @@ impl Context {
         let mut key = Zeroizing::new([0u8; N_K]);
         labeled_expand(&HPKE_SUITE_ID, &secret, b"key", &ksc, &mut key[..])?;
         let mut base_nonce = [0u8; N_N];
-        labeled_expand(&HPKE_SUITE_ID, &secret, b"base_nonce", &ksc, &mut base_nonce)?;
+        labeled_expand(
+            &HPKE_SUITE_ID,
+            &secret,
+            b"base_nonce",
+            &ksc,
+            &mut base_nonce,
+        )?;
         let mut exporter_secret = Zeroizing::new([0u8; 32]);
         labeled_expand(
             &HPKE_SUITE_ID,

@@ -281,7 +281,11 @@ impl RecoveryPrivateKey {
 
 impl fmt::Debug for RecoveryPrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RecoveryPrivateKey({}, <redacted>)", self.public.key_ref())
+        write!(
+            f,
+            "RecoveryPrivateKey({}, <redacted>)",
+            self.public.key_ref()
+        )
     }
 }
 
@@ -346,7 +350,9 @@ impl RecoveryProvider {
         let KeyRefKind::HpkeRecovery { fingerprint } = key.kind() else {
             return None;
         };
-        self.keys.iter().find(|h| &h.public().fingerprint() == fingerprint)
+        self.keys
+            .iter()
+            .find(|h| &h.public().fingerprint() == fingerprint)
     }
 
     fn held(&self, key: &KeyRef) -> Result<&Held> {
@@ -402,7 +408,10 @@ impl RecoveryProvider {
         if entry.key_version != VERSION {
             return Err(provider_error(
                 ProviderErrorKind::KeyNotFound,
-                format!("recovery key {key} has only version 1, not {}", entry.key_version),
+                format!(
+                    "recovery key {key} has only version 1, not {}",
+                    entry.key_version
+                ),
             ));
         }
         Ok(match unwrap_with(private, &key, &entry.wrapped, context)? {
@@ -481,7 +490,9 @@ impl fmt::Debug for RecoveryProvider {
                 Held::Private(k) => format!("{} (private key held)", k.public_key().key_ref()),
             })
             .collect();
-        f.debug_struct("RecoveryProvider").field("keys", &keys).finish()
+        f.debug_struct("RecoveryProvider")
+            .field("keys", &keys)
+            .finish()
     }
 }
 

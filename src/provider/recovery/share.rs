@@ -326,7 +326,8 @@ pub(crate) fn combine(shares: &[RecoveryShare]) -> Result<RecoveryPrivateKey> {
     // Every share given takes part: an extra share that does not lie on
     // the same polynomial changes the result, which the fingerprint check
     // then refuses, rather than going unnoticed.
-    let points: Vec<(u8, &[u8; SECRET_LEN])> = shares.iter().map(|s| (s.index, &*s.value)).collect();
+    let points: Vec<(u8, &[u8; SECRET_LEN])> =
+        shares.iter().map(|s| (s.index, &*s.value)).collect();
     let secret = shamir::interpolate(&points);
     let key = RecoveryPrivateKey::from_secret_bytes(&secret)?;
     if key.public_key().fingerprint_bytes() != first.fingerprint {

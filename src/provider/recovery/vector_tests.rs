@@ -59,12 +59,20 @@ fn rfc9180_x25519_sha256_aes256gcm_base() {
         // plaintext; a flipped tag bit is refused and does not advance.
         for e in v["encryptions"].as_array().unwrap() {
             let (aad, pt, ct) = (h(&e["aad"]), h(&e["pt"]), h(&e["ct"]));
-            assert_eq!(sender.nonce().to_vec(), h(&e["nonce"]), "nonce #{encryptions}");
+            assert_eq!(
+                sender.nonce().to_vec(),
+                h(&e["nonce"]),
+                "nonce #{encryptions}"
+            );
             assert_eq!(sender.seal(&aad, &pt).unwrap(), ct, "seal #{encryptions}");
             let mut bad = ct.clone();
             *bad.last_mut().unwrap() ^= 1;
             assert!(matches!(receiver.open(&aad, &bad), Err(Error::Decrypt)));
-            assert_eq!(*receiver.open(&aad, &ct).unwrap(), pt, "open #{encryptions}");
+            assert_eq!(
+                *receiver.open(&aad, &ct).unwrap(),
+                pt,
+                "open #{encryptions}"
+            );
             encryptions += 1;
         }
         for x in v["exports"].as_array().unwrap() {
@@ -76,7 +84,8 @@ fn rfc9180_x25519_sha256_aes256gcm_base() {
 
         // Single-shot, as the provider uses it: the first encryption.
         let e0 = &v["encryptions"][0];
-        let (enc1, ct1) = hpke::seal_base_with(&sk_e, &pk_r, &info, &h(&e0["aad"]), &h(&e0["pt"])).unwrap();
+        let (enc1, ct1) =
+            hpke::seal_base_with(&sk_e, &pk_r, &info, &h(&e0["aad"]), &h(&e0["pt"])).unwrap();
         assert_eq!(enc1, enc);
         assert_eq!(ct1, h(&e0["ct"]));
         let pt = hpke::open_base(&enc1, &sk_r, &info, &h(&e0["aad"]), &ct1).unwrap();
@@ -123,9 +132,21 @@ fn recovery_v1_vectors() {
         let key = RecoveryPrivateKey::from_secret_bytes(&h32(&v["private_key"])).unwrap();
         let public = key.public_key();
         assert_eq!(public.to_bytes().to_vec(), h(&v["public_key"]), "{name}");
-        assert_eq!(public.to_text(), v["public_key_text"].as_str().unwrap(), "{name}");
-        assert_eq!(public.fingerprint(), v["fingerprint"].as_str().unwrap(), "{name}");
-        assert_eq!(public.key_ref().as_str(), v["key_ref"].as_str().unwrap(), "{name}");
+        assert_eq!(
+            public.to_text(),
+            v["public_key_text"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            public.fingerprint(),
+            v["fingerprint"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            public.key_ref().as_str(),
+            v["key_ref"].as_str().unwrap(),
+            "{name}"
+        );
 
         // Shares from the given set id and coefficients.
         let split = &v["split"];
@@ -151,9 +172,14 @@ fn recovery_v1_vectors() {
             assert_eq!(RecoveryShare::parse(t).unwrap().to_text().as_str(), *t);
         }
         // The first `threshold` shares, and the last, restore the key.
-        for pick in [&texts[..threshold as usize], &texts[texts.len() - threshold as usize..]] {
-            let parsed: Vec<RecoveryShare> =
-                pick.iter().map(|t| RecoveryShare::parse(t).unwrap()).collect();
+        for pick in [
+            &texts[..threshold as usize],
+            &texts[texts.len() - threshold as usize..],
+        ] {
+            let parsed: Vec<RecoveryShare> = pick
+                .iter()
+                .map(|t| RecoveryShare::parse(t).unwrap())
+                .collect();
             let restored = RecoveryPrivateKey::combine(&parsed).unwrap();
             assert_eq!(*restored.secret_bytes(), h32(&v["private_key"]), "{name}");
         }
@@ -200,7 +226,8 @@ fn recovery_v1_invalid_shares() {
             .iter()
             .map(|t| t.as_str().unwrap())
             .collect();
-        let parsed: Result<Vec<RecoveryShare>> = texts.iter().map(|t| RecoveryShare::parse(t)).collect();
+        let parsed: Result<Vec<RecoveryShare>> =
+            texts.iter().map(|t| RecoveryShare::parse(t)).collect();
         let e = match (case["refused_at"].as_str().unwrap(), parsed) {
             ("read", Err(e)) => e,
             ("combine", Ok(shares)) => RecoveryPrivateKey::combine(&shares).unwrap_err(),
