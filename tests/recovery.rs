@@ -612,3 +612,50 @@ async fn the_independent_implementation_restores_a_key_and_opens_a_dek_wrapped_n
         .collect();
     assert_eq!(got["dek"], dek_hex);
 }
+
+/// Rotating the online key and rewrapping a backup file keeps the recovery
+/// entry: the online configuration, which holds only the recovery public
+/// key, rewraps (the recovery entry cannot be checked without its private
+/// key, the other entries are), and the shares still restore the result.
+#[tokio::test]
+async fn a_file_rewrap_with_only_the_recovery_public_key_online_keeps_it_restorable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        LocalKeystore::create_unprotected_for_tests(dir.path().join("keys.json")).unwrap(),
+    );
+    let local: KeyRef = "local:backups".parse().unwrap();
+    store.add_key(&local).unwrap();
+    let key = RecoveryPrivateKey::generate().unwrap();
+    let public = key.public_key().clone();
+    let shares = key.split(2, 3).unwrap();
+    drop(key);
+    let env = Envelope::new(
+        Keyring::builder()
+            .provider(store.clone())
+            .provider(Arc::new(
+                RecoveryProvider::new().with_public_key(public.clone()),
+            ))
+            .recipient(local.clone())
+            .recipient(public.key_ref())
+            .build()
+            .unwrap(),
+    );
+    let c = ctx("rewrap");
+    let path = dir.path().join("db.phi");
+    std::fs::write(&path, env.seal(b"backup", &c).await.unwrap()).unwrap();
+    store.rotate(&local).await.unwrap();
+    let report = env
+        .rewrap_file(&path, &c)
+        .await
+        .expect("rewrap with the recovery public key online");
+    assert!(report.changed, "{report:?}");
+    let rewrapped = std::fs::read(&path).unwrap();
+    let (header, _) = Header::parse(&rewrapped).unwrap();
+    assert_eq!(header.recipients()[0].key_version, 2);
+    assert_eq!(header.recipients()[1].provider, "hpke-recovery");
+    let restored = RecoveryPrivateKey::combine(&shares[1..]).unwrap();
+    assert_eq!(
+        opening(restored).open(&rewrapped, &c).await.unwrap(),
+        b"backup"
+    );
+}

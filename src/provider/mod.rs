@@ -445,6 +445,17 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
         })
     }
 
+    /// False when this provider wraps to the key that `entry` (one of its
+    /// own) names but, by design, cannot unwrap it here: the recovery
+    /// recipient holding only a public key, whose private key is offline.
+    /// The check of a rewrapped file's header, which unwraps every new
+    /// entry, then skips that entry instead of failing (another entry must
+    /// still verify). Decryption still asks [`unwrap`](Self::unwrap), whose
+    /// error says what to do. The default is true.
+    fn can_unwrap(&self, _entry: &WrappedKey) -> bool {
+        true
+    }
+
     /// True when [`rewrap`](Self::rewrap) is implemented.
     fn supports_rewrap(&self) -> bool {
         false

@@ -79,7 +79,10 @@
 //! key is offline, rather than reporting a rejected key. List the
 //! recovery recipient last, after the HSM or KMS key, so that a normal
 //! open never asks it. One holding the private key (restored from shares)
-//! wraps and unwraps.
+//! wraps and unwraps. Rewrapping a file checks every new entry by
+//! unwrapping it; the recovery entry, which cannot be unwrapped online, is
+//! skipped there ([`KeyProvider::can_unwrap`]), so another recipient must
+//! verify.
 
 mod hpke;
 mod shamir;
@@ -520,6 +523,17 @@ impl KeyProvider for RecoveryProvider {
 
     fn describe<'a>(&'a self, key: &'a KeyRef) -> BoxFuture<'a, Result<KeyInfo>> {
         Box::pin(async move { self.describe_sync(key) })
+    }
+
+    /// False for an entry of a key held as a public key only: its private
+    /// key is offline.
+    fn can_unwrap(&self, entry: &WrappedKey) -> bool {
+        let public_only = entry.provider == PROVIDER_ID
+            && KeyRef::parse(&entry.key_ref)
+                .ok()
+                .and_then(|key| self.find_ref(&key))
+                .is_some_and(|held| matches!(held, Held::Public(_)));
+        !public_only
     }
 
     /// `hpke-recovery:FINGERPRINT` is the only spelling of a recovery key.
