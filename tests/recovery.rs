@@ -659,3 +659,41 @@ async fn a_file_rewrap_with_only_the_recovery_public_key_online_keeps_it_restora
         b"backup"
     );
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any text is read without a panic: a share or a clear error.
+        #[test]
+        fn any_text_is_read_without_panic(text in "(phi-recovery-share-v1:)?[0-9a-fA-F: \n-]{0,220}|\\PC{0,300}") {
+            if let Err(e) = RecoveryShare::parse(&text) {
+                prop_assert!(matches!(e, Error::RecoveryShare(_)));
+            }
+        }
+
+        /// Any M of N shares, in any order, restore the key; any M - 1
+        /// say how many more are needed.
+        #[test]
+        fn any_threshold_of_any_split_restores(m in 2u8..=7, extra in 0u8..=5, seed in any::<u64>()) {
+            let n = m + extra;
+            let key = RecoveryPrivateKey::generate().unwrap();
+            let shares = texts(&key.split(m, n).unwrap());
+            // A pseudo-random permutation of the indices from `seed`.
+            let mut order: Vec<usize> = (0..n as usize).collect();
+            let mut s = seed;
+            for i in (1..order.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                order.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let pick: Vec<&String> = order[..m as usize].iter().map(|&i| &shares[i]).collect();
+            let restored = RecoveryPrivateKey::combine(&parse_all(&pick)).unwrap();
+            prop_assert_eq!(restored.public_key(), key.public_key());
+            let reason = share_error(RecoveryPrivateKey::combine(&parse_all(&pick[..m as usize - 1])));
+            prop_assert!(reason.contains("1 more needed"), "{}", reason);
+        }
+    }
+}
