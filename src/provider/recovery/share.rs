@@ -54,18 +54,25 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex<const N: usize>(field: &str, what: &str) -> Result<[u8; N]> {
-    if field.len() != 2 * N || !field.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let mut out = [0u8; N];
+    unhex_into(field, what, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes `field` (exactly `2 * out.len()` hex digits) into `out`, so
+/// that a secret is decoded straight into its zeroizing home.
+fn unhex_into(field: &str, what: &str, out: &mut [u8]) -> Result<()> {
+    if field.len() != 2 * out.len() || !field.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(share_error(format!(
             "its {what} must be {} hex digits",
-            2 * N
+            2 * out.len()
         )));
     }
-    let mut out = [0u8; N];
     for (i, o) in out.iter_mut().enumerate() {
         *o = u8::from_str_radix(&field[2 * i..2 * i + 2], 16)
             .map_err(|_| share_error(format!("its {what} is not hex")))?;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn decimal(field: &str, what: &str) -> Result<u8> {
@@ -149,7 +156,7 @@ impl RecoveryShare {
             )));
         }
         let mut v = Zeroizing::new([0u8; SECRET_LEN]);
-        *v = unhex::<SECRET_LEN>(value, "value")?;
+        unhex_into(value, "value", &mut v[..])?;
         Ok(RecoveryShare {
             fingerprint,
             set_id,
