@@ -531,6 +531,9 @@ impl From<phi_envelope::Error> for CliError {
                     ProviderErrorKind::KeyDisabled => {
                         " (enable the version with `backup keys enable REF --version N` to restore)"
                     }
+                    ProviderErrorKind::KeyNotFound if p.provider() == "hpke-recovery" => {
+                        " (set PHI_ENVELOPE_RECOVERY_PUBLIC_KEY to the public key that `backup recovery keygen` printed)"
+                    }
                     ProviderErrorKind::KeyNotFound => {
                         " (check the key reference with `backup keys list`)"
                     }

@@ -119,6 +119,28 @@ fn a_backup_restores_from_3_of_5_shares_without_the_keystore_and_not_from_2() {
     assert!(inspect.contains(&key_ref), "{inspect}");
     assert!(inspect.contains("local:backups"), "{inspect}");
 
+    // Rotating the local key and rewrapping keeps the recovery entry (the
+    // public key is enough online; without it the rewrap says what is
+    // missing).
+    env.ok(&["keys", "rotate", "local:backups"]);
+    let o = env.run(&["rewrap", "--context", "site=st-mary", "src.phi"]);
+    assert_eq!(cli_support::code(&o), 3);
+    let report = stdout(&o);
+    assert!(report.contains(&key_ref), "{report}");
+    assert!(
+        report.contains("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY"),
+        "{report}"
+    );
+    let o = env
+        .cmd()
+        .env("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY", &public)
+        .args(["rewrap", "--context", "site=st-mary", "src.phi"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let inspect = stdout(&env.ok(&["inspect", "--json", "src.phi"]));
+    assert!(inspect.contains(&key_ref), "{inspect}");
+
     let share = |i: u32| format!("custody/share-{i}-of-5.txt");
     // With shares, the keystore is not asked: no passphrase is needed.
     let o = env
@@ -287,5 +309,6 @@ fn shares_do_not_restore_a_backup_that_is_not_wrapped_to_the_recovery_key() {
         3,
     );
     assert!(err.contains(&key_ref), "{err}");
+    assert!(err.contains("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY"), "{err}");
     assert!(!env.path("note3.phi").exists());
 }
