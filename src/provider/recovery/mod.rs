@@ -145,8 +145,15 @@ pub struct RecoveryPublicKey {
 
 impl RecoveryPublicKey {
     /// A public key from its 32 bytes (RFC 7748 encoding). Small-order
-    /// points, with which no secret could be shared, are refused.
+    /// points, with which no secret could be shared, are refused, and so is
+    /// a set top bit (which X25519 ignores: the same key would have a second
+    /// encoding and a second fingerprint).
     pub fn from_bytes(bytes: [u8; 32]) -> Result<RecoveryPublicKey> {
+        if bytes[31] & 0x80 != 0 {
+            return Err(Error::InvalidArgument(
+                "not a canonical X25519 public key (its top bit is set)".into(),
+            ));
+        }
         if !hpke::is_valid_public_key(&bytes) {
             return Err(Error::InvalidArgument(
                 "not a usable X25519 public key (a small-order point)".into(),

@@ -95,6 +95,16 @@ fn rfc9180_x25519_sha256_aes256gcm_base() {
 }
 
 #[test]
+fn a_public_key_has_one_encoding() {
+    let key = RecoveryPrivateKey::generate().unwrap();
+    let mut bytes = key.public_key().to_bytes();
+    assert_eq!(bytes[31] & 0x80, 0);
+    bytes[31] |= 0x80;
+    let e = RecoveryPublicKey::from_bytes(bytes).unwrap_err();
+    assert!(e.to_string().contains("top bit"), "{e}");
+}
+
+#[test]
 fn small_order_points_are_refused() {
     // The all-zero point and the point of order 8 from RFC 7748's list.
     let zero = [0u8; 32];
