@@ -298,6 +298,9 @@ fn recovery_shares(out: &mut Out) {
         out.put("recovery_share", texts.join("\n").as_bytes());
     }
     for case in doc["invalid_shares"].as_array().unwrap() {
-        out.put("recovery_share", lines(&case["shares"]).join("\n").as_bytes());
+        out.put(
+            "recovery_share",
+            lines(&case["shares"]).join("\n").as_bytes(),
+        );
     }
 }

@@ -26,7 +26,11 @@ fn read(text: &str) -> Option<RecoveryShare> {
         }
         Err(e) => {
             assert!(matches!(e, Error::RecoveryShare(_)), "{e:?}");
-            assert!(e.to_string().len() <= 1024, "error of {} bytes", e.to_string().len());
+            assert!(
+                e.to_string().len() <= 1024,
+                "error of {} bytes",
+                e.to_string().len()
+            );
             None
         }
     }
