@@ -20,6 +20,9 @@ mod keys;
 #[cfg(any(feature = "pkcs11", feature = "aws-kms", feature = "vault"))]
 #[path = "backup/providers.rs"]
 mod providers;
+#[cfg(feature = "recovery")]
+#[path = "backup/recovery.rs"]
+mod recovery;
 #[path = "backup/run.rs"]
 mod run;
 #[path = "backup/util.rs"]
@@ -214,6 +217,11 @@ enum Command {
         /// The restored file or directory, or - for stdout
         #[arg(short, long, value_name = "OUTPUT")]
         output: PathBuf,
+        /// Restore with the offline recovery key, from M of its share
+        /// files (one per option); no keystore, HSM or KMS is used
+        #[cfg(feature = "recovery")]
+        #[arg(long = "recovery-share", value_name = "FILE")]
+        recovery_shares: Vec<PathBuf>,
         /// The backup, or - for stdin
         #[arg(value_name = "INPUT")]
         input: PathBuf,
@@ -256,6 +264,10 @@ enum Command {
     /// Check audit logs
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The offline recovery key: make it and its M-of-N shares
+    #[cfg(feature = "recovery")]
+    #[command(subcommand)]
+    Recovery(recovery::RecoveryCmd),
     /// Remove temporary files and directories (.NAME.<hex>.tmp) left in
     /// DIRs by a killed backup
     Clean {
@@ -520,7 +532,7 @@ impl From<phi_envelope::Error> for CliError {
                 ),
             ),
             E::Provider(p) => CliError::new(exit::KEY, provider_message(&p)),
-            E::Keystore { .. } | E::PolicyDenied(_) | E::KeyLifecycle(_) => {
+            E::Keystore { .. } | E::PolicyDenied(_) | E::KeyLifecycle(_) | E::RecoveryShare(_) => {
                 CliError::new(exit::KEY, text)
             }
             E::Audit(_) => CliError::new(
@@ -562,6 +574,10 @@ fn provider_message(p: &phi_envelope::provider::ProviderError) -> String {
         (ProviderErrorKind::KeyDisabled, None) => format!(
             " (there is no primary version to encrypt under: make a new one with `backup keys rotate {key}`)"
         ),
+        (ProviderErrorKind::KeyNotFound, _) if p.provider() == "hpke-recovery" => {
+            " (set PHI_ENVELOPE_RECOVERY_PUBLIC_KEY to the public key that `backup recovery keygen` printed)"
+                .to_owned()
+        }
         (ProviderErrorKind::KeyNotFound, _) => format!(
             " (check the reference with `backup keys list`, or create the key with `backup keys create {key}`)"
         ),
@@ -686,17 +702,23 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             force,
             raw,
             output,
+            #[cfg(feature = "recovery")]
+            recovery_shares,
             input,
-        } => run::decrypt(
-            g,
-            run::DecryptArgs {
-                context,
-                output,
-                input,
-                force,
-                raw,
-            },
-        ),
+        } => {
+            #[cfg(feature = "recovery")]
+            recovery::use_shares(recovery_shares);
+            run::decrypt(
+                g,
+                run::DecryptArgs {
+                    context,
+                    output,
+                    input,
+                    force,
+                    raw,
+                },
+            )
+        }
         Command::Verify {
             context,
             json,
@@ -722,6 +744,12 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             json,
         }) => keys::audit_verify(g, &log, anchor.as_deref(), start_after.as_deref(), json),
         Command::Clean { dry_run, dirs } => run::clean(&dirs, dry_run),
+        #[cfg(feature = "recovery")]
+        Command::Recovery(recovery::RecoveryCmd::Keygen {
+            shares,
+            threshold,
+            out,
+        }) => recovery::keygen(g, shares, threshold, &out),
     }
 }
 

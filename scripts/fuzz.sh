@@ -22,10 +22,11 @@ cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 FUZZ=$ROOT/fuzz
 
-# Every target, in the order they run. keystore_load and audit_verify need the local keystore
-# and the audit log (cargo features of the fuzz crate, on by default).
+# Every target, in the order they run. keystore_load, audit_verify and recovery_share need the
+# local keystore, the audit log and the recovery recipient (cargo features of the fuzz crate, on
+# by default).
 TARGETS=(header_parse keyref_parse record_open envelope_open stream_decrypt seek_decrypt
-         stream_mutate round_trip file_engine keystore_load audit_verify)
+         stream_mutate round_trip file_engine keystore_load audit_verify recovery_share)
 
 log() { printf '[fuzz] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -132,6 +132,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// A recovery share could not be read (mistyped, damaged, another
+    /// format), or the shares given do not restore a recovery key (too few,
+    /// of different keys or splits, a share twice, a wrong combination).
+    /// The text says what is wrong and what to do; it never contains share
+    /// values.
+    #[error("recovery share: {0}")]
+    RecoveryShare(String),
+
     /// An I/O error from the underlying reader, writer or file system.
     #[error("I/O error: {0}")]
     Io(#[source] io::Error),

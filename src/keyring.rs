@@ -1573,7 +1573,9 @@ impl Keyring {
     /// header tag; returns the opening key. Used to verify a rewrapped
     /// header before it replaces the old one: a recipient that could not
     /// open it (e.g. a disaster-recovery key) is found now, not in a
-    /// disaster. Fails if no entry could be checked.
+    /// disaster. An entry whose provider cannot unwrap it here by design
+    /// ([`KeyProvider::can_unwrap`]: an offline recovery key) is skipped.
+    /// Fails if no entry could be checked.
     pub(crate) async fn verify_header(
         &self,
         header: &Header,
@@ -1586,6 +1588,10 @@ impl Keyring {
             let Some(provider) = self.provider(&entry.provider) else {
                 continue;
             };
+            if !provider.can_unwrap(entry) {
+                // An offline recovery key: it cannot be checked here.
+                continue;
+            }
             let unwrapped = self
                 .call(
                     Call {

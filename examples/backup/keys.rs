@@ -217,13 +217,14 @@ pub fn supported(scheme: &str) -> bool {
         || (scheme == "pkcs11" && cfg!(feature = "pkcs11"))
         || (scheme == "aws-kms" && cfg!(feature = "aws-kms"))
         || (scheme == "vault-transit" && cfg!(feature = "vault"))
+        || (scheme == "hpke-recovery" && cfg!(feature = "recovery"))
 }
 
 fn unsupported_hint(scheme: &str) -> String {
     match scheme {
-        "pkcs11" | "aws-kms" | "vault-transit" => format!(
+        "pkcs11" | "aws-kms" | "vault-transit" | "hpke-recovery" => format!(
             "this build of backup has no {scheme} provider; build it with `cargo build --release --example backup --features {}`",
-            if scheme == "vault-transit" { "vault" } else { scheme }
+            match scheme { "vault-transit" => "vault", "hpke-recovery" => "recovery", s => s }
         ),
         other => format!(
             "no provider for {other:?} keys: backup knows local:NAME, pkcs11: URIs, aws-kms: and vault-transit: keys"
@@ -300,6 +301,8 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
             "aws-kms" => builder = builder.provider(crate::providers::aws_kms(&rt)?),
             #[cfg(feature = "vault")]
             "vault-transit" => builder = builder.provider(crate::providers::vault()?),
+            #[cfg(feature = "recovery")]
+            "hpke-recovery" => builder = builder.provider(crate::recovery::provider(g)?),
             _ => {} // reported per message as "no provider holds a key"
         }
     }

@@ -644,6 +644,8 @@ pub fn decrypt(g: &Global, a: DecryptArgs) -> Result<(), CliError> {
         Some(h) => schemes_of_header(h),
         None => ["local".to_owned()].into_iter().collect(),
     };
+    #[cfg(feature = "recovery")]
+    let schemes = crate::recovery::restrict(schemes)?;
     let keys = keys::connect(g, &schemes, Local::Open)?;
     let envelope = keys.envelope("backup-restore");
     util::install_signal_handlers();

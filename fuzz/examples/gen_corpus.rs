@@ -172,11 +172,16 @@ fn main() {
         "aws-kms:arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/abc",
         "vault:transit/phi",
         "vault-sim:records",
+        "hpke-recovery:28034461300cadbb6b51ab00ad114fcb",
+        "hpke-recovery:28034461300CADBB6B51AB00AD114FCB",
+        "hpke-recovery:28034461300cadbb6b51ab00ad114fc",
         "Vault:x",
     ] {
         out.put("keyref_parse", r.as_bytes());
     }
 
+    #[cfg(feature = "recovery")]
+    recovery_shares(&mut out);
     #[cfg(feature = "keystore")]
     keystores(&mut out);
     #[cfg(feature = "audit")]
@@ -269,4 +274,33 @@ fn audit_logs(out: &mut Out) {
         out.put("audit_verify", &data);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// recovery_share: the share texts and refused share sets of
+/// tests/vectors/recovery-v1.json, one share a line.
+#[cfg(feature = "recovery")]
+fn recovery_shares(out: &mut Out) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors/recovery-v1.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let lines = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_owned())
+            .collect()
+    };
+    for v in doc["vectors"].as_array().unwrap() {
+        let texts = lines(&v["split"]["share_texts"]);
+        for t in &texts {
+            out.put("recovery_share", t.as_bytes());
+        }
+        out.put("recovery_share", texts.join("\n").as_bytes());
+    }
+    for case in doc["invalid_shares"].as_array().unwrap() {
+        out.put(
+            "recovery_share",
+            lines(&case["shares"]).join("\n").as_bytes(),
+        );
+    }
 }

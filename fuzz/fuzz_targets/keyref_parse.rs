@@ -30,15 +30,15 @@ fn check(text: &str) {
     assert_eq!(r.to_string(), canonical);
     assert_eq!(format!("{r:?}"), format!("KeyRef({canonical})"));
     assert!(canonical.starts_with(&format!("{}:", r.scheme())));
-    if !matches!(
-        r.kind(),
-        KeyRefKind::Pkcs11(_) | KeyRefKind::VaultTransit { .. }
-    ) {
+    match r.kind() {
         // (vault-transit: gains its default mount, `transit/`.)
-        assert_eq!(
+        KeyRefKind::Pkcs11(_) | KeyRefKind::VaultTransit { .. } => {}
+        // (hpke-recovery: its fingerprint in lower case.)
+        KeyRefKind::HpkeRecovery { .. } => assert_eq!(canonical, text.to_ascii_lowercase()),
+        _ => assert_eq!(
             canonical, text,
-            "only pkcs11 and vault-transit references are rewritten"
-        );
+            "only pkcs11, vault-transit and hpke-recovery references are rewritten"
+        ),
     }
     if let KeyRefKind::Pkcs11(_) = r.kind() {
         // No attribute of a pkcs11 reference carries a PIN.

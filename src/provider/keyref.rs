@@ -16,6 +16,7 @@ pub const MAX_KEY_REF_LEN: usize = crate::format::MAX_KEY_REF_LEN;
 /// | `pkcs11:` URI (RFC 7512) | `pkcs11:token=phi;object=records-kek` |
 /// | `aws-kms:` key id, ARN or alias | `aws-kms:alias/phi-records` |
 /// | `vault-transit:MOUNT/KEY` (Vault / OpenBao Transit; mount `transit` when omitted) | `vault-transit:transit/backups` |
+/// | `hpke-recovery:FINGERPRINT` (an offline recovery key: 32 hex digits, docs/RECOVERY.md) | `hpke-recovery:3f0c9a1e5b7d2c4486a1f0e9d3b5c7a2` |
 /// | `SCHEME:REST` for your own providers | `vault:transit/phi` |
 ///
 /// The text form ([`as_str`](Self::as_str), `Display`) is canonical: parsing
@@ -62,6 +63,15 @@ pub enum KeyRefKind {
         mount: String,
         /// The key's name: 1 to 128 of `[A-Za-z0-9._-]`, not `.` or `..`.
         name: String,
+    },
+    /// An offline recovery key (the `recovery` feature's
+    /// `provider::recovery::RecoveryProvider`):
+    /// an X25519 public key named by its fingerprint. The canonical text is
+    /// lowercase.
+    HpkeRecovery {
+        /// The key's fingerprint: 32 lowercase hex digits (16 bytes),
+        /// specified in docs/RECOVERY.md.
+        fingerprint: String,
     },
     /// A key of a provider outside this crate.
     Custom {
@@ -156,6 +166,19 @@ impl KeyRef {
                 key_id: parse_aws_kms(text, rest)?,
             },
             "vault-transit" => parse_vault_transit(text, rest)?,
+            "hpke-recovery" => {
+                if rest.len() != HPKE_RECOVERY_FINGERPRINT_HEX_LEN
+                    || !rest.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return Err(invalid(
+                        text,
+                        "a recovery key fingerprint is 32 hex digits (expected hpke-recovery:FINGERPRINT)",
+                    ));
+                }
+                KeyRefKind::HpkeRecovery {
+                    fingerprint: rest.to_ascii_lowercase(),
+                }
+            }
             _ => {
                 if scheme.is_empty()
                     || scheme.len() > crate::format::MAX_PROVIDER_ID_LEN
@@ -181,6 +204,7 @@ impl KeyRef {
         let text = match &kind {
             KeyRefKind::Pkcs11(uri) => uri.to_uri(),
             KeyRefKind::VaultTransit { mount, name } => format!("vault-transit:{mount}/{name}"),
+            KeyRefKind::HpkeRecovery { fingerprint } => format!("hpke-recovery:{fingerprint}"),
             _ => text.to_owned(),
         };
         // The canonical text is what headers carry: percent-encoding can
@@ -195,14 +219,15 @@ impl KeyRef {
     }
 
     /// The scheme, which is the id of the provider that holds the key:
-    /// `local`, `pkcs11`, `aws-kms`, `vault-transit`, or a custom provider's
-    /// id.
+    /// `local`, `pkcs11`, `aws-kms`, `vault-transit`, `hpke-recovery`, or a
+    /// custom provider's id.
     pub fn scheme(&self) -> &str {
         match &self.kind {
             KeyRefKind::Local { .. } => "local",
             KeyRefKind::Pkcs11(_) => "pkcs11",
             KeyRefKind::AwsKms { .. } => "aws-kms",
             KeyRefKind::VaultTransit { .. } => "vault-transit",
+            KeyRefKind::HpkeRecovery { .. } => "hpke-recovery",
             KeyRefKind::Custom { scheme, .. } => scheme,
         }
     }
@@ -269,6 +294,10 @@ fn parse_aws_kms(text: &str, rest: &str) -> Result<String> {
     }
     Ok(rest.to_owned())
 }
+
+/// Length of the fingerprint of an `hpke-recovery:` reference, in hex
+/// digits.
+pub(crate) const HPKE_RECOVERY_FINGERPRINT_HEX_LEN: usize = 32;
 
 /// The default mount of a `vault-transit:` reference without one.
 pub(crate) const DEFAULT_TRANSIT_MOUNT: &str = "transit";
@@ -585,6 +614,30 @@ mod tests {
             assert!(KeyRef::parse(bad).is_err(), "{bad}");
         }
         assert!(KeyRef::parse(&format!("vault-transit:t/{}", "a".repeat(129))).is_err());
+    }
+
+    #[test]
+    fn hpke_recovery_refs() {
+        let r = KeyRef::parse("hpke-recovery:3F0C9A1E5B7D2C4486A1F0E9D3B5C7A2").unwrap();
+        assert_eq!(r.as_str(), "hpke-recovery:3f0c9a1e5b7d2c4486a1f0e9d3b5c7a2");
+        assert_eq!(r.scheme(), "hpke-recovery");
+        assert_eq!(KeyRef::parse(r.as_str()).unwrap(), r);
+        assert_eq!(
+            r.kind(),
+            &KeyRefKind::HpkeRecovery {
+                fingerprint: "3f0c9a1e5b7d2c4486a1f0e9d3b5c7a2".into()
+            }
+        );
+        for bad in [
+            "hpke-recovery:",
+            "hpke-recovery:3f0c9a1e5b7d2c4486a1f0e9d3b5c7a",
+            "hpke-recovery:3f0c9a1e5b7d2c4486a1f0e9d3b5c7a22",
+            "hpke-recovery:3f0c9a1e5b7d2c4486a1f0e9d3b5c7ag",
+            "hpke-recovery:+f0c9a1e5b7d2c4486a1f0e9d3b5c7a2",
+        ] {
+            let e = KeyRef::parse(bad).unwrap_err();
+            assert!(e.to_string().contains("32 hex digits"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! them under a named, versioned KEK that never leaves it. phi-envelope ships
 //! the local keystore (`local`, default feature `local`), a PKCS#11 HSM provider
 //! (feature `pkcs11`), an AWS KMS provider (feature `aws-kms`) and a
-//! Vault / OpenBao Transit provider (feature `vault`);
+//! Vault / OpenBao Transit provider (feature `vault`), an offline recovery
+//! recipient (feature `recovery`);
 //! applications add their own (Vault, GCP, Azure) by implementing
 //! [`KeyProvider`] outside the crate.
 //!
@@ -26,6 +27,8 @@ mod keyref;
 pub mod local;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "recovery")]
+pub mod recovery;
 #[cfg(feature = "vault")]
 pub mod vault;
 
@@ -440,6 +443,17 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
                 _ => Ok(None),
             }
         })
+    }
+
+    /// False when this provider wraps to the key that `entry` (one of its
+    /// own) names but, by design, cannot unwrap it here: the recovery
+    /// recipient holding only a public key, whose private key is offline.
+    /// The check of a rewrapped file's header, which unwraps every new
+    /// entry, then skips that entry instead of failing (another entry must
+    /// still verify). Decryption still asks [`unwrap`](Self::unwrap), whose
+    /// error says what to do. The default is true.
+    fn can_unwrap(&self, _entry: &WrappedKey) -> bool {
+        true
     }
 
     /// True when [`rewrap`](Self::rewrap) is implemented.

@@ -69,7 +69,10 @@ pub fn bin() -> &'static Path {
         if cfg!(feature = "vault") {
             features.push("vault");
         }
-        if features.len() == 6 {
+        if cfg!(feature = "recovery") {
+            features.push("recovery");
+        }
+        if features.len() == 7 {
             cmd.arg("--all-features");
         } else {
             cmd.arg("--features").arg(features.join(","));
@@ -109,6 +112,8 @@ impl Env {
             .env("PHI_ENVELOPE_ACTOR", "cli-test")
             .env_remove("PHI_ENVELOPE_AUDIT_LOG")
             .env_remove("PHI_ENVELOPE_AUDIT_KEY_FILE")
+            .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY")
+            .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY_FILE")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null());
         c
