@@ -73,7 +73,14 @@ fn blocks(doc: &str) -> Vec<Block> {
 }
 
 /// The absolute paths the documents use, mapped into the sandbox.
-const ROOTS: [&str; 5] = ["/etc/phi", "/var/log/phi", "/backups", "/srv", "/tmp/x"];
+const ROOTS: [&str; 6] = [
+    "/etc/phi",
+    "/var/log/phi",
+    "/backups",
+    "/srv",
+    "/tmp/x",
+    "/media",
+];
 
 /// `code` with the documents' absolute paths under `$ROOT`. Any other
 /// absolute path in a command would escape the sandbox: refused.

@@ -94,6 +94,8 @@ fn keygen_writes_five_private_shares_and_the_public_key() {
 #[test]
 fn a_backup_restores_from_3_of_5_shares_without_the_keystore_and_not_from_2() {
     let env = Env::new();
+    // Only `keys init` creates the keystore and its key.
+    env.ok(&["keys", "init"]);
     let (key_ref, public) = keygen(&env, "custody");
     let src = env.path("src");
     make_tree(&src);
@@ -256,6 +258,8 @@ fn a_backup_restores_from_3_of_5_shares_without_the_keystore_and_not_from_2() {
 #[test]
 fn shares_do_not_restore_a_backup_that_is_not_wrapped_to_the_recovery_key() {
     let env = Env::new();
+    // Only `keys init` creates the keystore and its key.
+    env.ok(&["keys", "init"]);
     keygen(&env, "custody");
     fs::write(env.path("note.txt"), b"PHI").unwrap();
     env.ok(&["encrypt", "-o", "note.phi", "note.txt"]);
