@@ -316,3 +316,39 @@ fn shares_do_not_restore_a_backup_that_is_not_wrapped_to_the_recovery_key() {
     assert!(err.contains("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY"), "{err}");
     assert!(!env.path("note3.phi").exists());
 }
+
+/// The shares are made together in one directory: it must be the user's
+/// alone. An existing directory others can enter, or a link to one, is
+/// refused before any key is drawn; a new one is created mode 0700.
+#[test]
+fn keygen_refuses_a_directory_others_can_enter() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let open = env.path("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+    let private = env.path("private");
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&private, env.path("link")).unwrap();
+    for dir in ["open", "link"] {
+        let args = [
+            "recovery",
+            "keygen",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--out",
+            dir,
+        ];
+        let err = env.fails(&args, 1);
+        assert!(err.contains("mode 0700"), "{err}");
+    }
+    assert_eq!(fs::read_dir(&open).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(&private).unwrap().count(), 0);
+    keygen(&env, "private");
+    keygen(&env, "new");
+    let mode = fs::metadata(env.path("new")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+}

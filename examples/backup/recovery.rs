@@ -106,7 +106,7 @@ pub fn provider(g: &Global) -> Result<Arc<dyn KeyProvider>, CliError> {
 fn restore(files: &[PathBuf]) -> Result<RecoveryPrivateKey, CliError> {
     let mut shares = Vec::with_capacity(files.len());
     for f in files {
-        let bytes = Zeroizing::new(read_small(f, "share")?);
+        let bytes = read_small(f, "share")?;
         let text = std::str::from_utf8(&bytes).map_err(|_| {
             CliError::new(
                 exit::KEY,
@@ -120,16 +120,41 @@ fn restore(files: &[PathBuf]) -> Result<RecoveryPrivateKey, CliError> {
     RecoveryPrivateKey::combine(&shares).map_err(|e| CliError::new(exit::KEY, e.to_string()))
 }
 
-/// A file of at most 64 KiB (a share, a public key).
-fn read_small(path: &Path, what: &str) -> Result<Vec<u8>, CliError> {
-    let md = fs::metadata(path).map_err(|e| CliError::from_io(e, path))?;
-    if !md.is_file() || md.len() > 64 * 1024 {
-        return Err(CliError::usage(format!(
+/// A file of at most 64 KiB (a share, a public key), read into a zeroizing
+/// buffer: opened once without following a link or waiting on a FIFO,
+/// checked as it is open, read up to the limit only.
+fn read_small(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    use std::io::Read as _;
+    const LIMIT: u64 = 64 * 1024;
+    let not_ours = || {
+        CliError::usage(format!(
             "{}: not a {what} file (a regular file of at most 64 KiB)",
             path.display()
-        )));
+        ))
+    };
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                not_ours()
+            } else {
+                CliError::from_io(e, path)
+            }
+        })?;
+    let md = f.metadata().map_err(|e| CliError::from_io(e, path))?;
+    if !md.is_file() || md.len() > LIMIT {
+        return Err(not_ours());
     }
-    fs::read(path).map_err(|e| CliError::from_io(e, path))
+    let mut buf = Zeroizing::new(Vec::with_capacity(LIMIT as usize + 1));
+    f.take(LIMIT + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| CliError::from_io(e, path))?;
+    if buf.len() as u64 > LIMIT {
+        return Err(not_ours());
+    }
+    Ok(buf)
 }
 
 /// `PHI_ENVELOPE_RECOVERY_PUBLIC_KEY`, else the file named by
@@ -140,7 +165,7 @@ fn public_keys() -> Result<Vec<RecoveryPublicKey>, CliError> {
     let text = match std::env::var(VAR) {
         Ok(v) if !v.trim().is_empty() => v,
         _ => match std::env::var_os(format!("{VAR}_FILE")) {
-            Some(f) => String::from_utf8(read_small(Path::new(&f), "public key")?)
+            Some(f) => String::from_utf8(read_small(Path::new(&f), "public key")?.to_vec())
                 .map_err(|_| CliError::usage(format!("{VAR}_FILE: the file is not text")))?,
             None => return Ok(Vec::new()),
         },
@@ -158,12 +183,28 @@ pub fn keygen(g: &Global, shares: u8, threshold: u8, out: &Path) -> Result<(), C
              one share alone must never be the key"
         )));
     }
-    if !out.exists() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(out)
-            .map_err(|e| CliError::from_io(e, out))?;
+    // The shares are written into `out` together: it must be this user's
+    // alone. Created here (mode 0700, its parent must exist), or an
+    // existing directory that is not a link, is owned by this user and
+    // that nobody else can enter.
+    match fs::DirBuilder::new().mode(0o700).create(out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            use std::os::unix::fs::MetadataExt as _;
+            let md = out
+                .symlink_metadata()
+                .map_err(|e| CliError::from_io(e, out))?;
+            let me = rustix::process::getuid().as_raw();
+            if !md.is_dir() || md.uid() != me || md.mode() & 0o077 != 0 {
+                return Err(CliError::usage(format!(
+                    "{}: the shares' directory must be a directory (not a link) owned by you \
+                     with mode 0700 (nobody else may enter it); choose a new --out path and \
+                     it is created so",
+                    out.display()
+                )));
+            }
+        }
+        Err(e) => return Err(CliError::from_io(e, out)),
     }
     let width = shares.to_string().len();
     let share_path = |i: u8| out.join(format!("share-{i:0width$}-of-{shares}.txt"));

@@ -154,6 +154,13 @@ impl RecoveryPublicKey {
                 "not a canonical X25519 public key (its top bit is set)".into(),
             ));
         }
+        // u >= p = 2^255 - 19 (little-endian 0xed, 0xff x 30, 0x7f and
+        // above): the same point as u - p, a second encoding.
+        if bytes[31] == 0x7f && bytes[1..31].iter().all(|b| *b == 0xff) && bytes[0] >= 0xed {
+            return Err(Error::InvalidArgument(
+                "not a canonical X25519 public key (not reduced modulo 2^255 - 19)".into(),
+            ));
+        }
         if !hpke::is_valid_public_key(&bytes) {
             return Err(Error::InvalidArgument(
                 "not a usable X25519 public key (a small-order point)".into(),
@@ -252,6 +259,11 @@ impl RecoveryPrivateKey {
     pub fn generate() -> Result<RecoveryPrivateKey> {
         let mut bytes = Zeroizing::new([0u8; 32]);
         crate::primitives::fill_random(&mut bytes[..])?;
+        // Clamped as X25519 uses it (RFC 7748 5), so that every bit of the
+        // key, as shared, is bound by the public key and its fingerprint.
+        bytes[0] &= 248;
+        bytes[31] &= 127;
+        bytes[31] |= 64;
         RecoveryPrivateKey::from_secret_bytes(&bytes)
     }
 

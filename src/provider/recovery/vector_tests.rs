@@ -102,6 +102,24 @@ fn a_public_key_has_one_encoding() {
     bytes[31] |= 0x80;
     let e = RecoveryPublicKey::from_bytes(bytes).unwrap_err();
     assert!(e.to_string().contains("top bit"), "{e}");
+    // u = p + 9 is the base point (u = 9) written unreduced.
+    let mut unreduced = [0xffu8; 32];
+    unreduced[0] = 0xed + 9;
+    unreduced[31] = 0x7f;
+    let e = RecoveryPublicKey::from_bytes(unreduced).unwrap_err();
+    assert!(e.to_string().contains("not reduced"), "{e}");
+    let mut base = [0u8; 32];
+    base[0] = 9;
+    assert!(RecoveryPublicKey::from_bytes(base).is_ok());
+}
+
+#[test]
+fn generated_keys_are_clamped() {
+    for _ in 0..8 {
+        let b = RecoveryPrivateKey::generate().unwrap().secret_bytes();
+        assert_eq!(b[0] & 7, 0);
+        assert_eq!(b[31] & 0xc0, 0x40);
+    }
 }
 
 #[test]
