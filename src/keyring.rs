@@ -74,6 +74,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ring::hmac;
 
+use crate::approval::{Approval, ApprovalChecker, DualControl, GuardedOperation};
 use crate::cache::{
     CacheConfig, CacheStats, DataKeyCache, Flights, FlushTarget, Join, KeyTag, KeyUse,
 };
@@ -216,6 +217,7 @@ pub struct KeyringBuilder {
     key_policies: Vec<(KeyRef, KeyPolicy)>,
     describe_ttl: Duration,
     cache: Option<CacheConfig>,
+    dual_control: Option<DualControl>,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -225,6 +227,7 @@ impl fmt::Debug for KeyringBuilder {
             .field("recipients", &self.recipients)
             .field("key_policies", &self.key_policies)
             .field("cache", &self.cache)
+            .field("dual_control", &self.dual_control)
             .finish_non_exhaustive()
     }
 }
@@ -299,6 +302,19 @@ impl KeyringBuilder {
     /// made elsewhere (another process, the provider's console) goes unseen.
     pub fn describe_ttl(mut self, ttl: Duration) -> Self {
         self.describe_ttl = ttl;
+        self
+    }
+
+    /// Puts the destructive lifecycle verbs under [dual control](crate::approval):
+    /// destroy, disable, enable and decrypt-only (or those
+    /// [`DualControl::guard`] names) then need approvals from the
+    /// threshold of distinct registered custodians, passed with
+    /// [`Keyring::destroy_approved`] and [`Keyring::set_state_approved`];
+    /// [`Keyring::destroy`], [`Keyring::set_state`] and
+    /// [`Keyring::disable`] (no approvals) are refused for the guarded
+    /// verbs.
+    pub fn dual_control(mut self, config: DualControl) -> Self {
+        self.dual_control = Some(config);
         self
     }
 
@@ -379,6 +395,7 @@ impl KeyringBuilder {
             calls_without_actor: AtomicU64::new(0),
             warned_without_actor: AtomicBool::new(false),
             rotated_away: Mutex::new(HashMap::new()),
+            approvals: self.dual_control.map(ApprovalChecker::new),
         })
     }
 }
@@ -416,6 +433,8 @@ pub struct Keyring {
     /// By key reference: the primary (version, creation time) that the last
     /// successful rotation through this keyring rotated away from.
     rotated_away: Mutex<HashMap<String, PrimaryId>>,
+    /// Dual control, with the nonces it accepted.
+    approvals: Option<ApprovalChecker>,
 }
 
 impl fmt::Debug for Keyring {
@@ -428,6 +447,7 @@ impl fmt::Debug for Keyring {
             .field("policy", &self.policy)
             .field("key_policies", &self.key_policies)
             .field("cache", &self.cache)
+            .field("dual_control", &self.approvals)
             .finish_non_exhaustive()
     }
 }
@@ -443,6 +463,8 @@ struct Call<'a> {
     key_version: Option<u32>,
     /// The target state of a lifecycle verb (see [`Event::key_state`]).
     key_state: Option<KeyState>,
+    /// The custodians who approved a verb under dual control.
+    approvers: &'a [String],
     caller: &'a Caller,
     fingerprint: Option<String>,
 }
@@ -462,6 +484,7 @@ impl Keyring {
             key_policies: Vec::new(),
             describe_ttl: Duration::from_secs(60),
             cache: None,
+            dual_control: None,
         }
     }
 
@@ -758,6 +781,7 @@ impl Keyring {
             key_ref: call.key_ref.map(str::to_owned),
             key_version: version.or(call.key_version),
             key_state: call.key_state,
+            approvers: call.approvers.to_vec(),
             actor: call.caller.actor.clone(),
             purpose: call.caller.purpose.clone(),
             context_fingerprint: call.fingerprint.clone(),
@@ -833,6 +857,7 @@ impl Keyring {
                 key_ref: Some(key.as_str()),
                 key_version: version,
                 key_state: target,
+                approvers: &[],
                 caller,
                 fingerprint: None,
             },
@@ -843,6 +868,53 @@ impl Keyring {
         Err(Error::InvalidArgument(format!(
             "{operation} of {key} refused: key management needs an actor, who is doing it, for the audit trail; pass Caller::new(actor, purpose) (the backup CLI: --actor or PHI_ENVELOPE_ACTOR)"
         )))
+    }
+
+    /// Dual control: the approvers of a guarded verb, or its refusal
+    /// (recorded, outcome `failed:approval`), before the policy hook or any
+    /// provider is asked.
+    fn check_approvals(
+        &self,
+        operation: Operation,
+        key: &KeyRef,
+        version: u32,
+        target: KeyState,
+        caller: &Caller,
+        approvals: &[Approval],
+    ) -> Result<Vec<String>> {
+        let guarded = GuardedOperation::for_state(target);
+        let Some(checker) = &self.approvals else {
+            if approvals.is_empty() {
+                return Ok(Vec::new());
+            }
+            return Err(Error::InvalidArgument(format!(
+                "approvals were given for {guarded} of {key} version {version}, but this keyring has no dual control (no custodians are registered); nothing was done"
+            )));
+        };
+        if !checker.guards(guarded) {
+            return Ok(Vec::new());
+        }
+        match checker.check(guarded, key, version, approvals) {
+            Ok(approvers) => Ok(approvers),
+            Err(refusal) => {
+                self.record(
+                    &Call {
+                        operation,
+                        provider: key.scheme(),
+                        key_ref: Some(key.as_str()),
+                        key_version: Some(version),
+                        key_state: Some(target),
+                        approvers: &refusal.approvers,
+                        caller,
+                        fingerprint: None,
+                    },
+                    None,
+                    Outcome::Failed("approval".into()),
+                    Duration::ZERO,
+                )?;
+                Err(Error::Approval(refusal.message))
+            }
+        }
     }
 
     /// Asks the policy; a denial is recorded and returned as an error.
@@ -959,6 +1031,7 @@ impl Keyring {
             key_ref: Some(key_ref),
             key_version: Some(version),
             key_state: None,
+            approvers: &[],
             caller,
             fingerprint: Some(hex(fingerprint)),
         };
@@ -1025,6 +1098,7 @@ impl Keyring {
                     key_ref: Some(first.as_str()),
                     key_version: None,
                     key_state: None,
+                    approvers: &[],
                     caller,
                     fingerprint: Some(fingerprint.clone()),
                 },
@@ -1193,6 +1267,7 @@ impl Keyring {
                         key_ref: Some(key.as_str()),
                         key_version: Some(primary.version),
                         key_state: None,
+                        approvers: &[],
                         caller,
                         fingerprint: Some(fingerprint.to_owned()),
                     },
@@ -1359,6 +1434,7 @@ impl Keyring {
                 key_ref: Some(key.as_str()),
                 key_version: None,
                 key_state: None,
+                approvers: &[],
                 caller,
                 fingerprint: Some(fingerprint.to_owned()),
             },
@@ -1384,6 +1460,7 @@ impl Keyring {
                 key_ref: Some(key.as_str()),
                 key_version: None,
                 key_state: None,
+                approvers: &[],
                 caller,
                 fingerprint: Some(fingerprint.to_owned()),
             },
@@ -1450,6 +1527,7 @@ impl Keyring {
                 key_ref: Some(&entry.key_ref),
                 key_version: Some(entry.key_version),
                 key_state: None,
+                approvers: &[],
                 caller,
                 fingerprint: Some(fingerprint.clone()),
             };
@@ -1594,6 +1672,7 @@ impl Keyring {
                         key_ref: Some(&entry.key_ref),
                         key_version: Some(entry.key_version),
                         key_state: None,
+                        approvers: &[],
                         caller,
                         fingerprint: Some(fingerprint.clone()),
                     },
@@ -1658,6 +1737,7 @@ impl Keyring {
                 key_ref: Some(first.as_str()),
                 key_version: None,
                 key_state: None,
+                approvers: &[],
                 caller,
                 fingerprint: Some(fingerprint.clone()),
             },
@@ -1742,6 +1822,7 @@ impl Keyring {
             key_ref: Some(&first.key_ref),
             key_version: Some(first.key_version),
             key_state: None,
+            approvers: &[],
             caller,
             fingerprint: Some(self.context_fingerprint(context)),
         };
@@ -1814,6 +1895,7 @@ impl Keyring {
         key: &'a KeyRef,
         version: Option<u32>,
         target: Option<KeyState>,
+        approvers: &'a [String],
         caller: &'a Caller,
         fut: impl FnOnce(&'a Arc<dyn KeyProvider>) -> crate::provider::BoxFuture<'a, Result<KeyInfo>>,
     ) -> Result<KeyInfo> {
@@ -1835,6 +1917,7 @@ impl Keyring {
                     key_ref: Some(key.as_str()),
                     key_version: version,
                     key_state: target,
+                    approvers,
                     caller,
                     fingerprint: None,
                 },
@@ -1895,7 +1978,7 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn describe(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::Describe, key, None, None, caller, |p| {
+        self.manage(Operation::Describe, key, None, None, &[], caller, |p| {
             p.describe(key)
         })
         .await
@@ -1922,7 +2005,7 @@ impl Keyring {
     pub async fn create_key(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
         let target = Some(KeyState::Enabled);
         self.require_actor(Operation::CreateKey, key, None, target, caller)?;
-        self.manage(Operation::CreateKey, key, None, target, caller, |p| {
+        self.manage(Operation::CreateKey, key, None, target, &[], caller, |p| {
             p.create_key(key)
         })
         .await
@@ -1980,6 +2063,7 @@ impl Keyring {
             key,
             None,
             Some(KeyState::Enabled),
+            &[],
             caller,
             |p| p.rotate(key),
         )
@@ -2025,17 +2109,44 @@ impl Keyring {
         state: KeyState,
         caller: &Caller,
     ) -> Result<KeyInfo> {
+        self.set_state_approved(key, version, state, caller, &[])
+            .await
+    }
+
+    /// [`set_state`](Self::set_state) with the custodians' approvals of a
+    /// keyring under [dual control](crate::approval)
+    /// ([`KeyringBuilder::dual_control`]): moving a version to disabled,
+    /// enabled or decrypt-only is refused with [`Error::Approval`] (and an
+    /// event, outcome `failed:approval`) unless `approvals` hold valid ones
+    /// of that exact change (operation `disable`, `enable` or
+    /// `decrypt-only`, this `key` spelled as here, this `version`) from the
+    /// threshold of distinct registered custodians. Checked after the actor
+    /// and before the policy hook or any provider call; the approvals are
+    /// spent once accepted, whatever the provider answers. A verb the dual
+    /// control does not guard ignores `approvals`; a keyring without dual
+    /// control refuses any.
+    pub async fn set_state_approved(
+        &self,
+        key: &KeyRef,
+        version: u32,
+        state: KeyState,
+        caller: &Caller,
+        approvals: &[Approval],
+    ) -> Result<KeyInfo> {
         if state == KeyState::Destroyed {
             return Err(Error::KeyLifecycle(format!(
                 "set_state cannot destroy {key} version {version}: use destroy, which erases the key material (backup keys destroy {key} --version {version})"
             )));
         }
         self.require_actor(Operation::SetState, key, Some(version), Some(state), caller)?;
+        let approvers =
+            self.check_approvals(Operation::SetState, key, version, state, caller, approvals)?;
         self.manage(
             Operation::SetState,
             key,
             Some(version),
             Some(state),
+            &approvers,
             caller,
             |p| p.set_state(key, version, state),
         )
@@ -2120,13 +2231,43 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn destroy(&self, key: &KeyRef, version: u32, caller: &Caller) -> Result<KeyInfo> {
+        self.destroy_approved(key, version, caller, &[]).await
+    }
+
+    /// [`destroy`](Self::destroy) with the custodians' approvals of a
+    /// keyring under [dual control](crate::approval)
+    /// ([`KeyringBuilder::dual_control`]): refused with [`Error::Approval`]
+    /// (and an event, outcome `failed:approval`) unless `approvals` hold
+    /// valid approvals of operation `destroy` of this `key` (spelled as
+    /// here) and `version` from the threshold of distinct registered
+    /// custodians. Checked after the actor and before the policy hook or
+    /// any provider call, so a refused destroy changes nothing; the
+    /// approvals are spent once accepted, whatever the provider answers.
+    /// The event of the destroy names the approvers
+    /// ([`Event::approvers`]).
+    pub async fn destroy_approved(
+        &self,
+        key: &KeyRef,
+        version: u32,
+        caller: &Caller,
+        approvals: &[Approval],
+    ) -> Result<KeyInfo> {
         let target = Some(KeyState::Destroyed);
         self.require_actor(Operation::Destroy, key, Some(version), target, caller)?;
+        let approvers = self.check_approvals(
+            Operation::Destroy,
+            key,
+            version,
+            KeyState::Destroyed,
+            caller,
+            approvals,
+        )?;
         self.manage(
             Operation::Destroy,
             key,
             Some(version),
             target,
+            &approvers,
             caller,
             |p| p.destroy(key, version),
         )
@@ -2263,6 +2404,7 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::Decrypt => "decrypt",
         Error::Provider(p) => ProviderError::kind(p).as_str(),
         Error::PolicyDenied(_) => "policy-denied",
+        Error::Approval(_) => "approval",
         Error::Audit(_) => "audit",
         Error::NoMatchingKey(_) => "no-matching-key",
         Error::KeyLifecycle(_) => "key-lifecycle",
