@@ -1885,20 +1885,24 @@ impl Keyring {
     // Lifecycle verbs
     // -----------------------------------------------------------------------
 
-    /// One lifecycle verb through [`call`](Self::call). `target` is the
-    /// state the verb moves the version to (recorded in its event whatever
-    /// the outcome); the public verbs check the actor first
-    /// ([`require_actor`](Self::require_actor)).
+    /// One lifecycle verb through [`call`](Self::call). `change.target`
+    /// is the state the verb moves the version to (recorded in its event
+    /// whatever the outcome); the public verbs check the actor first
+    /// ([`require_actor`](Self::require_actor)), and dual control for the
+    /// verbs it guards.
     async fn manage<'a>(
         &'a self,
         operation: Operation,
         key: &'a KeyRef,
-        version: Option<u32>,
-        target: Option<KeyState>,
-        approvers: &'a [String],
+        change: Change<'a>,
         caller: &'a Caller,
         fut: impl FnOnce(&'a Arc<dyn KeyProvider>) -> crate::provider::BoxFuture<'a, Result<KeyInfo>>,
     ) -> Result<KeyInfo> {
+        let Change {
+            version,
+            target,
+            approvers,
+        } = change;
         let provider = self.provider_for(key)?;
         let changes = operation != Operation::Describe;
         // The primary a rotation moves away from, as last described.
@@ -1978,7 +1982,7 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn describe(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::Describe, key, None, None, &[], caller, |p| {
+        self.manage(Operation::Describe, key, Change::NONE, caller, |p| {
             p.describe(key)
         })
         .await
@@ -2005,7 +2009,11 @@ impl Keyring {
     pub async fn create_key(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
         let target = Some(KeyState::Enabled);
         self.require_actor(Operation::CreateKey, key, None, target, caller)?;
-        self.manage(Operation::CreateKey, key, None, target, &[], caller, |p| {
+        let change = Change {
+            target,
+            ..Change::NONE
+        };
+        self.manage(Operation::CreateKey, key, change, caller, |p| {
             p.create_key(key)
         })
         .await
@@ -2061,9 +2069,10 @@ impl Keyring {
         self.manage(
             Operation::Rotate,
             key,
-            None,
-            Some(KeyState::Enabled),
-            &[],
+            Change {
+                target: Some(KeyState::Enabled),
+                ..Change::NONE
+            },
             caller,
             |p| p.rotate(key),
         )
@@ -2144,9 +2153,11 @@ impl Keyring {
         self.manage(
             Operation::SetState,
             key,
-            Some(version),
-            Some(state),
-            &approvers,
+            Change {
+                version: Some(version),
+                target: Some(state),
+                approvers: &approvers,
+            },
             caller,
             |p| p.set_state(key, version, state),
         )
@@ -2265,14 +2276,32 @@ impl Keyring {
         self.manage(
             Operation::Destroy,
             key,
-            Some(version),
-            target,
-            &approvers,
+            Change {
+                version: Some(version),
+                target,
+                approvers: &approvers,
+            },
             caller,
             |p| p.destroy(key, version),
         )
         .await
     }
+}
+
+/// What a lifecycle verb changes: the version, the state it moves it to,
+/// and the custodians who approved it (dual control).
+struct Change<'a> {
+    version: Option<u32>,
+    target: Option<KeyState>,
+    approvers: &'a [String],
+}
+
+impl Change<'_> {
+    const NONE: Change<'static> = Change {
+        version: None,
+        target: None,
+        approvers: &[],
+    };
 }
 
 /// Lowercase hex.

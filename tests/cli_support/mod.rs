@@ -109,6 +109,7 @@ impl Env {
             .env("PHI_ENVELOPE_ACTOR", "cli-test")
             .env_remove("PHI_ENVELOPE_AUDIT_LOG")
             .env_remove("PHI_ENVELOPE_AUDIT_KEY_FILE")
+            .env_remove("PHI_ENVELOPE_CUSTODIANS")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null());
         c
