@@ -2087,6 +2087,9 @@ impl Keyring {
     /// it does not allow with [`ProviderErrorKind::InvalidState`] or
     /// [`ProviderErrorKind::KeyDestroyed`]. Cached data keys of `key` are
     /// flushed.
+    /// Under [dual control](crate::approval) the changes it guards are
+    /// refused without approvals: use
+    /// [`set_state_approved`](Self::set_state_approved).
     ///
     /// [`ProviderErrorKind::InvalidState`]: crate::provider::ProviderErrorKind::InvalidState
     /// [`ProviderErrorKind::KeyDestroyed`]: crate::provider::ProviderErrorKind::KeyDestroyed
@@ -2210,6 +2213,9 @@ impl Keyring {
     /// and again after, so a destroyed key is never served from the cache.
     /// What "destroyed" means per provider (erased bytes, a destroyed HSM
     /// object, a KMS deletion window) is in `docs/KEY-LIFECYCLE.md`.
+    /// Under [dual control](crate::approval) this passes no approvals and
+    /// is refused with [`Error::Approval`]: use
+    /// [`destroy_approved`](Self::destroy_approved).
     ///
     /// [`ProviderErrorKind::KeyDestroyed`]: crate::provider::ProviderErrorKind::KeyDestroyed
     ///
