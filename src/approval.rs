@@ -27,11 +27,12 @@
 //! replay); and too few distinct custodians (two approvals by one custodian
 //! count once). Any invalid approval refuses the whole call.
 //!
-//! **Replay protection is in memory**: a keyring remembers the nonces it
-//! accepted until they expire. Another process (another run of the `backup`
-//! CLI) does not know them: across processes an approval can be used again
-//! until it expires, so keep expiries short (the CLI's default is one hour)
-//! or share one long-lived keyring. See `docs/APPROVALS.md`.
+//! **Replay protection**: a keyring remembers the nonces it accepted, in
+//! memory, until they expire. Another process does not know them: across
+//! processes, an approval can be used again until it expires unless the
+//! processes share a [spent-approvals file](DualControl::spent_file)
+//! (the `backup` CLI keeps one beside the keystore). Keep expiries short
+//! either way. See `docs/APPROVALS.md`.
 //!
 //! [`Event::approvers`]: crate::events::Event::approvers
 //! [`Error::Approval`]: crate::Error::Approval
@@ -583,6 +584,7 @@ pub struct DualControl {
     guarded: BTreeSet<GuardedOperation>,
     max_validity: Duration,
     clock: Clock,
+    spent_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for DualControl {
@@ -592,6 +594,7 @@ impl fmt::Debug for DualControl {
             .field("threshold", &self.threshold)
             .field("guarded", &self.guarded)
             .field("max_validity", &self.max_validity)
+            .field("spent_file", &self.spent_file)
             .finish_non_exhaustive()
     }
 }
@@ -638,6 +641,7 @@ impl DualControl {
             guarded: GuardedOperation::ALL.iter().copied().collect(),
             max_validity: Self::DEFAULT_MAX_VALIDITY,
             clock: Arc::new(SystemTime::now),
+            spent_file: None,
         })
     }
 
@@ -654,6 +658,23 @@ impl DualControl {
     /// is remembered.
     pub fn max_validity(mut self, max: Duration) -> Self {
         self.max_validity = max;
+        self
+    }
+
+    /// Also records accepted approvals in the file at `path` (created
+    /// with mode 0600 if missing), and refuses those already in it: replay
+    /// protection across processes (every run of the `backup` CLI) and
+    /// restarts, for the processes that share the file. Each check takes an
+    /// exclusive `flock` of the file, reads it and appends one line per
+    /// accepted approval (`spent ID NONCE-HEX EXPIRY`), synced before the
+    /// verb goes on; a file that cannot be opened, locked, read or written
+    /// refuses the verb. The file only grows (about 70 bytes an approval);
+    /// lines whose expiry has passed are skipped, and the file may be
+    /// emptied once every approval in it has expired. Whoever can write
+    /// the file can remove entries from it: keep it where only the service
+    /// (or the operator account) writes.
+    pub fn spent_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.spent_file = Some(path.into());
         self
     }
 
@@ -805,11 +826,120 @@ impl ApprovalChecker {
                 ),
             ));
         }
+        if let Some(path) = &self.config.spent_file {
+            match spend_in_file(path, approvals, now) {
+                Ok(None) => {}
+                Ok(Some(i)) => {
+                    let who = &approvals[i].custodian;
+                    return Err(refuse(
+                        &approvers,
+                        format!(
+                            "{what} refused: approval {} (custodian {who}) was already used (recorded in {}); ask {who} for a new one",
+                            i + 1,
+                            path.display()
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    return Err(refuse(
+                        &approvers,
+                        format!(
+                            "{what} refused: the approvals cannot be recorded as used in {}: {e}; nothing was done",
+                            path.display()
+                        ),
+                    ))
+                }
+            }
+        }
         for a in approvals {
             spent.insert((a.custodian.clone(), a.nonce.clone()), a.expires_at);
         }
         Ok(approvers.into_iter().collect())
     }
+}
+
+/// The longest spent-approvals file read.
+const MAX_SPENT_FILE: u64 = 16 * 1024 * 1024;
+
+/// Checks `approvals` against the spent-approvals file at `path` and, if
+/// none is in it, appends them, under an exclusive `flock` of the file
+/// (other processes wait): `Some(i)` when approval `i` was already used.
+fn spend_in_file(
+    path: &std::path::Path,
+    approvals: &[Approval],
+    now: u64,
+) -> std::io::Result<Option<usize>> {
+    use std::io::{Read, Write};
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).append(true).create(true);
+    #[cfg(unix)]
+    {
+        use rustix::fs::OFlags;
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600)
+            .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32);
+    }
+    let mut file = opts.open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    // Released when `file` is closed, on every path.
+    file.lock()?;
+    let len = file.metadata()?.len();
+    if len > MAX_SPENT_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_SPENT_FILE} bytes; once every approval in it has expired (max-validity after the last use) it can be emptied"
+        )));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    // A last line without its newline is a write cut short: ignored (its
+    // approvals were not accepted: the verb failed with the write).
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    let mut used: std::collections::HashSet<(&str, Vec<u8>)> = std::collections::HashSet::new();
+    for (n, line) in complete.lines().enumerate() {
+        let bad =
+            || std::io::Error::other(format!("line {} is not `spent ID NONCE EXPIRY`", n + 1));
+        let mut f = line.split(' ');
+        let (Some("spent"), Some(id), Some(nonce), Some(expiry), None) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            return Err(bad());
+        };
+        let expiry: u64 = expiry.parse().map_err(|_| bad())?;
+        let nonce = unhex(nonce).ok_or_else(bad)?;
+        if expiry > now {
+            used.insert((id, nonce));
+        }
+    }
+    if let Some(i) = approvals
+        .iter()
+        .position(|a| used.contains(&(a.custodian.as_str(), a.nonce.clone())))
+    {
+        return Ok(Some(i));
+    }
+    let mut add = String::new();
+    if !text.is_empty() && !text.ends_with('\n') {
+        add.push('\n');
+    }
+    for a in approvals {
+        add.push_str(&format!(
+            "spent {} {} {}\n",
+            a.custodian,
+            hex(&a.nonce),
+            a.expires_at
+        ));
+    }
+    file.write_all(add.as_bytes())?;
+    file.sync_data()?;
+    Ok(None)
 }
 
 /// Lowercase hex.

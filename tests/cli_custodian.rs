@@ -136,6 +136,17 @@ fn destroy_is_refused_with_one_approval_and_done_with_two() {
     let err = env.fails(&["decrypt", "-o", "v1.again", "v1.phi"], 3);
     assert!(err.contains("destroyed"), "{err}");
 
+    // The same approvals in a later run (another process) are refused:
+    // the spent-approvals file beside the keystore remembers them.
+    let args = destroy(&["alice.approval", "bob.approval"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = env.fails(&refs, 3);
+    assert!(
+        err.contains("approval 1 (custodian alice) was already used (recorded in"),
+        "{err}"
+    );
+    assert!(err.contains("spent-approvals"), "{err}");
+
     // The audit log names the approvers of the destroy, and verifies.
     let log = fs::read_to_string(env.path("audit.jsonl")).unwrap();
     let destroys: Vec<serde_json::Value> = log
@@ -144,12 +155,16 @@ fn destroy_is_refused_with_one_approval_and_done_with_two() {
         .filter(|v| v["type"] == "event" && v["event"]["operation"] == "destroy")
         .map(|v| v["event"].clone())
         .collect();
-    let last = destroys.last().unwrap();
-    assert_eq!(last["outcome"], "success");
-    assert_eq!(last["approvers"], serde_json::json!(["alice", "bob"]));
-    assert!(destroys[..destroys.len() - 1]
+    assert_eq!(destroys.len(), 6, "{destroys:?}");
+    assert_eq!(destroys[4]["outcome"], "success");
+    assert_eq!(
+        destroys[4]["approvers"],
+        serde_json::json!(["alice", "bob"])
+    );
+    assert!(destroys
         .iter()
-        .all(|e| e["outcome"] == "failed:approval"));
+        .enumerate()
+        .all(|(i, e)| i == 4 || e["outcome"] == "failed:approval"));
     env.ok(&["audit", "verify", "audit.jsonl"]);
 }
 

@@ -627,3 +627,109 @@ fn the_signed_message_matches_the_committed_vector() {
     assert_eq!(&first[28..32], &7u32.to_be_bytes());
     assert_eq!(&first[32..39], b"destroy");
 }
+
+/// A keyring over its own keystore (key `local:records`, v1 decrypt-only,
+/// v2 primary) under dual control by `custodians` (threshold 2), recording
+/// spent approvals in `spent`: another process, as far as replay goes.
+async fn keyring_sharing(
+    dir: &std::path::Path,
+    name: &str,
+    custodians: &[&CustodianKey],
+    spent: &std::path::Path,
+) -> Keyring {
+    let store = LocalKeystore::create_unprotected_for_tests(dir.join(name)).unwrap();
+    let key: KeyRef = "local:records".parse().unwrap();
+    store.add_key(&key).unwrap();
+    let dual = DualControl::new(custodians.iter().map(|c| c.custodian()).collect(), 2)
+        .unwrap()
+        .spent_file(spent);
+    let keyring = Keyring::builder()
+        .provider(Arc::new(store))
+        .dual_control(dual)
+        .build()
+        .unwrap();
+    keyring.rotate(&key, &operator()).await.unwrap();
+    keyring
+}
+
+#[tokio::test]
+async fn a_shared_spent_file_refuses_replays_across_keyrings() {
+    let dir = tempfile::tempdir().unwrap();
+    let spent = dir.path().join("spent-approvals");
+    let alice = CustodianKey::generate("alice").unwrap();
+    let bob = CustodianKey::generate("bob").unwrap();
+    let key: KeyRef = "local:records".parse().unwrap();
+    let ttl = Duration::from_secs(600);
+    let disable = [
+        alice
+            .approve(GuardedOperation::Disable, &key, 1, ttl)
+            .unwrap(),
+        bob.approve(GuardedOperation::Disable, &key, 1, ttl)
+            .unwrap(),
+    ];
+    let first = keyring_sharing(dir.path(), "a.json", &[&alice, &bob], &spent).await;
+    first
+        .set_state_approved(&key, 1, KeyState::Disabled, &operator(), &disable)
+        .await
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&spent).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&spent).unwrap().lines().count(), 2);
+
+    // A second keyring (another process, a restart) shares the file.
+    let second = keyring_sharing(dir.path(), "b.json", &[&alice, &bob], &spent).await;
+    let calls = second.provider_calls();
+    let text = refusal(
+        second
+            .set_state_approved(&key, 1, KeyState::Disabled, &operator(), &disable)
+            .await,
+    );
+    assert!(
+        text.contains("approval 1 (custodian alice) was already used (recorded in"),
+        "{text}"
+    );
+    assert_eq!(second.provider_calls(), calls, "a provider was called");
+
+    // A write cut short (no final newline) is ignored and does not glue
+    // itself to the next line; fresh approvals go through.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&spent)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"spent carol 0011").unwrap();
+    drop(f);
+    let fresh = [
+        alice
+            .approve(GuardedOperation::Disable, &key, 1, ttl)
+            .unwrap(),
+        bob.approve(GuardedOperation::Disable, &key, 1, ttl)
+            .unwrap(),
+    ];
+    second
+        .set_state_approved(&key, 1, KeyState::Disabled, &operator(), &fresh)
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&spent).unwrap();
+    assert_eq!(text.lines().count(), 5, "{text}");
+    assert!(text.ends_with('\n'));
+
+    // A damaged file refuses the verb (fail closed) and says where.
+    std::fs::write(&spent, "spent alice not-hex 1\n").unwrap();
+    let again = [
+        alice
+            .approve(GuardedOperation::DecryptOnly, &key, 1, ttl)
+            .unwrap(),
+        bob.approve(GuardedOperation::DecryptOnly, &key, 1, ttl)
+            .unwrap(),
+    ];
+    let text = refusal(
+        second
+            .set_state_approved(&key, 1, KeyState::DecryptOnly, &operator(), &again)
+            .await,
+    );
+    assert!(
+        text.contains("cannot be recorded as used in") && text.contains("line 1 is not"),
+        "{text}"
+    );
+}

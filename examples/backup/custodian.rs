@@ -19,6 +19,9 @@ use crate::{exit, CliError, Global};
 
 /// The longest custodians file read.
 const MAX_CUSTODIANS_FILE: u64 = 64 * 1024;
+/// The spent-approvals file's name beside the keystore (unless the
+/// custodians file says `spent-file PATH`).
+pub const SPENT_FILE_NAME: &str = "spent-approvals";
 /// The default validity of `keys approve`.
 pub const DEFAULT_EXPIRES_IN: &str = "1h";
 
@@ -231,6 +234,7 @@ pub fn dual_control(g: &Global) -> Result<Option<DualControl>, CliError> {
     let mut custodians = Vec::new();
     let mut guard: Option<Vec<GuardedOperation>> = None;
     let mut max_validity = None;
+    let mut spent_file = None;
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -268,11 +272,12 @@ pub fn dual_control(g: &Global) -> Result<Option<DualControl>, CliError> {
                 })?;
                 max_validity = Some(Duration::from_secs(s));
             }
+            "spent-file" if !rest.is_empty() => spent_file = Some(PathBuf::from(rest)),
             other => {
                 return Err(bad(
                     n,
                     format!(
-                        "unknown statement {other:?} (threshold, custodian, guard, max-validity)"
+                        "unknown statement {other:?} (threshold, custodian, guard, max-validity, spent-file PATH)"
                     ),
                 ))
             }
@@ -286,5 +291,11 @@ pub fn dual_control(g: &Global) -> Result<Option<DualControl>, CliError> {
     if let Some(max) = max_validity {
         dc = dc.max_validity(max);
     }
+    // Replay protection across runs: every command is a new process.
+    let spent_file = match spent_file {
+        Some(f) => f,
+        None => crate::util::parent_dir(&crate::keys::keystore_path(g)?).join(SPENT_FILE_NAME),
+    };
+    dc = dc.spent_file(spent_file);
     Ok(Some(dc))
 }
