@@ -95,6 +95,8 @@ pub const MAX_NONCE_LEN: usize = 64;
 pub const NONCE_LEN: usize = 16;
 /// The longest custodian id (bytes).
 pub const MAX_CUSTODIAN_ID_LEN: usize = 64;
+/// The most approvals one call may carry (each costs a signature check).
+pub const MAX_APPROVALS: usize = 64;
 /// The longest approval file accepted by [`Approval::from_json`] (bytes).
 pub const MAX_APPROVAL_JSON_LEN: usize = 4096;
 
@@ -744,6 +746,15 @@ impl ApprovalChecker {
         approvals: &[Approval],
     ) -> std::result::Result<Vec<String>, Refusal> {
         let what = format!("{operation} of {key} version {version}");
+        if approvals.len() > MAX_APPROVALS {
+            return Err(Refusal {
+                message: format!(
+                    "{what} refused: {} approvals given, at most {MAX_APPROVALS} are read",
+                    approvals.len()
+                ),
+                approvers: Vec::new(),
+            });
+        }
         let now = unix_seconds((self.config.clock)());
         let latest = now.saturating_add(self.config.max_validity.as_secs());
         let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());

@@ -256,6 +256,19 @@ async fn two_approvals_by_one_custodian_count_once() {
         text.contains("got 1 (alice) (approvals by one custodian count once); missing 1"),
         "{text}"
     );
+    // However many: and a flood is refused before any signature check.
+    let many = vec![twice[0].clone(); 64];
+    let text = refusal(s.destroy(&many).await);
+    assert!(
+        text.contains("got 1 (alice) (approvals by one custodian count once)"),
+        "{text}"
+    );
+    let flood = vec![twice[0].clone(); 65];
+    let text = refusal(s.destroy(&flood).await);
+    assert!(
+        text.contains("65 approvals given, at most 64 are read"),
+        "{text}"
+    );
     s.v1_untouched(calls).await;
 }
 
