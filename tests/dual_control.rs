@@ -746,3 +746,67 @@ async fn a_shared_spent_file_refuses_replays_across_keyrings() {
         "{text}"
     );
 }
+
+/// Runs the independent checker (tests/independent/approval_verify.py,
+/// written from docs/APPROVALS.md); fails loudly when Python or
+/// `cryptography` is missing (scripts/install-deps.sh installs them).
+fn independent(args: &[&std::ffi::OsStr]) -> (bool, serde_json::Value) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/independent/approval_verify.py");
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python} (run scripts/install-deps.sh): {e}"));
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "the independent checker failed (needs `cryptography`: scripts/install-deps.sh):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), json)
+}
+
+#[test]
+fn an_independent_checker_verifies_the_vector_and_approvals_made_now() {
+    let vector =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/approval-v1.json");
+    let (ok, v) = independent(&["--vector".as_ref(), vector.as_os_str()]);
+    assert!(ok, "{v}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let custodian = CustodianKey::generate("alice").unwrap();
+    let public = hex::encode(custodian.custodian().public_key());
+    let key: KeyRef = "aws-kms:alias/phi-backups".parse().unwrap();
+    let approval = custodian
+        .approve(
+            GuardedOperation::DecryptOnly,
+            &key,
+            70_000,
+            Duration::from_secs(900),
+        )
+        .unwrap();
+    let file = dir.path().join("approval.json");
+    std::fs::write(&file, approval.to_json()).unwrap();
+    let (ok, v) = independent(&[
+        "--approval".as_ref(),
+        file.as_os_str(),
+        "--public-key".as_ref(),
+        public.as_ref(),
+    ]);
+    assert!(ok, "{v}");
+    assert_eq!(v["message"], hex::encode(approval.message()));
+
+    let tampered = approval
+        .to_json()
+        .replace("\"version\":70000", "\"version\":70001");
+    std::fs::write(&file, tampered).unwrap();
+    let (ok, v) = independent(&[
+        "--approval".as_ref(),
+        file.as_os_str(),
+        "--public-key".as_ref(),
+        public.as_ref(),
+    ]);
+    assert!(!ok, "{v}");
+}
