@@ -15,6 +15,8 @@
 // are looked up beside it, hence the paths).
 #[path = "backup/archive.rs"]
 mod archive;
+#[path = "backup/custodian.rs"]
+mod custodian;
 #[path = "backup/keys.rs"]
 mod keys;
 #[cfg(any(feature = "pkcs11", feature = "aws-kms", feature = "vault"))]
@@ -70,7 +72,8 @@ Exit codes:
   2  integrity: authentication failed (wrong key, wrong --context, or modified),
      truncated, not a backup, unsafe archive, tampered audit log,
      input size other than --expect-size
-  3  key or provider problem (keystore, passphrase, key disabled/destroyed, no key for the backup)
+  3  key or provider problem (keystore, passphrase, key disabled/destroyed, no key for the backup,
+     dual control: too few or invalid approvals)
   4  I/O error (not found, permission denied, disk full)
   5  output exists: refusing to overwrite without --force
   6  audit log cannot be opened or written (no key was used)
@@ -83,6 +86,7 @@ Environment:
   PHI_ENVELOPE_KEYSTORE_GENERATION_FILE  rollback mark of the keystore (as --keystore-generation-file)
   PHI_ENVELOPE_AUDIT_LOG    audit log (JSON Lines, hash-chained)
   PHI_ENVELOPE_ACTOR        who runs the command, for the audit log (default: the OS user, else uid:N)
+  PHI_ENVELOPE_CUSTODIANS   dual control: custodians and threshold for destroy/disable/enable (as --custodians)
 
 See docs/CLI.md for everything else.";
 
@@ -155,6 +159,17 @@ pub struct Global {
         hide_env = true
     )]
     pub keystore_generation_file: Option<PathBuf>,
+    /// Dual control: the custodians who approve destroy, disable, enable
+    /// and decrypt-only, and how many must (docs/APPROVALS.md) [env:
+    /// PHI_ENVELOPE_CUSTODIANS]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "PHI_ENVELOPE_CUSTODIANS",
+        hide_env = true
+    )]
+    pub custodians: Option<PathBuf>,
     /// Read the keystore passphrase from this file (else
     /// PHI_ENVELOPE_PASSPHRASE, else a prompt on the terminal)
     #[arg(long, global = true, value_name = "FILE")]
@@ -268,6 +283,9 @@ enum Command {
     #[cfg(feature = "recovery")]
     #[command(subcommand)]
     Recovery(recovery::RecoveryCmd),
+    /// Custodians of dual control: their signing keys
+    #[command(subcommand)]
+    Custodian(custodian::CustodianCmd),
     /// Remove temporary files and directories (.NAME.<hex>.tmp) left in
     /// DIRs by a killed backup
     Clean {
@@ -319,6 +337,8 @@ enum KeysCmd {
         key: String,
         #[arg(long, value_name = "N")]
         version: u32,
+        #[command(flatten)]
+        approvals: custodian::Approvals,
     },
     /// Enable a version again (it becomes primary)
     Enable {
@@ -326,6 +346,8 @@ enum KeysCmd {
         key: String,
         #[arg(long, value_name = "N")]
         version: u32,
+        #[command(flatten)]
+        approvals: custodian::Approvals,
     },
     /// Make a version decrypt-only
     DecryptOnly {
@@ -333,6 +355,8 @@ enum KeysCmd {
         key: String,
         #[arg(long, value_name = "N")]
         version: u32,
+        #[command(flatten)]
+        approvals: custodian::Approvals,
     },
     /// Destroy a version for good: every backup wrapped only under it
     /// becomes unreadable (crypto-shredding)
@@ -344,7 +368,12 @@ enum KeysCmd {
         /// Do not ask for confirmation on the terminal
         #[arg(long)]
         yes: bool,
+        #[command(flatten)]
+        approvals: custodian::Approvals,
     },
+    /// Sign a custodian's approval of one destroy, disable, enable or
+    /// decrypt-only of one key version (dual control)
+    Approve(custodian::ApproveCmd),
     /// Change the keystore's passphrase (and raise its Argon2id
     /// parameters), atomically; the keys do not change
     Passwd {
@@ -532,7 +561,11 @@ impl From<phi_envelope::Error> for CliError {
                 ),
             ),
             E::Provider(p) => CliError::new(exit::KEY, provider_message(&p)),
-            E::Keystore { .. } | E::PolicyDenied(_) | E::KeyLifecycle(_) | E::RecoveryShare(_) => {
+            E::Keystore { .. }
+            | E::PolicyDenied(_)
+            | E::KeyLifecycle(_)
+            | E::RecoveryShare(_)
+            | E::Approval(_) => {
                 CliError::new(exit::KEY, text)
             }
             E::Audit(_) => CliError::new(
@@ -652,16 +685,28 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             KeysCmd::Create { key } => keys::create(g, &key),
             KeysCmd::Show { key, json } => keys::show(g, &key, json),
             KeysCmd::Rotate { key } => keys::rotate(g, &key),
-            KeysCmd::Disable { key, version } => {
-                keys::set_state(g, &key, version, KeyState::Disabled)
-            }
-            KeysCmd::Enable { key, version } => {
-                keys::set_state(g, &key, version, KeyState::Enabled)
-            }
-            KeysCmd::DecryptOnly { key, version } => {
-                keys::set_state(g, &key, version, KeyState::DecryptOnly)
-            }
-            KeysCmd::Destroy { key, version, yes } => keys::destroy(g, &key, version, yes),
+            KeysCmd::Disable {
+                key,
+                version,
+                approvals,
+            } => keys::set_state(g, &key, version, KeyState::Disabled, &approvals.files),
+            KeysCmd::Enable {
+                key,
+                version,
+                approvals,
+            } => keys::set_state(g, &key, version, KeyState::Enabled, &approvals.files),
+            KeysCmd::DecryptOnly {
+                key,
+                version,
+                approvals,
+            } => keys::set_state(g, &key, version, KeyState::DecryptOnly, &approvals.files),
+            KeysCmd::Destroy {
+                key,
+                version,
+                yes,
+                approvals,
+            } => keys::destroy(g, &key, version, yes, &approvals.files),
+            KeysCmd::Approve(a) => custodian::approve(&a),
             KeysCmd::Passwd {
                 new_passphrase_file,
                 kdf_memory_mib,
@@ -750,6 +795,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             threshold,
             out,
         }) => recovery::keygen(g, shares, threshold, &out),
+        Command::Custodian(c) => custodian::run(c),
     }
 }
 

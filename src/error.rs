@@ -109,6 +109,14 @@ pub enum Error {
     #[error("denied by policy: {0}")]
     PolicyDenied(String),
 
+    /// Dual control refused a guarded lifecycle verb before any provider
+    /// call: too few valid approvals from distinct custodians, or an
+    /// approval that is expired, already used, altered, by an unknown
+    /// custodian or for another operation (see [`crate::approval`]). The
+    /// text says which approval and what is missing.
+    #[error("dual control: {0}")]
+    Approval(String),
+
     /// The audit log could not be written and the operation was refused
     /// (fail-closed).
     #[error("audit log unavailable, operation refused: {0}")]

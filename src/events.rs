@@ -17,8 +17,8 @@
 //!
 //! [`Event::to_json`] writes one canonical JSON object (the audit log embeds
 //! it as the `event` member of each line). Fields, always present and always
-//! in this order; absent values are `null`, except `key_state`, which is
-//! written only when the event has one:
+//! in this order; absent values are `null`, except `key_state` and
+//! `approvers`, which are written only when the event has them:
 //!
 //! | field | type | meaning |
 //! | --- | --- | --- |
@@ -28,6 +28,7 @@
 //! | `key_ref` | string or null | the key reference (`local:records`, `aws-kms:arn:...`) |
 //! | `key_version` | integer or null | the KEK version |
 //! | `key_state` | string, **only when present** | the state the operation moves `key_version` to: `enabled`, `decrypt-only`, `disabled`, `destroyed` (see below) |
+//! | `approvers` | array of strings, **only when non-empty** | the custodians whose approvals a verb under [dual control](crate::approval) was given (sorted ids; see below) |
 //! | `actor` | string or null | who asked, as the caller supplied it |
 //! | `purpose` | string or null | why, as the caller supplied it |
 //! | `context_fingerprint` | string or null | 32 hex digits: keyed HMAC-SHA-256 of the canonical encryption context |
@@ -50,6 +51,19 @@
 //!
 //! ```text
 //! {"timestamp":"2026-11-25T10:15:42.000917Z","operation":"set-state","provider":"local","key_ref":"local:records","key_version":1,"key_state":"disabled","actor":"alice@ops","purpose":"retire-v1","context_fingerprint":null,"outcome":"success","duration_us":2210}
+//! ```
+//!
+//! `approvers` lists, for `destroy` and `set-state` under dual control,
+//! the ids of the custodians whose approvals the keyring accepted, sorted
+//! by byte value, each once; a refusal by dual control (outcome
+//! `failed:approval`) lists those that were valid before it found the
+//! problem (possibly none, and then no member). Like `key_state` it is
+//! written only when non-empty, between `key_state` (or `key_version`) and
+//! `actor`, so lines of events without approvers, including every line
+//! written before the field existed, are byte for byte as before:
+//!
+//! ```text
+//! {"timestamp":"2026-12-03T18:40:00.000311Z","operation":"destroy","provider":"local","key_ref":"local:records","key_version":1,"key_state":"destroyed","approvers":["alice","bob"],"actor":"carol","purpose":"retention-end","context_fingerprint":null,"outcome":"success","duration_us":1980}
 //! ```
 //!
 //! What is deliberately absent: key bytes (DEK or KEK, plain or wrapped),
@@ -224,6 +238,10 @@ pub struct Event {
     /// target, not the state before), whatever the outcome; `None` for
     /// every other operation.
     pub key_state: Option<KeyState>,
+    /// For a verb under [dual control](crate::approval), the ids of the
+    /// custodians whose approvals the keyring accepted, sorted (on a
+    /// refusal: those that were valid); empty for every other event.
+    pub approvers: Vec<String>,
     /// Who asked (supplied by the caller).
     pub actor: Option<String>,
     /// Why (supplied by the caller).
@@ -249,6 +267,7 @@ impl Event {
             key_ref: None,
             key_version: None,
             key_state: None,
+            approvers: Vec::new(),
             actor: None,
             purpose: None,
             context_fingerprint: None,
@@ -267,6 +286,16 @@ impl Event {
     /// Sets the target state of a lifecycle verb.
     pub fn with_key_state(mut self, state: KeyState) -> Event {
         self.key_state = Some(state);
+        self
+    }
+
+    /// Sets the custodians who approved (dual control).
+    pub fn with_approvers<I, S>(mut self, approvers: I) -> Event
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.approvers = approvers.into_iter().map(Into::into).collect();
         self
     }
 

@@ -74,6 +74,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ring::hmac;
 
+use crate::approval::{Approval, ApprovalChecker, DualControl, GuardedOperation};
 use crate::cache::{
     CacheConfig, CacheStats, DataKeyCache, Flights, FlushTarget, Join, KeyTag, KeyUse,
 };
@@ -216,6 +217,7 @@ pub struct KeyringBuilder {
     key_policies: Vec<(KeyRef, KeyPolicy)>,
     describe_ttl: Duration,
     cache: Option<CacheConfig>,
+    dual_control: Option<DualControl>,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -225,6 +227,7 @@ impl fmt::Debug for KeyringBuilder {
             .field("recipients", &self.recipients)
             .field("key_policies", &self.key_policies)
             .field("cache", &self.cache)
+            .field("dual_control", &self.dual_control)
             .finish_non_exhaustive()
     }
 }
@@ -299,6 +302,19 @@ impl KeyringBuilder {
     /// made elsewhere (another process, the provider's console) goes unseen.
     pub fn describe_ttl(mut self, ttl: Duration) -> Self {
         self.describe_ttl = ttl;
+        self
+    }
+
+    /// Puts the destructive lifecycle verbs under [dual control](crate::approval):
+    /// destroy, disable, enable and decrypt-only (or those
+    /// [`DualControl::guard`] names) then need approvals from the
+    /// threshold of distinct registered custodians, passed with
+    /// [`Keyring::destroy_approved`] and [`Keyring::set_state_approved`];
+    /// [`Keyring::destroy`], [`Keyring::set_state`] and
+    /// [`Keyring::disable`] (no approvals) are refused for the guarded
+    /// verbs.
+    pub fn dual_control(mut self, config: DualControl) -> Self {
+        self.dual_control = Some(config);
         self
     }
 
@@ -379,6 +395,7 @@ impl KeyringBuilder {
             calls_without_actor: AtomicU64::new(0),
             warned_without_actor: AtomicBool::new(false),
             rotated_away: Mutex::new(HashMap::new()),
+            approvals: self.dual_control.map(ApprovalChecker::new),
         })
     }
 }
@@ -416,6 +433,8 @@ pub struct Keyring {
     /// By key reference: the primary (version, creation time) that the last
     /// successful rotation through this keyring rotated away from.
     rotated_away: Mutex<HashMap<String, PrimaryId>>,
+    /// Dual control, with the nonces it accepted.
+    approvals: Option<ApprovalChecker>,
 }
 
 impl fmt::Debug for Keyring {
@@ -428,6 +447,7 @@ impl fmt::Debug for Keyring {
             .field("policy", &self.policy)
             .field("key_policies", &self.key_policies)
             .field("cache", &self.cache)
+            .field("dual_control", &self.approvals)
             .finish_non_exhaustive()
     }
 }
@@ -443,6 +463,8 @@ struct Call<'a> {
     key_version: Option<u32>,
     /// The target state of a lifecycle verb (see [`Event::key_state`]).
     key_state: Option<KeyState>,
+    /// The custodians who approved a verb under dual control.
+    approvers: &'a [String],
     caller: &'a Caller,
     fingerprint: Option<String>,
 }
@@ -462,6 +484,7 @@ impl Keyring {
             key_policies: Vec::new(),
             describe_ttl: Duration::from_secs(60),
             cache: None,
+            dual_control: None,
         }
     }
 
@@ -758,6 +781,7 @@ impl Keyring {
             key_ref: call.key_ref.map(str::to_owned),
             key_version: version.or(call.key_version),
             key_state: call.key_state,
+            approvers: call.approvers.to_vec(),
             actor: call.caller.actor.clone(),
             purpose: call.caller.purpose.clone(),
             context_fingerprint: call.fingerprint.clone(),
@@ -833,6 +857,7 @@ impl Keyring {
                 key_ref: Some(key.as_str()),
                 key_version: version,
                 key_state: target,
+                approvers: &[],
                 caller,
                 fingerprint: None,
             },
@@ -843,6 +868,53 @@ impl Keyring {
         Err(Error::InvalidArgument(format!(
             "{operation} of {key} refused: key management needs an actor, who is doing it, for the audit trail; pass Caller::new(actor, purpose) (the backup CLI: --actor or PHI_ENVELOPE_ACTOR)"
         )))
+    }
+
+    /// Dual control: the approvers of a guarded verb, or its refusal
+    /// (recorded, outcome `failed:approval`), before the policy hook or any
+    /// provider is asked.
+    fn check_approvals(
+        &self,
+        operation: Operation,
+        key: &KeyRef,
+        version: u32,
+        target: KeyState,
+        caller: &Caller,
+        approvals: &[Approval],
+    ) -> Result<Vec<String>> {
+        let guarded = GuardedOperation::for_state(target);
+        let Some(checker) = &self.approvals else {
+            if approvals.is_empty() {
+                return Ok(Vec::new());
+            }
+            return Err(Error::InvalidArgument(format!(
+                "approvals were given for {guarded} of {key} version {version}, but this keyring has no dual control (no custodians are registered); nothing was done"
+            )));
+        };
+        if !checker.guards(guarded) {
+            return Ok(Vec::new());
+        }
+        match checker.check(guarded, key, version, approvals) {
+            Ok(approvers) => Ok(approvers),
+            Err(refusal) => {
+                self.record(
+                    &Call {
+                        operation,
+                        provider: key.scheme(),
+                        key_ref: Some(key.as_str()),
+                        key_version: Some(version),
+                        key_state: Some(target),
+                        approvers: &refusal.approvers,
+                        caller,
+                        fingerprint: None,
+                    },
+                    None,
+                    Outcome::Failed("approval".into()),
+                    Duration::ZERO,
+                )?;
+                Err(Error::Approval(refusal.message))
+            }
+        }
     }
 
     /// Asks the policy; a denial is recorded and returned as an error.
@@ -959,6 +1031,7 @@ impl Keyring {
             key_ref: Some(key_ref),
             key_version: Some(version),
             key_state: None,
+            approvers: &[],
             caller,
             fingerprint: Some(hex(fingerprint)),
         };
@@ -1025,6 +1098,7 @@ impl Keyring {
                     key_ref: Some(first.as_str()),
                     key_version: None,
                     key_state: None,
+                    approvers: &[],
                     caller,
                     fingerprint: Some(fingerprint.clone()),
                 },
@@ -1193,6 +1267,7 @@ impl Keyring {
                         key_ref: Some(key.as_str()),
                         key_version: Some(primary.version),
                         key_state: None,
+                        approvers: &[],
                         caller,
                         fingerprint: Some(fingerprint.to_owned()),
                     },
@@ -1359,6 +1434,7 @@ impl Keyring {
                 key_ref: Some(key.as_str()),
                 key_version: None,
                 key_state: None,
+                approvers: &[],
                 caller,
                 fingerprint: Some(fingerprint.to_owned()),
             },
@@ -1384,6 +1460,7 @@ impl Keyring {
                 key_ref: Some(key.as_str()),
                 key_version: None,
                 key_state: None,
+                approvers: &[],
                 caller,
                 fingerprint: Some(fingerprint.to_owned()),
             },
@@ -1450,6 +1527,7 @@ impl Keyring {
                 key_ref: Some(&entry.key_ref),
                 key_version: Some(entry.key_version),
                 key_state: None,
+                approvers: &[],
                 caller,
                 fingerprint: Some(fingerprint.clone()),
             };
@@ -1600,6 +1678,7 @@ impl Keyring {
                         key_ref: Some(&entry.key_ref),
                         key_version: Some(entry.key_version),
                         key_state: None,
+                        approvers: &[],
                         caller,
                         fingerprint: Some(fingerprint.clone()),
                     },
@@ -1664,6 +1743,7 @@ impl Keyring {
                 key_ref: Some(first.as_str()),
                 key_version: None,
                 key_state: None,
+                approvers: &[],
                 caller,
                 fingerprint: Some(fingerprint.clone()),
             },
@@ -1748,6 +1828,7 @@ impl Keyring {
             key_ref: Some(&first.key_ref),
             key_version: Some(first.key_version),
             key_state: None,
+            approvers: &[],
             caller,
             fingerprint: Some(self.context_fingerprint(context)),
         };
@@ -1810,19 +1891,24 @@ impl Keyring {
     // Lifecycle verbs
     // -----------------------------------------------------------------------
 
-    /// One lifecycle verb through [`call`](Self::call). `target` is the
-    /// state the verb moves the version to (recorded in its event whatever
-    /// the outcome); the public verbs check the actor first
-    /// ([`require_actor`](Self::require_actor)).
+    /// One lifecycle verb through [`call`](Self::call). `change.target`
+    /// is the state the verb moves the version to (recorded in its event
+    /// whatever the outcome); the public verbs check the actor first
+    /// ([`require_actor`](Self::require_actor)), and dual control for the
+    /// verbs it guards.
     async fn manage<'a>(
         &'a self,
         operation: Operation,
         key: &'a KeyRef,
-        version: Option<u32>,
-        target: Option<KeyState>,
+        change: Change<'a>,
         caller: &'a Caller,
         fut: impl FnOnce(&'a Arc<dyn KeyProvider>) -> crate::provider::BoxFuture<'a, Result<KeyInfo>>,
     ) -> Result<KeyInfo> {
+        let Change {
+            version,
+            target,
+            approvers,
+        } = change;
         let provider = self.provider_for(key)?;
         let changes = operation != Operation::Describe;
         // The primary a rotation moves away from, as last described.
@@ -1841,6 +1927,7 @@ impl Keyring {
                     key_ref: Some(key.as_str()),
                     key_version: version,
                     key_state: target,
+                    approvers,
                     caller,
                     fingerprint: None,
                 },
@@ -1901,7 +1988,7 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn describe(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
-        self.manage(Operation::Describe, key, None, None, caller, |p| {
+        self.manage(Operation::Describe, key, Change::NONE, caller, |p| {
             p.describe(key)
         })
         .await
@@ -1928,7 +2015,11 @@ impl Keyring {
     pub async fn create_key(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
         let target = Some(KeyState::Enabled);
         self.require_actor(Operation::CreateKey, key, None, target, caller)?;
-        self.manage(Operation::CreateKey, key, None, target, caller, |p| {
+        let change = Change {
+            target,
+            ..Change::NONE
+        };
+        self.manage(Operation::CreateKey, key, change, caller, |p| {
             p.create_key(key)
         })
         .await
@@ -1984,8 +2075,10 @@ impl Keyring {
         self.manage(
             Operation::Rotate,
             key,
-            None,
-            Some(KeyState::Enabled),
+            Change {
+                target: Some(KeyState::Enabled),
+                ..Change::NONE
+            },
             caller,
             |p| p.rotate(key),
         )
@@ -2000,6 +2093,9 @@ impl Keyring {
     /// it does not allow with [`ProviderErrorKind::InvalidState`] or
     /// [`ProviderErrorKind::KeyDestroyed`]. Cached data keys of `key` are
     /// flushed.
+    /// Under [dual control](crate::approval) the changes it guards are
+    /// refused without approvals: use
+    /// [`set_state_approved`](Self::set_state_approved).
     ///
     /// [`ProviderErrorKind::InvalidState`]: crate::provider::ProviderErrorKind::InvalidState
     /// [`ProviderErrorKind::KeyDestroyed`]: crate::provider::ProviderErrorKind::KeyDestroyed
@@ -2031,17 +2127,46 @@ impl Keyring {
         state: KeyState,
         caller: &Caller,
     ) -> Result<KeyInfo> {
+        self.set_state_approved(key, version, state, caller, &[])
+            .await
+    }
+
+    /// [`set_state`](Self::set_state) with the custodians' approvals of a
+    /// keyring under [dual control](crate::approval)
+    /// ([`KeyringBuilder::dual_control`]): moving a version to disabled,
+    /// enabled or decrypt-only is refused with [`Error::Approval`] (and an
+    /// event, outcome `failed:approval`) unless `approvals` hold valid ones
+    /// of that exact change (operation `disable`, `enable` or
+    /// `decrypt-only`, this `key` spelled as here, this `version`) from the
+    /// threshold of distinct registered custodians. Checked after the actor
+    /// and before the policy hook or any provider call; the approvals are
+    /// spent once accepted, whatever the provider answers. A verb the dual
+    /// control does not guard ignores `approvals`; a keyring without dual
+    /// control refuses any.
+    pub async fn set_state_approved(
+        &self,
+        key: &KeyRef,
+        version: u32,
+        state: KeyState,
+        caller: &Caller,
+        approvals: &[Approval],
+    ) -> Result<KeyInfo> {
         if state == KeyState::Destroyed {
             return Err(Error::KeyLifecycle(format!(
                 "set_state cannot destroy {key} version {version}: use destroy, which erases the key material (backup keys destroy {key} --version {version})"
             )));
         }
         self.require_actor(Operation::SetState, key, Some(version), Some(state), caller)?;
+        let approvers =
+            self.check_approvals(Operation::SetState, key, version, state, caller, approvals)?;
         self.manage(
             Operation::SetState,
             key,
-            Some(version),
-            Some(state),
+            Change {
+                version: Some(version),
+                target: Some(state),
+                approvers: &approvers,
+            },
             caller,
             |p| p.set_state(key, version, state),
         )
@@ -2094,6 +2219,9 @@ impl Keyring {
     /// and again after, so a destroyed key is never served from the cache.
     /// What "destroyed" means per provider (erased bytes, a destroyed HSM
     /// object, a KMS deletion window) is in `docs/KEY-LIFECYCLE.md`.
+    /// Under [dual control](crate::approval) this passes no approvals and
+    /// is refused with [`Error::Approval`]: use
+    /// [`destroy_approved`](Self::destroy_approved).
     ///
     /// [`ProviderErrorKind::KeyDestroyed`]: crate::provider::ProviderErrorKind::KeyDestroyed
     ///
@@ -2126,18 +2254,66 @@ impl Keyring {
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub async fn destroy(&self, key: &KeyRef, version: u32, caller: &Caller) -> Result<KeyInfo> {
+        self.destroy_approved(key, version, caller, &[]).await
+    }
+
+    /// [`destroy`](Self::destroy) with the custodians' approvals of a
+    /// keyring under [dual control](crate::approval)
+    /// ([`KeyringBuilder::dual_control`]): refused with [`Error::Approval`]
+    /// (and an event, outcome `failed:approval`) unless `approvals` hold
+    /// valid approvals of operation `destroy` of this `key` (spelled as
+    /// here) and `version` from the threshold of distinct registered
+    /// custodians. Checked after the actor and before the policy hook or
+    /// any provider call, so a refused destroy changes nothing; the
+    /// approvals are spent once accepted, whatever the provider answers.
+    /// The event of the destroy names the approvers
+    /// ([`Event::approvers`]).
+    pub async fn destroy_approved(
+        &self,
+        key: &KeyRef,
+        version: u32,
+        caller: &Caller,
+        approvals: &[Approval],
+    ) -> Result<KeyInfo> {
         let target = Some(KeyState::Destroyed);
         self.require_actor(Operation::Destroy, key, Some(version), target, caller)?;
+        let approvers = self.check_approvals(
+            Operation::Destroy,
+            key,
+            version,
+            KeyState::Destroyed,
+            caller,
+            approvals,
+        )?;
         self.manage(
             Operation::Destroy,
             key,
-            Some(version),
-            target,
+            Change {
+                version: Some(version),
+                target,
+                approvers: &approvers,
+            },
             caller,
             |p| p.destroy(key, version),
         )
         .await
     }
+}
+
+/// What a lifecycle verb changes: the version, the state it moves it to,
+/// and the custodians who approved it (dual control).
+struct Change<'a> {
+    version: Option<u32>,
+    target: Option<KeyState>,
+    approvers: &'a [String],
+}
+
+impl Change<'_> {
+    const NONE: Change<'static> = Change {
+        version: None,
+        target: None,
+        approvers: &[],
+    };
 }
 
 /// Lowercase hex.
@@ -2269,6 +2445,7 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::Decrypt => "decrypt",
         Error::Provider(p) => ProviderError::kind(p).as_str(),
         Error::PolicyDenied(_) => "policy-denied",
+        Error::Approval(_) => "approval",
         Error::Audit(_) => "audit",
         Error::NoMatchingKey(_) => "no-matching-key",
         Error::KeyLifecycle(_) => "key-lifecycle",

@@ -4,6 +4,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 #![warn(missing_debug_implementations)]
 
+pub mod approval;
 pub mod atomic;
 pub mod audit;
 pub mod cache;

@@ -795,3 +795,47 @@ fn a_chunk_that_failed_is_never_readable() {
     );
     assert_eq!(probe, [0xEE; 64]);
 }
+
+#[tokio::test]
+async fn custodian_keys_print_no_seed_nor_do_dual_control_errors_and_events() {
+    use phi_envelope::approval::{CustodianKey, DualControl, GuardedOperation};
+
+    let seed: [u8; 32] = secret(32, 0x31).try_into().unwrap();
+    let key = CustodianKey::from_seed("alice", &seed).unwrap();
+    assert_debug_clean("CustodianKey", &key, &[&seed]);
+    assert_not_impl!(CustodianKey: Clone, std::fmt::Display, serde::Serialize);
+    let kref: KeyRef = "spy:records".parse().unwrap();
+    let approval = key
+        .approve(
+            GuardedOperation::Destroy,
+            &kref,
+            1,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_debug_clean("Approval", &approval, &[&seed]);
+    assert_clean("Approval::to_json", &approval.to_json(), &[&seed]);
+    let dual = DualControl::new(vec![key.custodian()], 1).unwrap();
+    assert_debug_clean("DualControl", &dual, &[&seed]);
+
+    let sink = Arc::new(MemorySink::new());
+    let (spy, _) = Spy::new("spy");
+    let keyring = Keyring::builder()
+        .provider(spy)
+        .event_sink(sink.clone())
+        .dual_control(dual)
+        .build()
+        .unwrap();
+    assert_debug_clean("Keyring under dual control", &keyring, &[&seed]);
+    let caller = phi_envelope::Caller::new("ops", "retire");
+    let mut tampered = approval.clone();
+    tampered.signature[0] ^= 1;
+    let err = keyring
+        .destroy_approved(&kref, 1, &caller, &[tampered])
+        .await
+        .unwrap_err();
+    assert_clean("dual-control error", &err.to_string(), &[&seed]);
+    for e in sink.take() {
+        assert_clean("dual-control event", &e.to_json(), &[&seed]);
+    }
+}

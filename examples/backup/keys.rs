@@ -309,6 +309,9 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
     if let Some(log) = open_audit_log(g)? {
         builder = builder.event_sink(log);
     }
+    if let Some(dual) = crate::custodian::dual_control(g)? {
+        builder = builder.dual_control(dual);
+    }
     let keyring = Arc::new(builder.build()?);
     let keys = Keys {
         rt,
@@ -506,22 +509,37 @@ pub fn rotate(g: &Global, key: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn set_state(g: &Global, key: &str, version: u32, state: KeyState) -> Result<(), CliError> {
+pub fn set_state(
+    g: &Global,
+    key: &str,
+    version: u32,
+    state: KeyState,
+    approval_files: &[PathBuf],
+) -> Result<(), CliError> {
     let key = key_ref(key)?;
+    let approvals = crate::custodian::read_approvals(approval_files)?;
     let keys = connect(g, &schemes_of([&key]), Local::Open)?;
-    let info = keys.block_on(keys.keyring.set_state(
+    let info = keys.block_on(keys.keyring.set_state_approved(
         &key,
         version,
         state,
         &keys.manager("key-management"),
+        &approvals,
     ))?;
     println!("{key} version {version} is now {state}");
     print_info(&info, false);
     Ok(())
 }
 
-pub fn destroy(g: &Global, key: &str, version: u32, yes: bool) -> Result<(), CliError> {
+pub fn destroy(
+    g: &Global,
+    key: &str,
+    version: u32,
+    yes: bool,
+    approval_files: &[PathBuf],
+) -> Result<(), CliError> {
     let key = key_ref(key)?;
+    let approvals = crate::custodian::read_approvals(approval_files)?;
     let terminal = io::stdin().is_terminal() && io::stderr().is_terminal();
     if !yes && !terminal {
         // A script, a cron job, a pipe: nobody can confirm, and silence
@@ -548,10 +566,11 @@ pub fn destroy(g: &Global, key: &str, version: u32, yes: bool) -> Result<(), Cli
         }
     }
     let keys = connect(g, &schemes_of([&key]), Local::Open)?;
-    let info = keys.block_on(keys.keyring.destroy(
+    let info = keys.block_on(keys.keyring.destroy_approved(
         &key,
         version,
         &keys.manager("key-destruction"),
+        &approvals,
     ))?;
     println!("{key} version {version} is destroyed: backups wrapped only under it can no longer be decrypted");
     print_info(&info, false);

@@ -75,6 +75,18 @@ pub(crate) fn push_event(out: &mut String, e: &Event) {
         push_key(out, "key_state", false);
         push_str(out, state.as_str());
     }
+    // Likewise only when there are approvers (dual control).
+    if !e.approvers.is_empty() {
+        push_key(out, "approvers", false);
+        out.push('[');
+        for (i, a) in e.approvers.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_str(out, a);
+        }
+        out.push(']');
+    }
     push_key(out, "actor", false);
     push_opt_str(out, e.actor.as_deref());
     push_key(out, "purpose", false);
@@ -118,6 +130,15 @@ pub(crate) fn event_from_value(v: &Value) -> Result<Event, String> {
         }
         Some(_) => return Err("field \"key_state\" must be a string when present".into()),
     };
+    let approvers = match obj.get("approvers") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<String>>>()
+            .ok_or("field \"approvers\" must be an array of strings")?,
+        Some(_) => return Err("field \"approvers\" must be an array when present".into()),
+    };
     let actor = opt_str(obj, "actor")?;
     let purpose = opt_str(obj, "purpose")?;
     let context_fingerprint = opt_str(obj, "context_fingerprint")?;
@@ -132,6 +153,7 @@ pub(crate) fn event_from_value(v: &Value) -> Result<Event, String> {
         key_ref,
         key_version,
         key_state,
+        approvers,
         actor,
         purpose,
         context_fingerprint,

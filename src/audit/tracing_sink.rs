@@ -6,7 +6,7 @@ use super::json::{duration_us, format_timestamp};
 
 /// Emits one `tracing` event per key-access [`Event`], with target
 /// `phi_envelope::audit` and structured fields `timestamp`, `operation`,
-/// `provider`, `key_ref`, `key_version`, `key_state`, `actor`, `purpose`,
+/// `provider`, `key_ref`, `key_version`, `key_state`, `approvers`, `actor`, `purpose`,
 /// `context_fingerprint`, `outcome` and `duration_us` (absent values are
 /// left out). Successes are logged at `INFO`, denials, rejections and
 /// failures at `WARN`.
@@ -36,6 +36,7 @@ macro_rules! emit {
             key_ref = $e.key_ref.as_deref(),
             key_version = $e.key_version,
             key_state = $e.key_state.map(|s| s.as_str()),
+            approvers = ?$e.approvers,
             actor = $e.actor.as_deref(),
             purpose = $e.purpose.as_deref(),
             context_fingerprint = $e.context_fingerprint.as_deref(),

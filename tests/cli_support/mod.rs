@@ -114,6 +114,7 @@ impl Env {
             .env_remove("PHI_ENVELOPE_AUDIT_KEY_FILE")
             .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY")
             .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY_FILE")
+            .env_remove("PHI_ENVELOPE_CUSTODIANS")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null());
         c
