@@ -363,7 +363,11 @@ impl CustodianKey {
     /// seed 64-HEX-DIGITS
     /// ```
     pub fn to_file_text(&self) -> Zeroizing<String> {
-        let mut s = Zeroizing::new(String::with_capacity(128));
+        // Sized up front: a reallocation would leave the seed's hex in a
+        // freed buffer.
+        let mut s = Zeroizing::new(String::with_capacity(
+            CUSTODIAN_KEY_FORMAT.len() + self.id.len() + 2 * self.seed.len() + 32,
+        ));
         s.push_str(CUSTODIAN_KEY_FORMAT);
         s.push_str("\ncustodian ");
         s.push_str(&self.id);
@@ -807,7 +811,9 @@ impl ApprovalChecker {
                     ),
                 ));
             }
-            if spent.contains_key(&(who.clone(), a.nonce.clone())) {
+            // By nonce alone: the same signed approval relabelled with
+            // another custodian id is the same approval.
+            if spent.keys().any(|(_, nonce)| *nonce == a.nonce) {
                 return Err(refuse(
                     &approvers,
                     format!("{what} refused: approval {n} (custodian {who}) was already used (an approval is good for one operation); ask {who} for a new one"),
@@ -914,12 +920,12 @@ fn spend_in_file(
         Some(i) => &text[..=i],
         None => "",
     };
-    let mut used: std::collections::HashSet<(&str, Vec<u8>)> = std::collections::HashSet::new();
+    let mut used: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     for (n, line) in complete.lines().enumerate() {
         let bad =
             || std::io::Error::other(format!("line {} is not `spent ID NONCE EXPIRY`", n + 1));
         let mut f = line.split(' ');
-        let (Some("spent"), Some(id), Some(nonce), Some(expiry), None) =
+        let (Some("spent"), Some(_id), Some(nonce), Some(expiry), None) =
             (f.next(), f.next(), f.next(), f.next(), f.next())
         else {
             return Err(bad());
@@ -927,19 +933,20 @@ fn spend_in_file(
         let expiry: u64 = expiry.parse().map_err(|_| bad())?;
         let nonce = unhex(nonce).ok_or_else(bad)?;
         if expiry > now {
-            used.insert((id, nonce));
+            // By nonce alone (see `check`).
+            used.insert(nonce);
         }
     }
-    if let Some(i) = approvals
-        .iter()
-        .position(|a| used.contains(&(a.custodian.as_str(), a.nonce.clone())))
-    {
+    if let Some(i) = approvals.iter().position(|a| used.contains(&a.nonce)) {
         return Ok(Some(i));
     }
-    let mut add = String::new();
-    if !text.is_empty() && !text.ends_with('\n') {
-        add.push('\n');
+    // Cut a torn last line off (under the lock, so no live writer is
+    // writing it) rather than complete it into a line that would refuse
+    // every later verb.
+    if complete.len() < text.len() {
+        file.set_len(complete.len() as u64)?;
     }
+    let mut add = String::new();
     for a in approvals {
         add.push_str(&format!(
             "spent {} {} {}\n",
@@ -971,7 +978,11 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         return None;
     }
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    b.chunks(2)
-        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
-        .collect()
+    // Sized up front: it may decode a seed, and growing would leave pieces
+    // of it in freed buffers.
+    let mut out = Vec::with_capacity(b.len() / 2);
+    for p in b.chunks(2) {
+        out.push(digit(p[0])? << 4 | digit(p[1])?);
+    }
+    Some(out)
 }

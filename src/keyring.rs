@@ -729,8 +729,11 @@ impl Keyring {
         &self.recipients
     }
 
-    /// The provider with id `id`.
-    pub fn provider(&self, id: &str) -> Option<&Arc<dyn KeyProvider>> {
+    /// The provider with id `id`. Not public: a provider reached past the
+    /// keyring would skip its actor check, approvals, policy, events and
+    /// audit log (an application that needs a provider's own methods keeps
+    /// its own `Arc` to it).
+    pub(crate) fn provider(&self, id: &str) -> Option<&Arc<dyn KeyProvider>> {
         self.providers.iter().find(|p| p.id() == id)
     }
 

@@ -704,8 +704,8 @@ async fn a_shared_spent_file_refuses_replays_across_keyrings() {
     );
     assert_eq!(second.provider_calls(), calls, "a provider was called");
 
-    // A write cut short (no final newline) is ignored and does not glue
-    // itself to the next line; fresh approvals go through.
+    // A write cut short (no final newline) is ignored and cut off under the
+    // lock; fresh approvals go through.
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&spent)
@@ -723,9 +723,13 @@ async fn a_shared_spent_file_refuses_replays_across_keyrings() {
         .set_state_approved(&key, 1, KeyState::Disabled, &operator(), &fresh)
         .await
         .unwrap();
+    // The torn line was cut off, not completed into a line that would
+    // refuse every later verb: every line is whole.
     let text = std::fs::read_to_string(&spent).unwrap();
-    assert_eq!(text.lines().count(), 5, "{text}");
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(!text.contains("carol"), "{text}");
     assert!(text.ends_with('\n'));
+    assert!(text.lines().all(|l| l.split(' ').count() == 4), "{text}");
 
     // A damaged file refuses the verb (fail closed) and says where.
     std::fs::write(&spent, "spent alice not-hex 1\n").unwrap();

@@ -155,6 +155,14 @@ fn parse_duration(text: &str) -> Result<Duration, CliError> {
     if secs == 0 {
         return Err(bad());
     }
+    // An approval is for one operation soon; keyrings refuse one valid for
+    // longer than their max-validity (24 h unless configured) anyway.
+    const MAX_SECS: u64 = 30 * 86_400;
+    if secs > MAX_SECS {
+        return Err(CliError::usage(format!(
+            "--expires-in {text:?} is longer than 30 days: an approval is for one operation, soon"
+        )));
+    }
     Ok(Duration::from_secs(secs))
 }
 
