@@ -442,7 +442,7 @@ impl CliError {
     pub fn interrupted() -> CliError {
         CliError::new(
             exit::INTERRUPTED,
-            "interrupted; the temporary output was removed and nothing was written under the output name".into(),
+            "interrupted; the temporary output was removed and nothing was written under the output name (on stdout, what was already written stays with its reader)".into(),
         )
     }
 
@@ -591,13 +591,26 @@ pub const AUDIT_LOG_SETTING: &str =
 /// retired (disabled) version is never to be enabled again: that makes it
 /// the primary and undoes the rotation; decrypt-only is the fix.
 fn provider_message(p: &phi_envelope::provider::ProviderError) -> String {
-    let fact = provider_fact(p.message());
+    // Only the local keystore's advice names library calls; another
+    // provider's message is kept whole: it carries the operator's next step
+    // (a KMS key pending deletion can still be recovered, the denied
+    // principal, the token's own reason).
+    let fact = if p.provider() == "local" {
+        provider_fact(p.message())
+    } else {
+        p.message().to_owned()
+    };
     let (key, version) = key_and_version(&fact);
     let key = key.unwrap_or_else(|| "REF".into());
     let hint = match (p.kind(), version) {
-        (ProviderErrorKind::KeyDestroyed, _) => {
+        (ProviderErrorKind::KeyDestroyed, _) if p.provider() == "local" => {
             " (the key version was destroyed: backups wrapped only under it are gone for good; \
              restore from a copy wrapped to another key, if there is one)"
+                .to_owned()
+        }
+        (ProviderErrorKind::KeyDestroyed, _) => {
+            " (unless the provider can still recover the key, as its message says when it can, \
+             backups wrapped only under it are gone: restore from a copy wrapped to another key)"
                 .to_owned()
         }
         (ProviderErrorKind::KeyDisabled, Some(v)) => format!(

@@ -426,3 +426,33 @@ fn error_hints_name_cli_commands_and_never_enable_for_a_retired_version() {
     assert!(err.contains("backup keys rotate local:backups"), "{err}");
     assert!(!env.path("x").exists() && !env.path("y.phi").exists());
 }
+
+/// A dropped terminal or ssh session (SIGHUP) and Ctrl-\ (SIGQUIT) are
+/// interrupts like Ctrl-C: the producer that dies of the same hangup ends
+/// the input, and nothing is committed nor left behind.
+#[test]
+fn sighup_and_sigquit_then_end_of_input_commit_nothing() {
+    for (name, number) in [("-HUP", 1), ("-QUIT", 3)] {
+        let env = Env::new();
+        env.ok(&["keys", "init"]);
+        let mut child = encrypt_from_pipe(&env, &[]);
+        let pid = child.id();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&vec![7u8; 100_000]).unwrap();
+        wait_until("the CLI waits for more input", || {
+            blocked_reading_stdin(pid)
+        });
+        signal(pid, name);
+        wait_until("the signal is delivered", || signal_delivered(pid, number));
+        drop(stdin);
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(code(&o), 130, "{name}: {err}");
+        assert!(err.contains("interrupted"), "{name}: {err}");
+        assert!(!env.path("out.phi").exists(), "{name}: committed");
+        assert!(
+            temps(env.dir.path()).is_empty(),
+            "{name}: a temporary file is left"
+        );
+    }
+}

@@ -27,6 +27,10 @@ pub fn install_signal_handlers() {
     for (signal, status) in [
         (signal_hook::consts::SIGINT, 130),
         (signal_hook::consts::SIGTERM, 143),
+        // A dropped terminal or ssh session, and Ctrl-\: the same, so that
+        // no temporary file is left and no short input is committed.
+        (signal_hook::consts::SIGHUP, 129),
+        (signal_hook::consts::SIGQUIT, 131),
     ] {
         // Order matters: the conditional shutdown sees the flag set by the
         // first signal only when a second one arrives.
@@ -35,7 +39,7 @@ pub fn install_signal_handlers() {
     }
 }
 
-/// True once SIGINT or SIGTERM arrived.
+/// True once SIGINT, SIGTERM, SIGHUP or SIGQUIT arrived.
 pub fn interrupted() -> bool {
     INTERRUPTED
         .get()
