@@ -337,6 +337,18 @@ fn last_line(path: &Path) -> String {
     text.split_inclusive('\n').next_back().unwrap().to_owned()
 }
 
+/// The line a writer that resumed from a log holding `content` would
+/// append for event `i` of `id` (written in a copy, never in the log).
+fn line_another_writer_appends(content: &[u8], id: &str, i: u64) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("audit.jsonl");
+    fs::write(&copy, content).unwrap();
+    let w = AuditLog::builder().audit_key(key()).open(&copy).unwrap();
+    w.append(&ev(id, i, 0)).unwrap();
+    drop(w);
+    last_line(&copy)
+}
+
 fn append_raw(path: &Path, bytes: &[u8]) {
     OpenOptions::new()
         .append(true)
@@ -384,13 +396,10 @@ async fn a_writer_refuses_a_forked_chain_and_says_how_to_rotate() {
 
     // The other writer resumed from the same tail and appended its own
     // entry with the same sequence number.
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = other_dir.path().join("audit.jsonl");
-    fs::write(&other, &before).unwrap();
-    let o = AuditLog::builder().audit_key(key()).open(&other).unwrap();
-    o.append(&ev("other-writer", 1, 0)).unwrap();
-    drop(o);
-    append_raw(&path, last_line(&other).as_bytes());
+    append_raw(
+        &path,
+        line_another_writer_appends(&before, "other-writer", 1).as_bytes(),
+    );
 
     // The fork is what verify reports...
     let bad = Verifier::new().key(key()).verify(&path).unwrap_err();
@@ -479,13 +488,7 @@ fn a_line_torn_by_another_writer_is_refused_or_repaired() {
             .unwrap();
         log.append(&ev("this-writer", 0, 0)).unwrap();
         // What the other writer would have written next, cut in half.
-        let copy_dir = tempfile::tempdir().unwrap();
-        let copy = copy_dir.path().join("audit.jsonl");
-        fs::copy(&path, &copy).unwrap();
-        let c = AuditLog::builder().audit_key(key()).open(&copy).unwrap();
-        c.append(&ev("killed-writer", 0, 0)).unwrap();
-        drop(c);
-        let line = last_line(&copy);
+        let line = line_another_writer_appends(&fs::read(&path).unwrap(), "killed-writer", 0);
         append_raw(&path, &line.as_bytes()[..line.len() / 2]);
         let torn = fs::read(&path).unwrap();
 

@@ -526,6 +526,37 @@ fn damaged_advice(bad: &BadLine) -> String {
     }
 }
 
+/// How a path stopped naming the file a writer holds open.
+enum Gone {
+    /// Another file is there now.
+    Replaced,
+    /// Nothing is there (moved away or removed).
+    Removed,
+}
+
+/// Whether `path` still names `held` (same device and inode), and if not,
+/// how; one `fstat` and one `lstat`. Always "yes" where there are no
+/// inodes to compare (not unix).
+fn path_still_names(path: &Path, held: &File) -> Result<Option<Gone>, SinkError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let fail = |e: io::Error| SinkError(format!("audit log {}: {e}", path.display()));
+        let held = held.metadata().map_err(fail)?;
+        match std::fs::symlink_metadata(path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => Ok(None),
+            Ok(_) => Ok(Some(Gone::Replaced)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(Gone::Removed)),
+            Err(e) => Err(fail(e)),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, held);
+        Ok(None)
+    }
+}
+
 /// An exclusive advisory lock (`flock`) on a log's first file, released
 /// on drop, on every path.
 struct Exclusive<'a>(&'a File);
@@ -1164,50 +1195,19 @@ impl Config {
     /// With the lock held: whether the file this writer appends to is
     /// still the one its path names (not renamed, replaced or removed).
     fn current_file_moved(&self, st: &State) -> Result<bool, SinkError> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            let held = st
-                .file
-                .metadata()
-                .map_err(|e| SinkError(format!("audit log {}: {e}", st.path.display())))?;
-            match std::fs::symlink_metadata(&st.path) {
-                Ok(now) => Ok(now.dev() != held.dev() || now.ino() != held.ino()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
-                Err(e) => Err(SinkError(format!("audit log {}: {e}", st.path.display()))),
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = st;
-            Ok(false)
-        }
+        Ok(path_still_names(&st.path, &st.file)?.is_some())
     }
 
     /// With the lock held: whether the log's first file is no longer the
     /// file whose lock this writer holds (moved away, e.g. to an evidence
-    /// directory, or replaced), and how; one `lstat` and one `fstat`.
+    /// directory, or replaced), and how.
     fn replaced(&self) -> Result<Option<&'static str>, SinkError> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            let held = self
-                .lock
-                .metadata()
-                .map_err(|e| SinkError(format!("audit log {}: {e}", self.base.display())))?;
-            match std::fs::symlink_metadata(&self.base) {
-                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => Ok(None),
-                Ok(_) => Ok(Some("its first file was replaced")),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    Ok(Some("its first file was moved away or removed"))
-                }
-                Err(e) => Err(SinkError(format!("audit log {}: {e}", self.base.display()))),
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            Ok(None)
-        }
+        Ok(
+            path_still_names(&self.base, &self.lock)?.map(|how| match how {
+                Gone::Replaced => "its first file was replaced",
+                Gone::Removed => "its first file was moved away or removed",
+            }),
+        )
     }
 
     /// Starts the next file, whose header chains to the current last line.
