@@ -184,15 +184,19 @@ fn entry(message: &[u8], index: usize) -> WrappedKey {
     Header::parse(message).unwrap().0.recipients()[index].clone()
 }
 
-/// A token whose only policy is `policy` (HCL), written by the test.
-fn token_with_policy(name: &str, policy: &str) -> VaultToken {
-    let root = var("VAULT_TOKEN");
+/// Writes the policy `policy` (HCL) under `name`, with the root token.
+fn write_policy(name: &str, policy: &str) {
     bao_at(
         &addr(),
-        &root,
+        &var("VAULT_TOKEN"),
         &["policy", "write", name, "-"],
         Some(policy),
     );
+}
+
+/// A token whose only policy is `policy` (HCL), written by the test.
+fn token_with_policy(name: &str, policy: &str) -> VaultToken {
+    write_policy(name, policy);
     let token = bao(&[
         "token",
         "create",
@@ -976,12 +980,7 @@ fn seal_open_policy(key: &KeyRef) -> String {
 fn app_role_mount(policy: &str, settings: &[&str]) -> (String, String) {
     let mount = unique("approle");
     let policy_name = unique("approle-policy");
-    bao_at(
-        &addr(),
-        &var("VAULT_TOKEN"),
-        &["policy", "write", &policy_name, "-"],
-        Some(policy),
-    );
+    write_policy(&policy_name, policy);
     bao(&["auth", "enable", &format!("-path={mount}"), "approle"]);
     let role = format!("auth/{mount}/role/r");
     let mut args = vec![
@@ -993,6 +992,14 @@ fn app_role_mount(policy: &str, settings: &[&str]) -> (String, String) {
     bao(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let role_id = bao(&["read", "-field=role_id", &format!("{role}/role-id")]);
     (mount, role_id)
+}
+
+/// The AppRole identity of role `r` on `mount`, with `secret_id`.
+fn app_role(mount: &str, role_id: &str, secret_id: &str) -> VaultAppRole {
+    VaultAppRole::new(role_id, secret_id)
+        .unwrap()
+        .mount(mount)
+        .unwrap()
 }
 
 fn new_secret_id(mount: &str) -> String {
@@ -1008,12 +1015,7 @@ fn new_secret_id(mount: &str) -> String {
 /// or not (its policies include `default`: lookup-self, renew-self).
 fn token_for(key: &KeyRef, ttl: &str, renewable: bool) -> String {
     let policy = unique("renewal-policy");
-    bao_at(
-        &addr(),
-        &var("VAULT_TOKEN"),
-        &["policy", "write", &policy, "-"],
-        Some(&seal_open_policy(key)),
-    );
+    write_policy(&policy, &seal_open_policy(key));
     bao(&[
         "token",
         "create",
@@ -1086,10 +1088,7 @@ async fn app_role_logs_in_once_and_renews() {
         &["token_ttl=20s", "token_max_ttl=1h", "secret_id_num_uses=1"],
     );
     let secret = new_secret_id(&mount);
-    let role = VaultAppRole::new(&role_id, &secret)
-        .unwrap()
-        .mount(&mount)
-        .unwrap();
+    let role = app_role(&mount, &role_id, &secret);
     let p = provider_with(config().app_role(role));
     let debug = format!("{p:?}");
     assert!(
@@ -1137,10 +1136,7 @@ async fn a_denied_request_keeps_the_app_role_token() {
         &seal_open_policy(&allowed),
         &["token_ttl=1h", "secret_id_num_uses=1"],
     );
-    let role = VaultAppRole::new(&role_id, &new_secret_id(&mount))
-        .unwrap()
-        .mount(&mount)
-        .unwrap();
+    let role = app_role(&mount, &role_id, &new_secret_id(&mount));
     let p = provider_with(config().app_role(role));
     assert_eq!(
         envelope(p.clone(), &allowed)
@@ -1179,10 +1175,7 @@ async fn app_role_logs_in_again_after_expiry_or_revocation_from_its_secret_file(
         &seal_open_policy(&key),
         &["token_ttl=3s", "token_max_ttl=3s"],
     );
-    let role = VaultAppRole::new(&short_role, &new_secret_id(&short_mount))
-        .unwrap()
-        .mount(&short_mount)
-        .unwrap();
+    let role = app_role(&short_mount, &short_role, &new_secret_id(&short_mount));
     let env = envelope(provider_with(config().app_role(role)), &key);
     assert_eq!(env.open(&m, &c).await.unwrap(), b"opened again");
     tokio::time::sleep(Duration::from_secs(4)).await;
