@@ -168,9 +168,10 @@
 //! file away (to an evidence directory, say) or replacing it while writers
 //! run would let a writer that still has the old file open and one that
 //! opens the new one each hold "the" lock: under the lock, every append
-//! checks that the path still names the file it locks (one `lstat`), and a
-//! writer that finds it moved or replaced refuses every later entry until
-//! it is reopened. Locks are per host unless the file system shares them
+//! checks that the path still names the file it locks, and that the path
+//! of the file it appends to still names that file (one `fstat` and one
+//! `lstat` each); a writer that finds either moved or replaced refuses
+//! every later entry (the second also leaves the marker described above). Locks are per host unless the file system shares them
 //! (NFS does, through its lock manager).
 //!
 //! The writer opens every file of the log with `O_NOFOLLOW` and
