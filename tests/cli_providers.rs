@@ -1,26 +1,28 @@
 //! The `backup` CLI with an HSM key (SoftHSM2), when the tests are built
 //! with the `pkcs11` feature and run under scripts/test-services.sh (which
-//! exports PHI_PKCS11_MODULE, PHI_PKCS11_TOKEN and PHI_PKCS11_PIN). Skipped
-//! (with a note) otherwise.
+//! exports PHI_PKCS11_MODULE, PHI_PKCS11_TOKEN and PHI_PKCS11_PIN). Without
+//! that environment the test fails loudly; it is never skipped.
 
-#[cfg(feature = "pkcs11")]
+#![cfg(feature = "pkcs11")]
+
 mod cli_support;
 
-#[cfg(feature = "pkcs11")]
 #[test]
 fn hsm_and_local_recipients_rotate_rewrap_and_restore_without_the_keystore() {
     use std::fs;
 
     use cli_support::Env;
 
-    let (Ok(module), Ok(token), Ok(pin)) = (
-        std::env::var("PHI_PKCS11_MODULE"),
-        std::env::var("PHI_PKCS11_TOKEN"),
-        std::env::var("PHI_PKCS11_PIN"),
-    ) else {
-        eprintln!("skipped: no SoftHSM2 token (run under scripts/test-services.sh)");
-        return;
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: run the tests with scripts/test.sh (or under scripts/test-services.sh)")
+        })
     };
+    let (module, token, pin) = (
+        var("PHI_PKCS11_MODULE"),
+        var("PHI_PKCS11_TOKEN"),
+        var("PHI_PKCS11_PIN"),
+    );
     let env = Env::new();
     let hsm = |args: &[&str]| {
         let mut c = env.cmd();
@@ -73,10 +75,4 @@ fn hsm_and_local_recipients_rotate_rewrap_and_restore_without_the_keystore() {
     fs::remove_dir_all(env.keystore.parent().unwrap()).unwrap();
     hsm(&["decrypt", "--context", "db=emr", "-o", "out", "d.phi"]);
     assert_eq!(fs::read(env.path("out")).unwrap(), b"dump under the HSM");
-}
-
-#[cfg(not(feature = "pkcs11"))]
-#[test]
-fn hsm_tests_need_the_pkcs11_feature() {
-    eprintln!("skipped: build the tests with --features pkcs11 (scripts/test.sh does)");
 }
