@@ -1,5 +1,6 @@
 //! The v1 wire format: header encoding and decoding, the canonical encryption
-//! context, and the body context that binds them. Pure: no I/O beyond the
+//! context, and the body context that binds them (with the optional
+//! associated data). Pure: no I/O beyond the
 //! `Read` it is given, no key providers. Every length read from input is
 //! bounded before anything is allocated.
 //!
@@ -21,6 +22,9 @@ pub use header::{
 /// The Cobblestone `context` of a message body: `MAGIC || version || suite ||
 /// canonical pairs`. It binds what must never change for the life of the
 /// message; the wrapped keys are not in it, so rewrap never touches the body.
+///
+/// This is the body context of a message without associated data; see
+/// [`body_context_with_ad`] for the other case.
 pub fn body_context(suite: Suite, ctx: &EncryptionContext) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAGIC.len() + 2 + 2 + 64);
     out.extend_from_slice(&MAGIC);
@@ -28,4 +32,48 @@ pub fn body_context(suite: Suite, ctx: &EncryptionContext) -> Vec<u8> {
     out.push(suite.id());
     ctx.write_canonical_pairs(&mut out);
     out
+}
+
+/// Most bytes of associated data a message may be bound to.
+pub const MAX_ASSOCIATED_DATA_LEN: usize = 65536;
+
+/// The marker byte that introduces associated data in a body context
+/// (docs/FORMAT.md, section 5.4).
+pub const ASSOCIATED_DATA_MARKER: u8 = 0x01;
+
+/// Refuses associated data over [`MAX_ASSOCIATED_DATA_LEN`] bytes with
+/// [`Error::InvalidAssociatedData`](crate::Error::InvalidAssociatedData).
+/// The error never repeats the data.
+pub fn check_associated_data(ad: &[u8]) -> crate::Result<()> {
+    if ad.len() > MAX_ASSOCIATED_DATA_LEN {
+        return Err(crate::Error::InvalidAssociatedData(
+            "longer than 65536 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// The Cobblestone `context` of a message body bound to associated data
+/// `ad` as well as to the encryption context: [`body_context`], followed,
+/// only when `ad` is not empty, by `0x01 || u32(len(ad)) || ad`
+/// (docs/FORMAT.md, section 5.4). Empty associated data is no associated
+/// data: the result is then exactly [`body_context`].
+///
+/// Associated data longer than [`MAX_ASSOCIATED_DATA_LEN`] is
+/// [`Error::InvalidAssociatedData`](crate::Error::InvalidAssociatedData).
+pub fn body_context_with_ad(
+    suite: Suite,
+    ctx: &EncryptionContext,
+    ad: &[u8],
+) -> crate::Result<Vec<u8>> {
+    check_associated_data(ad)?;
+    let mut out = body_context(suite, ctx);
+    if !ad.is_empty() {
+        out.reserve(1 + 4 + ad.len());
+        out.push(ASSOCIATED_DATA_MARKER);
+        // Bounded above, so the cast cannot truncate.
+        out.extend_from_slice(&(ad.len() as u32).to_be_bytes());
+        out.extend_from_slice(ad);
+    }
+    Ok(out)
 }
