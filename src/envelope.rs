@@ -19,12 +19,18 @@
 //!     .build()?;
 //! let envelope = Envelope::new(keyring).as_caller("lab-service", "store-result");
 //!
-//! let ctx = EncryptionContext::new().with("tenant", "st-mary")?.with("record_id", "42")?;
+//! let ctx = EncryptionContext::new().with("tenant", "st-mary")?;
 //! let sealed = envelope.seal(b"potassium 4.1 mmol/L", &ctx).await?;
 //! assert_eq!(envelope.open(&sealed, &ctx).await?, b"potassium 4.1 mmol/L");
 //!
-//! let other = EncryptionContext::new().with("tenant", "st-mary")?.with("record_id", "43")?;
+//! let other = EncryptionContext::new().with("tenant", "st-john")?;
 //! assert!(envelope.open(&sealed, &other).await.unwrap_err().is_decrypt());
+//!
+//! // A record id binds the body only (associated data): it reaches no
+//! // provider and does not split the data-key cache.
+//! let record = envelope.seal_with(b"sodium 140 mmol/L", &ctx, b"record 42").await?;
+//! assert_eq!(envelope.open_with(&record, &ctx, b"record 42").await?, b"sodium 140 mmol/L");
+//! assert!(envelope.open_with(&record, &ctx, b"record 43").await.unwrap_err().is_decrypt());
 //! # Ok(()) }
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
 //! ```

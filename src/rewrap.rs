@@ -6,7 +6,9 @@
 //! recipient set through [`Envelope::to_recipients`]) and re-tags the
 //! header; the body is copied byte for byte. The encryption context is
 //! required: providers bind it to the wrapped key, and the body is bound to
-//! it. The rewrapped message has only the new wrapped-key entries: once the
+//! it. Associated data
+//! ([`Envelope::seal_with`](crate::Envelope::seal_with)) is never needed:
+//! it binds only the body, which a rewrap copies unread. The rewrapped message has only the new wrapped-key entries: once the
 //! old key version is destroyed, a copy of the old message (a header kept
 //! from before the rewrap) no longer opens, while the rewrapped one does.
 //!
