@@ -116,16 +116,12 @@ async fn every_record_refuses_another_id() {
                 .unwrap(),
         );
     }
-    for i in 0..n {
+    for (i, m) in sealed.iter().enumerate() {
         for j in (0..n).filter(|&j| j != i) {
-            let e = f
-                .env
-                .open_with(&sealed[i], &ctx, &record_id(j))
-                .await
-                .unwrap_err();
+            let e = f.env.open_with(m, &ctx, &record_id(j)).await.unwrap_err();
             assert!(e.is_decrypt(), "{e:?}");
         }
-        let e = f.env.open(&sealed[i], &ctx).await.unwrap_err();
+        let e = f.env.open(m, &ctx).await.unwrap_err();
         assert!(e.is_decrypt());
         assert!(!format!("{e} {e:?}").contains(RECORD));
     }

@@ -77,3 +77,59 @@ pub fn body_context_with_ad(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUITE: Suite = Suite::Aes256GcmHkdfSha512;
+
+    #[test]
+    fn empty_associated_data_is_the_plain_body_context() {
+        let ctx = EncryptionContext::from_pairs([("tenant", "st-mary")]).unwrap();
+        assert_eq!(
+            body_context_with_ad(SUITE, &ctx, b"").unwrap(),
+            body_context(SUITE, &ctx)
+        );
+    }
+
+    #[test]
+    fn associated_data_field_layout_and_limit() {
+        let ctx = EncryptionContext::new();
+        let got = body_context_with_ad(SUITE, &ctx, b"42").unwrap();
+        assert_eq!(got, b"PHIENV\x01\x01\x00\x00\x01\x00\x00\x00\x0242");
+        let max = vec![0xA5; MAX_ASSOCIATED_DATA_LEN];
+        let got = body_context_with_ad(SUITE, &ctx, &max).unwrap();
+        assert_eq!(got[10..15], [0x01, 0x00, 0x01, 0x00, 0x00]);
+        assert_eq!(got.len(), 10 + 5 + MAX_ASSOCIATED_DATA_LEN);
+        let over = vec![0xA5; MAX_ASSOCIATED_DATA_LEN + 1];
+        assert!(matches!(
+            body_context_with_ad(SUITE, &ctx, &over),
+            Err(crate::Error::InvalidAssociatedData(_))
+        ));
+    }
+
+    /// Contexts and associated data that could be confused by a careless
+    /// encoding give distinct body contexts.
+    #[test]
+    fn context_and_associated_data_do_not_collide() {
+        let pairs = |p: &[(&str, &str)]| EncryptionContext::from_pairs(p.iter().copied()).unwrap();
+        let with_id = pairs(&[("id", "7")]);
+        let cases: Vec<(EncryptionContext, Vec<u8>)> = vec![
+            (EncryptionContext::new(), Vec::new()),
+            (EncryptionContext::new(), vec![0]),
+            (EncryptionContext::new(), vec![1]),
+            (EncryptionContext::new(), with_id.canonical_pairs()),
+            (with_id.clone(), Vec::new()),
+            (with_id.clone(), b"7".to_vec()),
+            (pairs(&[("id", "")]), b"7".to_vec()),
+            (pairs(&[("id", "7\x01")]), Vec::new()),
+            (EncryptionContext::new(), b"\x00\x00\x00\x017".to_vec()),
+        ];
+        let encoded: std::collections::BTreeSet<Vec<u8>> = cases
+            .iter()
+            .map(|(c, ad)| body_context_with_ad(SUITE, c, ad).unwrap())
+            .collect();
+        assert_eq!(encoded.len(), cases.len());
+    }
+}
