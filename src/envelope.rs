@@ -289,9 +289,11 @@ impl Envelope {
     /// entry per recipient, of that recipient's provider; its tag verifies
     /// under the same DEK), so a message that opened before opens after, or
     /// the rewrap fails and nothing changes. Rewrap needs the encryption
-    /// context (the providers bind it) but never the associated data of
+    /// context (the providers bind it) but not the associated data of
     /// [`seal_with`](Self::seal_with): the header tag does not cover it and
-    /// the body is not touched. It is rewrapped even when it is
+    /// the body is not touched (only the in-place file rewrap, which checks
+    /// the rewritten body, takes it:
+    /// [`rewrap_file_with`](Self::rewrap_file_with)). It is rewrapped even when it is
     /// already current; [`rewrap_batch`](Self::rewrap_batch) and
     /// [`rewrap_file`](Self::rewrap_file) leave current ones alone.
     pub async fn rewrap_header(

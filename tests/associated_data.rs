@@ -421,3 +421,58 @@ async fn one_generate_per_cache_window() {
     }
     assert_eq!(f.kms.calls.load(Ordering::SeqCst), 4);
 }
+
+/// A file rewrap checks the rewritten copy's body commitment before it
+/// replaces the original, and that commitment binds the associated data:
+/// a file sealed with associated data is rewrapped with
+/// `rewrap_file_with`, given it. Without it (or with another) the rewrap
+/// fails opaquely and the file is left as it was.
+#[tokio::test]
+async fn file_rewrap_checks_the_body_with_its_associated_data() {
+    let f = fixture(None);
+    let ctx = tenant();
+    let ad = record_id(9);
+    let dir = tempfile::tempdir().unwrap();
+    let (input, sealed) = (dir.path().join("in"), dir.path().join("in.phi"));
+    let pt = bytes(20_000, 4);
+    std::fs::write(&input, &pt).unwrap();
+    let opts = FileOptions::new().associated_data(ad.clone());
+    f.env
+        .encrypt_file(&input, &sealed, &ctx, &opts)
+        .await
+        .unwrap();
+    f.env
+        .keyring()
+        .rotate(&f.key, &Caller::new("key-custodian", "rotation"))
+        .await
+        .unwrap();
+    let before = std::fs::read(&sealed).unwrap();
+    for wrong in [&b""[..], &record_id(8)] {
+        let e = f
+            .env
+            .rewrap_file_with(&sealed, &ctx, wrong)
+            .await
+            .unwrap_err();
+        assert!(e.is_decrypt(), "{e:?}");
+        assert_eq!(std::fs::read(&sealed).unwrap(), before);
+    }
+    let e = f.env.rewrap_file(&sealed, &ctx).await.unwrap_err();
+    assert!(e.is_decrypt(), "{e:?}");
+    let report = f.env.rewrap_file_with(&sealed, &ctx, &ad).await.unwrap();
+    assert!(report.changed);
+    assert_eq!(report.new_header.recipients()[0].key_version, 2);
+    let after = std::fs::read(&sealed).unwrap();
+    assert_eq!(
+        after[report.new_header.len()..],
+        before[report.old_header.len()..]
+    );
+    assert_eq!(f.env.open_with(&after, &ctx, &ad).await.unwrap(), pt);
+    // Current now: left alone, whatever associated data is given.
+    assert!(
+        !f.env
+            .rewrap_file_with(&sealed, &ctx, &ad)
+            .await
+            .unwrap()
+            .changed
+    );
+}
