@@ -17,13 +17,19 @@
 //!   wrapped key (KMS encryption context, GCM AAD), so a DEK wrapped for one
 //!   context must never be reused under another: a provider-side access rule
 //!   on the context would otherwise be bypassed, and the header would not
-//!   unwrap. Streams ([`Envelope::encryptor`](crate::Envelope::encryptor))
+//!   unwrap. Associated data
+//!   ([`Envelope::seal_with`](crate::Envelope::seal_with)) is not part of
+//!   the entry's key: records that differ only in it (one record id each)
+//!   share an entry, and each still opens only with its own.
+//!   Streams ([`Envelope::encryptor`](crate::Envelope::encryptor))
 //!   always get a fresh DEK: their length is unknown up front.
 //! - **Decryption**: an [`OpeningKey`] is cached under the exact header
 //!   bytes and encryption context it was made for. Making it verified the
 //!   header tag under the DEK, so a cached key is only ever reused for a
 //!   header whose tag it already verified. Only whole records
-//!   ([`Envelope::open`](crate::Envelope::open)) use it.
+//!   ([`Envelope::open`](crate::Envelope::open),
+//!   [`Envelope::open_with`](crate::Envelope::open_with)) use it; the
+//!   associated data is not part of its key either.
 //!
 //! Every entry is bounded by [`CacheLimits`] (age, messages, bytes), and the
 //! cryptoperiod of its KEK's primary version when a

@@ -19,12 +19,18 @@
 //!     .build()?;
 //! let envelope = Envelope::new(keyring).as_caller("lab-service", "store-result");
 //!
-//! let ctx = EncryptionContext::new().with("tenant", "st-mary")?.with("record_id", "42")?;
+//! let ctx = EncryptionContext::new().with("tenant", "st-mary")?;
 //! let sealed = envelope.seal(b"potassium 4.1 mmol/L", &ctx).await?;
 //! assert_eq!(envelope.open(&sealed, &ctx).await?, b"potassium 4.1 mmol/L");
 //!
-//! let other = EncryptionContext::new().with("tenant", "st-mary")?.with("record_id", "43")?;
+//! let other = EncryptionContext::new().with("tenant", "st-john")?;
 //! assert!(envelope.open(&sealed, &other).await.unwrap_err().is_decrypt());
+//!
+//! // A record id binds the body only (associated data): it reaches no
+//! // provider and does not split the data-key cache.
+//! let record = envelope.seal_with(b"sodium 140 mmol/L", &ctx, b"record 42").await?;
+//! assert_eq!(envelope.open_with(&record, &ctx, b"record 42").await?, b"sodium 140 mmol/L");
+//! assert!(envelope.open_with(&record, &ctx, b"record 43").await.unwrap_err().is_decrypt());
 //! # Ok(()) }
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
 //! ```
@@ -34,7 +40,7 @@ use std::sync::Arc;
 
 use crate::cobblestone::{Decryptor, Encryptor, SeekableDecryptor};
 use crate::error::{Error, Result};
-use crate::format::{EncryptionContext, Header};
+use crate::format::{check_associated_data, EncryptionContext, Header};
 use crate::keyring::{Caller, Keyring};
 use crate::message::{MessageInfo, SealingKey};
 use crate::provider::KeyRef;
@@ -123,6 +129,32 @@ impl Envelope {
     /// cache on, the DEK may be shared with other records of the same
     /// partition (the record still gets its own AES key and nonce).
     pub async fn seal(&self, plaintext: &[u8], context: &EncryptionContext) -> Result<Vec<u8>> {
+        self.seal_with(plaintext, context, &[]).await
+    }
+
+    /// Encrypts a record bound to `context` (the key context: it goes to the
+    /// providers and selects the cached DEK, as for [`seal`](Self::seal))
+    /// and to the associated data `ad`, which binds only the body: a record
+    /// id, a column name, a row version.
+    ///
+    /// The associated data never reaches a provider, an event, the policy
+    /// hook or the data-key cache's key, so records that differ only in it
+    /// share a cached DEK (one provider call per cache window, not one per
+    /// record). Like the context it is not stored: present it again to
+    /// [`open_with`](Self::open_with). Empty `ad` is no associated data, and
+    /// the message is then exactly what [`seal`](Self::seal) writes. To bind
+    /// several values, encode them unambiguously (each length-prefixed, or
+    /// a canonical JSON array): the library binds the bytes as given.
+    /// Associated data over 65536 bytes is
+    /// [`Error::InvalidAssociatedData`], refused before any key is used
+    /// (docs/FORMAT.md, section 5.4).
+    pub async fn seal_with(
+        &self,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<Vec<u8>> {
+        check_associated_data(ad)?;
         self.keyring
             .record_sealing_key(
                 self.recipients(),
@@ -132,7 +164,7 @@ impl Envelope {
                 plaintext.len() as u64,
             )
             .await?
-            .seal(plaintext, context)
+            .seal_with(plaintext, context, ad)
     }
 
     /// Decrypts a record sealed under `context`. Any authentication failure
@@ -140,13 +172,30 @@ impl Envelope {
     /// on, a key already unwrapped for this exact header and context may be
     /// reused.
     pub async fn open(&self, message: &[u8], context: &EncryptionContext) -> Result<Vec<u8>> {
+        self.open_with(message, context, &[]).await
+    }
+
+    /// Decrypts a record sealed with [`seal_with`](Self::seal_with) under
+    /// `context` and the associated data `ad`. Other associated data, none
+    /// for a record sealed with some, or some for a record sealed without,
+    /// is the opaque [`Error::Decrypt`], like a wrong context. The
+    /// associated data is checked before any key is used, and is not part
+    /// of the decryption cache's key (a cached key is found by header and
+    /// context).
+    pub async fn open_with(
+        &self,
+        message: &[u8],
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<Vec<u8>> {
+        check_associated_data(ad)?;
         let (header, used) = Header::parse(message)?;
         let body = &message[used..];
         let key = self
             .keyring
             .record_opening_key(&header, context, &self.caller, body.len() as u64)
             .await?;
-        key.open(body, context)
+        key.open_with(body, context, ad)
     }
 
     /// Starts an encrypted stream into `inner`: writes the header and
@@ -157,22 +206,48 @@ impl Envelope {
         inner: W,
         context: &EncryptionContext,
     ) -> Result<Encryptor<W>> {
-        self.sealing_key(context).await?.encryptor(inner, context)
+        self.encryptor_with(inner, context, &[]).await
+    }
+
+    /// [`encryptor`](Self::encryptor) for a stream whose body is bound to
+    /// the associated data `ad` as well (see [`seal_with`](Self::seal_with)).
+    pub async fn encryptor_with<W: Write>(
+        &self,
+        inner: W,
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<Encryptor<W>> {
+        check_associated_data(ad)?;
+        self.sealing_key(context)
+            .await?
+            .encryptor_with(inner, context, ad)
     }
 
     /// Reads the header from `inner`, unwraps the DEK, and returns a reader
     /// of the plaintext that authenticates every chunk before releasing it.
     pub async fn decryptor<R: Read>(
         &self,
-        mut inner: R,
+        inner: R,
         context: &EncryptionContext,
     ) -> Result<Decryptor<R>> {
+        self.decryptor_with(inner, context, &[]).await
+    }
+
+    /// [`decryptor`](Self::decryptor) for a stream whose body is bound to
+    /// the associated data `ad` as well (see [`open_with`](Self::open_with)).
+    pub async fn decryptor_with<R: Read>(
+        &self,
+        mut inner: R,
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<Decryptor<R>> {
+        check_associated_data(ad)?;
         let header = Header::read_from(&mut inner)?;
         let (_, key) = self
             .keyring
             .unwrap_header(&header, context, &self.caller)
             .await?;
-        key.decryptor(inner, context)
+        key.decryptor_with(inner, context, ad)
     }
 
     /// Like [`decryptor`](Self::decryptor), for random access: the message
@@ -180,15 +255,27 @@ impl Envelope {
     /// authenticated before this returns.
     pub async fn seekable_decryptor<R: Read + Seek>(
         &self,
-        mut inner: R,
+        inner: R,
         context: &EncryptionContext,
     ) -> Result<SeekableDecryptor<R>> {
+        self.seekable_decryptor_with(inner, context, &[]).await
+    }
+
+    /// [`seekable_decryptor`](Self::seekable_decryptor) for a message whose
+    /// body is bound to the associated data `ad` as well.
+    pub async fn seekable_decryptor_with<R: Read + Seek>(
+        &self,
+        mut inner: R,
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<SeekableDecryptor<R>> {
+        check_associated_data(ad)?;
         let header = Header::read_from(&mut inner)?;
         let (_, key) = self
             .keyring
             .unwrap_header(&header, context, &self.caller)
             .await?;
-        key.seekable_decryptor(inner, context)
+        key.seekable_decryptor_with(inner, context, ad)
     }
 
     /// Re-wraps a header to this envelope's recipients (the current primary
@@ -201,7 +288,12 @@ impl Envelope {
     /// ReEncrypt). The new header is checked before it is returned (one
     /// entry per recipient, of that recipient's provider; its tag verifies
     /// under the same DEK), so a message that opened before opens after, or
-    /// the rewrap fails and nothing changes. It is rewrapped even when it is
+    /// the rewrap fails and nothing changes. Rewrap needs the encryption
+    /// context (the providers bind it) but not the associated data of
+    /// [`seal_with`](Self::seal_with): the header tag does not cover it and
+    /// the body is not touched (only the in-place file rewrap, which checks
+    /// the rewritten body, takes it:
+    /// [`rewrap_file_with`](Self::rewrap_file_with)). It is rewrapped even when it is
     /// already current; [`rewrap_batch`](Self::rewrap_batch) and
     /// [`rewrap_file`](Self::rewrap_file) leave current ones alone.
     pub async fn rewrap_header(

@@ -72,6 +72,12 @@ pub enum Error {
     #[error("invalid encryption context: {0}")]
     InvalidContext(&'static str),
 
+    /// The associated data is invalid (longer than 65536 bytes,
+    /// docs/FORMAT.md section 5.4). Refused before any key is used; the text
+    /// never repeats the data, which may itself be PHI (a record id).
+    #[error("invalid associated data: {0}")]
+    InvalidAssociatedData(&'static str),
+
     /// A key reference could not be parsed.
     #[error("invalid key reference {reference:?}: {reason}")]
     InvalidKeyRef {

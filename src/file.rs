@@ -76,13 +76,14 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroize;
 
@@ -90,7 +91,7 @@ use crate::atomic::AtomicFile;
 use crate::cobblestone::{self, BodyKeys, CHUNK_CT_SIZE, CHUNK_SIZE, MAX_CHUNKS, TAG_LEN};
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
-use crate::format::EncryptionContext;
+use crate::format::{check_associated_data, EncryptionContext};
 use crate::message::{OpeningKey, SealingKey};
 
 /// Chunks per work item: 64 chunks, 1 MiB of plaintext.
@@ -107,10 +108,23 @@ const BATCH_CT: usize = BATCH_CHUNKS * CHUNK_CT_SIZE;
 /// let opts = FileOptions::new().threads(2).overwrite(true);
 /// assert_eq!(opts.thread_count(), 2);
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct FileOptions {
     threads: Option<NonZeroUsize>,
     overwrite: bool,
+    associated_data: Option<Arc<[u8]>>,
+}
+
+/// Shows the settings, and of the associated data only its length: it may
+/// be PHI.
+impl fmt::Debug for FileOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileOptions")
+            .field("threads", &self.threads)
+            .field("overwrite", &self.overwrite)
+            .field("associated_data_len", &self.associated_data_bytes().len())
+            .finish()
+    }
 }
 
 impl FileOptions {
@@ -146,6 +160,23 @@ impl FileOptions {
     /// Whether an existing output file may be replaced.
     pub fn overwrites(&self) -> bool {
         self.overwrite
+    }
+
+    /// Associated data the body is bound to, apart from the encryption
+    /// context (see [`Envelope::seal_with`]): encrypting writes a body
+    /// bound to it, decrypting needs the same bytes. Default: none (empty is
+    /// none). Over 65536 bytes is
+    /// [`Error::InvalidAssociatedData`], refused before any key is used or
+    /// any output is created.
+    pub fn associated_data(mut self, ad: impl Into<Vec<u8>>) -> FileOptions {
+        let ad: Vec<u8> = ad.into();
+        self.associated_data = (!ad.is_empty()).then(|| Arc::from(ad));
+        self
+    }
+
+    /// The associated data these options bind (empty when none).
+    pub fn associated_data_bytes(&self) -> &[u8] {
+        self.associated_data.as_deref().unwrap_or(&[])
     }
 }
 
@@ -195,6 +226,7 @@ impl Envelope {
         options: &FileOptions,
         fail_after: Option<u64>,
     ) -> Result<FileReport> {
+        check_associated_data(options.associated_data_bytes())?;
         let reader = open_input(input)?;
         let len = reader.metadata().map_err(|e| with_path(e, input))?.len();
         let mut out = AtomicFile::create(output, options.overwrite)?;
@@ -202,7 +234,7 @@ impl Envelope {
         let mut writer = Counting::new(out.file());
         writer.fail_after = fail_after;
         let enc = self
-            .encryptor(writer, context)
+            .encryptor_with(writer, context, options.associated_data_bytes())
             .await
             .map_err(|e| tag(e, Side::Write))?;
         let report = seal_body(enc, reader, threads)?;
@@ -244,12 +276,13 @@ impl Envelope {
         options: &FileOptions,
         fail_after: Option<u64>,
     ) -> Result<FileReport> {
+        check_associated_data(options.associated_data_bytes())?;
         let file = open_input(input)?;
         let len = file.metadata().map_err(|e| with_path(e, input))?.len();
         let mut out = AtomicFile::create(output, options.overwrite)?;
         let mut reader = Counting::new(file);
         let (_, keys) = self
-            .decryptor(&mut reader, context)
+            .decryptor_with(&mut reader, context, options.associated_data_bytes())
             .await
             .map_err(|e| tag(e, Side::Read))?
             .into_keys()?;
@@ -294,7 +327,11 @@ impl Envelope {
         options: &FileOptions,
     ) -> Result<FileReport> {
         let enc = self
-            .encryptor(Counting::new(writer), context)
+            .encryptor_with(
+                Counting::new(writer),
+                context,
+                options.associated_data_bytes(),
+            )
             .await
             .map_err(|e| tag(e, Side::Write))?;
         seal_body(enc, reader, options.thread_count())
@@ -320,7 +357,7 @@ impl Envelope {
     ) -> Result<FileReport> {
         let mut reader = Counting::new(reader);
         let (_, keys) = self
-            .decryptor(&mut reader, context)
+            .decryptor_with(&mut reader, context, options.associated_data_bytes())
             .await
             .map_err(|e| tag(e, Side::Read))?
             .into_keys()?;
@@ -340,7 +377,11 @@ pub fn encrypt_with_key<R: Read, W: Write + Send>(
     options: &FileOptions,
 ) -> Result<FileReport> {
     let enc = key
-        .encryptor(Counting::new(writer), context)
+        .encryptor_with(
+            Counting::new(writer),
+            context,
+            options.associated_data_bytes(),
+        )
         .map_err(|e| tag(e, Side::Write))?;
     seal_body(enc, reader, options.thread_count())
 }
@@ -358,7 +399,7 @@ pub fn decrypt_with_key<R: Read, W: Write + Send>(
 ) -> Result<FileReport> {
     let mut reader = Counting::new(reader);
     let (_, keys) = key
-        .decryptor(&mut reader, context)
+        .decryptor_with(&mut reader, context, options.associated_data_bytes())
         .map_err(|e| tag(e, Side::Read))?
         .into_keys()?;
     open_body(&keys, reader, Counting::new(writer), options.thread_count())
@@ -1009,7 +1050,7 @@ fn encrypt_with_key_and_salt<R: Read, W: Write + Send>(
     threads: usize,
 ) -> Result<FileReport> {
     let enc = key
-        .encryptor_with_salt(Counting::new(writer), context, Some(salt))
+        .encryptor_with_salt(Counting::new(writer), context, &[], Some(salt))
         .map_err(|e| tag(e, Side::Write))?;
     seal_body(enc, reader, threads)
 }
@@ -1067,7 +1108,7 @@ mod tests {
     /// DEK and salt.
     fn sequential(key: &SealingKey, salt: &[u8; 24], pt: &[u8]) -> Vec<u8> {
         let mut enc = key
-            .encryptor_with_salt(Vec::new(), &ctx(), Some(salt))
+            .encryptor_with_salt(Vec::new(), &ctx(), &[], Some(salt))
             .unwrap();
         enc.write_all(pt).unwrap();
         enc.finish().unwrap()

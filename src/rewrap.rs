@@ -6,8 +6,13 @@
 //! recipient set through [`Envelope::to_recipients`]) and re-tags the
 //! header; the body is copied byte for byte. The encryption context is
 //! required: providers bind it to the wrapped key, and the body is bound to
-//! it. The rewrapped message has only the new wrapped-key entries: once the
-//! old key version is destroyed, a copy of the old message (a header kept
+//! it. Associated data
+//! ([`Envelope::seal_with`](crate::Envelope::seal_with)) binds only the
+//! body, which a rewrap copies unread: records rewrap without it. A file
+//! rewrap checks the rewritten body before it replaces the original, so a
+//! file sealed with associated data is rewrapped with
+//! [`Envelope::rewrap_file_with`], given it. The rewrapped message has only
+//! the new wrapped-key entries: once the old key version is destroyed, a copy of the old message (a header kept
 //! from before the rewrap) no longer opens, while the rewrapped one does.
 //!
 //! Every rewrap re-encrypts only what is known to hold the message's DEK:
@@ -147,6 +152,8 @@ pub struct RewrapFileReport {
 pub struct PreparedFileRewrap {
     path: PathBuf,
     context: EncryptionContext,
+    /// The associated data the body is checked under (empty: none).
+    associated_data: Vec<u8>,
     old_header: Header,
     /// `None` when the file is already current.
     new: Option<(Header, OpeningKey)>,
@@ -156,7 +163,7 @@ pub struct PreparedFileRewrap {
 
 impl fmt::Debug for PreparedFileRewrap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never the context: its values can be PHI.
+        // Never the context or the associated data: they can be PHI.
         f.debug_struct("PreparedFileRewrap")
             .field("path", &self.path)
             .field("old_header", &self.old_header)
@@ -219,7 +226,7 @@ impl PreparedFileRewrap {
                     self.path.display()
                 ))));
             }
-            let body = key.seekable_decryptor(check, &self.context)?;
+            let body = key.seekable_decryptor_with(check, &self.context, &self.associated_data)?;
             let expected = crate::cobblestone::plaintext_len(self.body_len)?;
             if body.plaintext_len() != expected {
                 return Err(changed_meanwhile(&self.path));
@@ -294,6 +301,28 @@ impl Envelope {
         self.prepare_rewrap_file(path, context).await?.commit()
     }
 
+    /// [`rewrap_file`](Self::rewrap_file) for a file whose body is bound to
+    /// associated data (sealed with
+    /// [`FileOptions::associated_data`](crate::file::FileOptions::associated_data)).
+    ///
+    /// The providers never need the associated data, but the check of the
+    /// rewritten copy before it replaces the original opens the body's
+    /// commitment and final chunk, which bind it. Without it (or with
+    /// other associated data) such a file's rewrap fails with the opaque
+    /// [`Error::Decrypt`] and the file is left as it was. Records in memory
+    /// ([`rewrap`](Self::rewrap), [`rewrap_batch`](Self::rewrap_batch))
+    /// need no associated data.
+    pub async fn rewrap_file_with(
+        &self,
+        path: impl AsRef<Path>,
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<RewrapFileReport> {
+        self.prepare_rewrap_file_with(path, context, ad)
+            .await?
+            .commit()
+    }
+
     /// The provider half of [`rewrap_file`](Self::rewrap_file): reads the
     /// header, rewraps it and verifies that every new entry unwraps to the
     /// DEK that verifies the new header tag. Nothing is written.
@@ -302,6 +331,19 @@ impl Envelope {
         path: impl AsRef<Path>,
         context: &EncryptionContext,
     ) -> Result<PreparedFileRewrap> {
+        self.prepare_rewrap_file_with(path, context, &[]).await
+    }
+
+    /// [`prepare_rewrap_file`](Self::prepare_rewrap_file) for a file whose
+    /// body is bound to associated data; see
+    /// [`rewrap_file_with`](Self::rewrap_file_with).
+    pub async fn prepare_rewrap_file_with(
+        &self,
+        path: impl AsRef<Path>,
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<PreparedFileRewrap> {
+        crate::format::check_associated_data(ad)?;
         let path = path.as_ref().to_path_buf();
         let meta = fs::symlink_metadata(&path)?;
         if meta.file_type().is_symlink() {
@@ -329,6 +371,7 @@ impl Envelope {
         let prepared = |new| PreparedFileRewrap {
             path: path.clone(),
             context: context.clone(),
+            associated_data: ad.to_vec(),
             old_header: old_header.clone(),
             new,
             file_len,

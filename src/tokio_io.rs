@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 use crate::cobblestone::{BodyKeys, CHUNK_CT_SIZE, CHUNK_SIZE, MAX_CHUNKS, PREFIX_LEN, TAG_LEN};
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
-use crate::format::{EncryptionContext, Header, MAX_HEADER_LEN};
+use crate::format::{check_associated_data, EncryptionContext, Header, MAX_HEADER_LEN};
 
 /// An encrypting `AsyncWrite`: see the [module docs](self).
 pub struct AsyncEncryptor<W> {
@@ -275,8 +275,21 @@ impl Envelope {
         inner: W,
         context: &EncryptionContext,
     ) -> Result<AsyncEncryptor<W>> {
+        self.async_encryptor_with(inner, context, &[]).await
+    }
+
+    /// [`async_encryptor`](Self::async_encryptor) for a stream whose body is
+    /// bound to the associated data `ad` as well (see
+    /// [`Envelope::seal_with`]).
+    pub async fn async_encryptor_with<W: AsyncWrite + Unpin>(
+        &self,
+        inner: W,
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<AsyncEncryptor<W>> {
+        check_associated_data(ad)?;
         let key = self.sealing_key(context).await?;
-        let (keys, prefix) = key.start_body(context)?;
+        let (keys, prefix) = key.start_body(context, ad)?;
         let mut pending = Vec::with_capacity(key.header().len() + PREFIX_LEN + CHUNK_CT_SIZE);
         pending.extend_from_slice(key.header().as_bytes());
         pending.extend_from_slice(&prefix);
@@ -297,9 +310,22 @@ impl Envelope {
     /// and checks the commitment; returns a reader of the plaintext.
     pub async fn async_decryptor<R: AsyncRead + Unpin>(
         &self,
-        mut inner: R,
+        inner: R,
         context: &EncryptionContext,
     ) -> Result<AsyncDecryptor<R>> {
+        self.async_decryptor_with(inner, context, &[]).await
+    }
+
+    /// [`async_decryptor`](Self::async_decryptor) for a stream whose body is
+    /// bound to the associated data `ad` as well (see
+    /// [`Envelope::open_with`]).
+    pub async fn async_decryptor_with<R: AsyncRead + Unpin>(
+        &self,
+        mut inner: R,
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<AsyncDecryptor<R>> {
+        check_associated_data(ad)?;
         // Read until the header parses; every length in it is bounded, so
         // this never reads more than MAX_HEADER_LEN plus one step.
         let mut head: Vec<u8> = Vec::with_capacity(1024);
@@ -333,7 +359,7 @@ impl Envelope {
             rest.extend_from_slice(&step[..n]);
         }
         let prefix: [u8; PREFIX_LEN] = rest[..PREFIX_LEN].try_into().expect("length checked");
-        let keys = key.body_keys(&prefix, context)?;
+        let keys = key.body_keys(&prefix, context, ad)?;
         let mut buf = Zeroizing::new(vec![0u8; CHUNK_CT_SIZE]);
         let leftover = &rest[PREFIX_LEN..];
         buf[..leftover.len()].copy_from_slice(leftover);

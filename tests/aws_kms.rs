@@ -1430,3 +1430,120 @@ async fn latency_on_loopback() {
 fn latency_report_path() -> PathBuf {
     std::env::temp_dir().join("phi-envelope-kms-latency.txt")
 }
+
+// ---------------------------------------------------------------------------
+// Per-record associated data (docs/FORMAT.md section 5.4): the tenant is the
+// key context, the record id binds only the body.
+// ---------------------------------------------------------------------------
+
+/// 10,000 records of one tenant, each bound to its own record id as
+/// associated data, cost one GenerateDataKey per cache window (here 2,500
+/// messages) and one Decrypt per window to open them all; every record
+/// refuses to open under another id, under no associated data, and its id
+/// does not open another record. The record id reaches no event: every
+/// event carries the tenant-only context's fingerprint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_record_associated_data_costs_one_generate_per_cache_window() {
+    use phi_envelope::cache::{CacheConfig, CacheLimits};
+
+    const RECORDS: usize = 10_000;
+    const WINDOW: u64 = 2_500;
+    let windows = RECORDS as u64 / WINDOW;
+    let admin = admin().await;
+    let key = create_key(&admin, "associated data").await;
+    let proxy = Proxy::start();
+    let kms = provider_at(Some(proxy.url()), config()).await;
+    let sink = Arc::new(MemorySink::new());
+    let hour = Duration::from_secs(3600);
+    let keyring = Keyring::builder()
+        .provider(kms)
+        .recipient(key.by_arn())
+        .event_sink(sink.clone())
+        .data_key_cache(
+            CacheConfig::new()
+                .encrypt(CacheLimits::new(hour, WINDOW, 1 << 30))
+                .decrypt(CacheLimits::new(hour, 1 << 20, 1 << 30)),
+        )
+        .build()
+        .unwrap();
+    let env = Envelope::new(keyring).as_caller("lab-service", "store-result");
+    let tenant = EncryptionContext::new().with("tenant", "st-mary").unwrap();
+    let id = |i: usize| format!("{PHI_VALUE}-record-{i:05}");
+    let result = |i: usize| format!("potassium {}.{} mmol/L", 3 + i % 3, i % 10);
+
+    proxy.reset_stats();
+    let mut sealed = Vec::with_capacity(RECORDS);
+    for i in 0..RECORDS {
+        let m = env
+            .seal_with(result(i).as_bytes(), &tenant, id(i).as_bytes())
+            .await
+            .unwrap();
+        sealed.push(m);
+    }
+    assert_eq!(proxy.calls("GenerateDataKey"), windows);
+    assert_eq!(proxy.calls("Encrypt") + proxy.calls("Decrypt"), 0);
+    let stats = env.keyring().cache_stats();
+    assert_eq!(stats.encrypt_misses, windows);
+    assert_eq!(stats.encrypt_hits, RECORDS as u64 - windows);
+    // The records of one window share their header (one DEK), and no
+    // header carries the id.
+    let headers: std::collections::BTreeSet<Vec<u8>> = sealed
+        .iter()
+        .map(|m| Header::parse(m).unwrap().0.as_bytes().to_vec())
+        .collect();
+    assert_eq!(headers.len() as u64, windows);
+    assert!(sealed.iter().all(|m| !m
+        .windows(PHI_VALUE.len())
+        .any(|w| w == PHI_VALUE.as_bytes())));
+
+    for (i, m) in sealed.iter().enumerate() {
+        let other = (i + 1) % RECORDS;
+        assert_eq!(
+            env.open_with(m, &tenant, id(i).as_bytes()).await.unwrap(),
+            result(i).as_bytes()
+        );
+        assert!(env
+            .open_with(m, &tenant, id(other).as_bytes())
+            .await
+            .unwrap_err()
+            .is_decrypt());
+        assert!(env.open(m, &tenant).await.unwrap_err().is_decrypt());
+        assert!(env
+            .open_with(&sealed[other], &tenant, id(i).as_bytes())
+            .await
+            .unwrap_err()
+            .is_decrypt());
+    }
+    // Opening cost one Decrypt per window: the decryption cache is found by
+    // header and context, never by associated data.
+    assert_eq!(proxy.calls("Decrypt"), windows);
+    assert_eq!(proxy.calls("GenerateDataKey"), windows);
+
+    // Every key use was recorded, under the tenant-only context (one
+    // fingerprint for all records); no event names a record id.
+    let tenant_fp = env.keyring().context_fingerprint(&tenant);
+    let events = sink.events();
+    let fingerprints: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e.context_fingerprint.as_deref())
+        .collect();
+    assert!(
+        fingerprints.len() >= 2 * RECORDS,
+        "{} events",
+        fingerprints.len()
+    );
+    assert!(fingerprints.iter().all(|fp| *fp == tenant_fp));
+    for e in &events {
+        let text = format!("{} {e:?}", e.to_json());
+        assert!(!text.contains(PHI_VALUE), "an event names a record: {text}");
+    }
+
+    // The key context still binds through KMS: another tenant cannot open.
+    let other_tenant = EncryptionContext::new().with("tenant", "st-john").unwrap();
+    assert!(env
+        .open_with(&sealed[0], &other_tenant, id(0).as_bytes())
+        .await
+        .unwrap_err()
+        .is_decrypt());
+    assert_eq!(proxy.calls("Decrypt"), windows + 1);
+}

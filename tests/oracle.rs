@@ -16,6 +16,7 @@
 //!   here, so the document cannot drift from the code.
 
 mod common;
+mod decoders;
 
 use std::io::{Cursor, Read, Seek, SeekFrom};
 
@@ -53,6 +54,8 @@ enum OracleError {
     Suite,
     Field(&'static str),
     HeaderTag,
+    /// Associated data over 65536 bytes (FORMAT.md 5.4).
+    AssociatedDataTooLong,
 }
 
 /// HKDF-Expand (RFC 5869 section 2.3) with SHA-512, by hand: RustCrypto's
@@ -350,6 +353,26 @@ fn body_context(pairs: &[(String, String)]) -> Vec<u8> {
     [&b"PHIENV\x01\x01"[..], &canonical_pairs(pairs)].concat()
 }
 
+/// FORMAT.md 5.4: the associated-data field, `0x01 || u32(len) || ad`, or
+/// nothing at all for empty associated data.
+fn ad_field(ad: &[u8]) -> Vec<u8> {
+    if ad.is_empty() {
+        return Vec::new();
+    }
+    let mut out = vec![0x01];
+    out.extend_from_slice(&u32::try_from(ad.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(ad);
+    out
+}
+
+/// The body context with associated data: `body_context || ad_field`.
+fn body_context_ad(pairs: &[(String, String)], ad: &[u8]) -> Result<Vec<u8>, OracleError> {
+    if ad.len() > 65536 {
+        return Err(OracleError::AssociatedDataTooLong);
+    }
+    Ok([body_context(pairs), ad_field(ad)].concat())
+}
+
 /// Opens a whole message in the order docs/FORMAT.md prescribes: parse the
 /// header with its bounds, (a real decoder would now unwrap the DEK from an
 /// entry), verify the header tag, then the body.
@@ -358,12 +381,23 @@ fn oracle_open(
     dek: &[u8],
     pairs: &[(String, String)],
 ) -> Result<(OracleHeader, Vec<u8>), OracleError> {
+    oracle_open_ad(msg, dek, pairs, b"")
+}
+
+/// [`oracle_open`] with associated data, checked before anything else.
+fn oracle_open_ad(
+    msg: &[u8],
+    dek: &[u8],
+    pairs: &[(String, String)],
+    ad: &[u8],
+) -> Result<(OracleHeader, Vec<u8>), OracleError> {
+    let context = body_context_ad(pairs, ad)?;
     let (header, body) = oracle_parse_header(msg)?;
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&header_tag_key(dek)).unwrap();
     mac.update(&header.authenticated);
     mac.verify_slice(&header.tag)
         .map_err(|_| OracleError::HeaderTag)?;
-    let pt = oracle_decrypt(dek, &body_context(pairs), body)?;
+    let pt = oracle_decrypt(dek, &context, body)?;
     Ok((header, pt))
 }
 
@@ -372,6 +406,18 @@ fn oracle_seal(
     dek: &[u8],
     salt: &[u8; 24],
     pairs: &[(String, String)],
+    entries: &[OracleEntry],
+    pt: &[u8],
+) -> Vec<u8> {
+    oracle_seal_ad(dek, salt, pairs, b"", entries, pt)
+}
+
+/// [`oracle_seal`] with associated data (FORMAT.md 5.4).
+fn oracle_seal_ad(
+    dek: &[u8],
+    salt: &[u8; 24],
+    pairs: &[(String, String)],
+    ad: &[u8],
     entries: &[OracleEntry],
     pt: &[u8],
 ) -> Vec<u8> {
@@ -388,7 +434,8 @@ fn oracle_seal(
     }
     let tag = header_tag(dek, &h);
     h.extend_from_slice(&tag);
-    h.extend(oracle_encrypt(dek, &body_context(pairs), salt, pt));
+    let context = body_context_ad(pairs, ad).expect("associated data within its limit");
+    h.extend(oracle_encrypt(dek, &context, salt, pt));
     h
 }
 
@@ -850,4 +897,167 @@ fn format_md_context_example() {
             ("body_context", body_context(&v.context)),
         ],
     );
+}
+
+// ---------------------------------------------------------------------------
+// Associated data (FORMAT.md 5.4): the oracle opens and re-encodes the
+// committed vectors, refuses the negative ones, and agrees with the library
+// both ways.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn oracle_opens_and_reencodes_every_ad_vector() {
+    for v in common::ad_vectors() {
+        let (header, pt) = oracle_open_ad(&v.message, &v.dek, &v.context, &v.associated_data)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", v.name));
+        assert_eq!(pt, v.plaintext, "{}", v.name);
+        assert_eq!(header.entries, oracle_entries(&v), "{}", v.name);
+        // Without it, or with any other, the commitment fails.
+        assert_eq!(
+            oracle_open(&v.message, &v.dek, &v.context).unwrap_err(),
+            OracleError::Commitment,
+            "{}",
+            v.name
+        );
+        let shorter = &v.associated_data[..v.associated_data.len() - 1];
+        assert_eq!(
+            oracle_open_ad(&v.message, &v.dek, &v.context, shorter).unwrap_err(),
+            OracleError::Commitment,
+            "{}",
+            v.name
+        );
+        let salt: [u8; 24] = v.salt.clone().try_into().unwrap();
+        let mut pairs = v.context.clone();
+        pairs.reverse();
+        let msg = oracle_seal_ad(
+            &v.dek,
+            &salt,
+            &pairs,
+            &v.associated_data,
+            &oracle_entries(&v),
+            &v.plaintext,
+        );
+        assert!(msg == v.message, "{}: oracle encoding differs", v.name);
+    }
+}
+
+#[test]
+fn oracle_refuses_every_ad_negative_vector() {
+    let doc = common::vector_file("phi-envelope-v1-ad.json");
+    let s = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
+    let negatives = doc["negative_vectors"].as_array().unwrap();
+    assert!(negatives.len() >= 10);
+    for n in negatives {
+        let name = s(&n["name"]);
+        let pairs: Vec<(String, String)> = n["context"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (s(&p[0]), s(&p[1])))
+            .collect();
+        let got = oracle_open_ad(
+            &hex::decode(s(&n["message"])).unwrap(),
+            &hex::decode(s(&n["dek"])).unwrap(),
+            &pairs,
+            &hex::decode(s(&n["associated_data"])).unwrap(),
+        )
+        .map(|(_, pt)| pt.len())
+        .unwrap_err();
+        let ok = match s(&n["error"]).as_str() {
+            "Decrypt" => matches!(got, OracleError::Commitment | OracleError::HeaderTag),
+            // The final chunk of a message of several chunks.
+            "TruncatedChunk" => matches!(got, OracleError::ChunkTag(c) if c > 0),
+            "InvalidAssociatedData" => got == OracleError::AssociatedDataTooLong,
+            other => panic!("{name}: unexpected error kind {other}"),
+        };
+        assert!(ok, "{name}: oracle gave {got:?}");
+    }
+}
+
+#[test]
+fn oracle_and_library_agree_on_associated_data() {
+    let dek_bytes = test_bytes(32, 21);
+    let dek = phi_envelope::Dek::from_slice(&dek_bytes).unwrap();
+    let pairs = vec![("tenant".to_owned(), "st-mary".to_owned())];
+    let ctx = EncryptionContext::from_pairs(pairs.iter().cloned()).unwrap();
+    let entries = vec![OracleEntry {
+        provider: "local".into(),
+        key_ref: "local:records".into(),
+        key_version: 3,
+        wrapped: vec![9; 40],
+    }];
+    let (lib_dek, key) = common::sealing_key(common::two_recipients());
+    for (i, (n, ad_len)) in [(0usize, 1usize), (5, 255), (16384, 256), (40_000, 65536)]
+        .into_iter()
+        .enumerate()
+    {
+        let pt = test_bytes(n, 700 + i as u64);
+        let ad = test_bytes(ad_len, 800 + i as u64);
+        let salt: [u8; 24] = test_bytes(24, 900 + i as u64).try_into().unwrap();
+        // Oracle to library, through every decoder.
+        let msg = oracle_seal_ad(&dek_bytes, &salt, &pairs, &ad, &entries, &pt);
+        for (decoder, r) in decoders::open_every_way_ad(&msg, &dek_bytes, &ctx, &ad) {
+            assert_eq!(
+                r.unwrap_or_else(|e| panic!("{decoder}: {e:?}")),
+                pt,
+                "{decoder}"
+            );
+        }
+        assert!(message::open(&msg, &dek, &ctx).unwrap_err().is_decrypt());
+        // Library to oracle, one-shot and streamed.
+        let sealed = key.seal_with(&pt, &ctx, &ad).unwrap();
+        let mut streamed = Vec::new();
+        let mut enc = key.encryptor_with(&mut streamed, &ctx, &ad).unwrap();
+        common::write_in_slices(&mut enc, &pt, &ODD_SLICES);
+        enc.finish().unwrap();
+        for m in [&sealed, &streamed] {
+            let (h, got) = oracle_open_ad(m, lib_dek.expose_secret(), &pairs, &ad).unwrap();
+            assert_eq!(got, pt, "size {n}");
+            assert_eq!(h.entries.len(), 2);
+            assert_eq!(
+                oracle_open(m, lib_dek.expose_secret(), &pairs).unwrap_err(),
+                OracleError::Commitment
+            );
+        }
+    }
+}
+
+/// The associated-data example of FORMAT.md section 12.1 is the second
+/// associated-data vector: the worked example's message with `"42"` bound
+/// to its body. Its values are recomputed here, and the library builds the
+/// same body context.
+#[test]
+fn format_md_associated_data_example() {
+    let v = &common::ad_vectors()[1];
+    assert_eq!(v.name, "empty message, empty context, associated data");
+    let (_, body) = oracle_parse_header(&v.message).unwrap();
+    let salt = &body[..SALT_LEN];
+    let ctx = body_context_ad(&v.context, &v.associated_data).unwrap();
+    assert_eq!(
+        phi_envelope::format::body_context_with_ad(
+            message::DEFAULT_SUITE,
+            &v.context(),
+            &v.associated_data
+        )
+        .unwrap(),
+        ctx
+    );
+    let d = Derived::new(&v.dek, salt, &ctx);
+    assert_eq!(d.commitment(), &body[SALT_LEN..PREFIX_LEN]);
+    check_values_block(
+        "<!-- oracle: ad-example -->",
+        vec![
+            ("associated_data", v.associated_data.clone()),
+            ("ad_field", ad_field(&v.associated_data)),
+            ("body_context", ctx.clone()),
+            ("hkdf_info", cobblestone_info(salt, &ctx)),
+            ("okm", d.okm.clone()),
+            ("commitment", d.commitment().to_vec()),
+            ("chunk0", body[PREFIX_LEN..].to_vec()),
+        ],
+    );
+    // Header and salt are the worked example's, byte for byte.
+    let worked = &v1_vectors()[1].message;
+    assert_eq!(v.message[..63 + SALT_LEN], worked[..63 + SALT_LEN]);
+    assert_eq!(v.message.len(), worked.len());
 }

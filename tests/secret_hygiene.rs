@@ -455,6 +455,7 @@ async fn errors_print_no_secrets() {
         Error::UnsupportedSuite(7),
         Error::Malformed("x"),
         Error::InvalidContext("x"),
+        Error::InvalidAssociatedData("x"),
         Error::InvalidKeyRef {
             reference: "local:".into(),
             reason: "empty".into(),

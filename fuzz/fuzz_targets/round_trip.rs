@@ -3,7 +3,10 @@
 //! `encryptor`, `message::open`, `OpeningKey` streaming and seeking,
 //! `cobblestone` directly and the envelope with an in-memory provider all
 //! give back the plaintext; lengths are as specified; another context
-//! fails opaquely.
+//! fails opaquely. The same with associated data (`seal_with`,
+//! `encryptor_with`, `open_with`, the `_with` readers): the header does not
+//! change, empty associated data is none, and other associated data fails
+//! opaquely.
 #![no_main]
 
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
@@ -32,6 +35,8 @@ struct Input {
     recipients: Vec<(String, String, u32, Vec<u8>)>,
     seeks: Vec<u32>,
     via_envelope: bool,
+    /// Associated data bound to the body (docs/FORMAT.md, section 5.4).
+    ad: Vec<u8>,
 }
 
 fn write_sliced<W: Write>(w: &mut W, pt: &[u8], codes: &[u8]) {
@@ -145,6 +150,44 @@ fuzz_target!(|input: Input| {
     let mut other = ctx.clone();
     if other.insert("fuzz-other", "x").is_ok() {
         let e = message::open(&sealed, &dek, &other).unwrap_err();
+        assert!(e.is_decrypt(), "{e:?}");
+    }
+
+    // Associated data binds the body only: same header, same length.
+    let ad = &input.ad;
+    let with_ad = key.seal_with(&pt, &ctx, ad).unwrap();
+    assert_eq!(with_ad.len() as u64, want_len);
+    assert_eq!(&with_ad[..hlen], key.header().as_bytes());
+    let mut w = key.encryptor_with(Vec::new(), &ctx, ad).unwrap();
+    write_sliced(&mut w, &pt, &input.writes);
+    let streamed_ad = w.finish().unwrap();
+    for m in [&with_ad, &streamed_ad] {
+        assert_eq!(message::open_with(m, &dek, &ctx, ad).unwrap(), pt);
+        let (header, used) = Header::parse(m).unwrap();
+        let ok = OpeningKey::new(&dek, &header).unwrap();
+        let mut d = ok
+            .decryptor_with(Pieces::new(&m[used..], &input.writes), &ctx, ad)
+            .unwrap();
+        let (out, err) = drain(&mut d, &mut Schedule::new(&input.reads));
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(out, pt);
+        let mut s = ok
+            .seekable_decryptor_with(Cursor::new(&m[used..]), &ctx, ad)
+            .unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        assert_eq!(all, pt);
+        // Without it (unless it is empty, which is none) or with other
+        // associated data, it fails opaquely.
+        let plain = message::open(m, &dek, &ctx);
+        if ad.is_empty() {
+            assert_eq!(plain.unwrap(), pt);
+        } else {
+            assert!(plain.unwrap_err().is_decrypt());
+        }
+        let mut other_ad = ad.clone();
+        other_ad.push(0);
+        let e = message::open_with(m, &dek, &ctx, &other_ad).unwrap_err();
         assert!(e.is_decrypt(), "{e:?}");
     }
 

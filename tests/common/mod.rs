@@ -98,12 +98,15 @@ pub fn entry(provider: &str, key_ref: &str, version: u32, wrapped: &[u8]) -> Wra
     }
 }
 
-/// One vector of `tests/vectors/phi-envelope-v1.json`.
+/// One vector of `tests/vectors/phi-envelope-v1.json` (or of
+/// `phi-envelope-v1-ad.json`, which adds the associated data).
 pub struct V1Vector {
     pub name: String,
     pub dek: Vec<u8>,
     pub salt: Vec<u8>,
     pub context: Vec<(String, String)>,
+    /// Empty in `phi-envelope-v1.json`, which has no such member.
+    pub associated_data: Vec<u8>,
     pub recipients: Vec<WrappedKey>,
     pub plaintext: Vec<u8>,
     pub message: Vec<u8>,
@@ -121,9 +124,41 @@ impl V1Vector {
 
 pub fn v1_vectors() -> Vec<V1Vector> {
     let doc = vector_file("phi-envelope-v1.json");
+    assert!(
+        doc["vectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.get("associated_data").is_none()),
+        "phi-envelope-v1.json has no associated data"
+    );
+    let out = positive_vectors(&doc);
+    assert_eq!(out.len(), 4, "phi-envelope-v1.json holds four vectors");
+    out
+}
+
+/// The positive vectors of `tests/vectors/phi-envelope-v1-ad.json`, each
+/// with its associated data (docs/FORMAT.md section 13.2).
+pub fn ad_vectors() -> Vec<V1Vector> {
+    let doc = vector_file("phi-envelope-v1-ad.json");
+    assert!(
+        doc["vectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.get("associated_data").is_some()),
+        "every vector of phi-envelope-v1-ad.json has its associated data"
+    );
+    let out = positive_vectors(&doc);
+    assert_eq!(out.len(), 4, "phi-envelope-v1-ad.json holds four vectors");
+    assert!(out.iter().all(|v| !v.associated_data.is_empty()));
+    out
+}
+
+fn positive_vectors(doc: &serde_json::Value) -> Vec<V1Vector> {
     let hex = |v: &serde_json::Value| hex::decode(v.as_str().unwrap()).unwrap();
     let s = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
-    let out: Vec<V1Vector> = doc["vectors"]
+    doc["vectors"]
         .as_array()
         .unwrap()
         .iter()
@@ -137,6 +172,7 @@ pub fn v1_vectors() -> Vec<V1Vector> {
                 .iter()
                 .map(|p| (s(&p[0]), s(&p[1])))
                 .collect(),
+            associated_data: v.get("associated_data").map(hex).unwrap_or_default(),
             recipients: v["recipients"]
                 .as_array()
                 .unwrap()
@@ -151,9 +187,7 @@ pub fn v1_vectors() -> Vec<V1Vector> {
             plaintext: hex(&v["plaintext"]),
             message: hex(&v["message"]),
         })
-        .collect();
-    assert_eq!(out.len(), 4, "phi-envelope-v1.json holds four vectors");
-    out
+        .collect()
 }
 
 /// A fresh DEK and a sealing key for it with `recipients`.

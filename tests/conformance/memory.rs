@@ -37,6 +37,10 @@ pub struct MemoryKms {
     pub down_after_calls: AtomicUsize,
     /// When set, `rotate` fails (and changes nothing).
     pub fail_rotate: AtomicBool,
+    /// The canonical encoding of every encryption context that `wrap` and
+    /// `unwrap` were given: all that a provider learns of a message's
+    /// bindings.
+    pub contexts: Mutex<Vec<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for MemoryKms {
@@ -132,6 +136,10 @@ impl KeyProvider for MemoryKms {
         context: &'a EncryptionContext,
     ) -> BoxFuture<'a, Result<WrappedKey>> {
         Box::pin(async move {
+            self.contexts
+                .lock()
+                .unwrap()
+                .push(context.canonical_pairs());
             self.check_up()?;
             let name = self.name_of(key).ok_or_else(|| {
                 ProviderError::new(&self.id, ProviderErrorKind::KeyNotFound, "not my key")
@@ -184,6 +192,10 @@ impl KeyProvider for MemoryKms {
             if entry.provider != self.id {
                 return Ok(Unwrapped::NotMine);
             }
+            self.contexts
+                .lock()
+                .unwrap()
+                .push(context.canonical_pairs());
             let Ok(key) = entry.key_ref.parse::<KeyRef>() else {
                 return Ok(Unwrapped::NotMine);
             };

@@ -43,6 +43,7 @@ pub async fn run(s: Subject) {
     bad_input_through_the_public_api(&s).await;
     rewrap_keeps_the_body(&s).await;
     events_for_every_access(&s).await;
+    associated_data_binds_the_body_only(&s).await;
 }
 
 fn envelope(s: &Subject, key: &KeyRef) -> Envelope {
@@ -411,4 +412,62 @@ async fn events_for_every_access(s: &Subject) {
             "event leaks a context value: {text}"
         );
     }
+}
+
+/// Records of one context bound to their own associated data (record ids)
+/// share one cached DEK through this provider, open only with their own
+/// associated data, and rewrap with the context alone.
+async fn associated_data_binds_the_body_only(s: &Subject) {
+    use phi_envelope::cache::CacheConfig;
+    let env = Envelope::new(
+        Keyring::builder()
+            .provider(s.provider.clone())
+            .recipient(s.key.clone())
+            .data_key_cache(CacheConfig::new())
+            .build()
+            .unwrap(),
+    )
+    .as_caller("conformance", "test");
+    let c = EncryptionContext::new().with("tenant", "st-mary").unwrap();
+    let id = |i: usize| format!("record-{i}").into_bytes();
+    let mut sealed = Vec::new();
+    for i in 0..20 {
+        sealed.push(
+            env.seal_with(&bytes(50, i as u8), &c, &id(i))
+                .await
+                .expect("seal_with"),
+        );
+    }
+    for (i, m) in sealed.iter().enumerate() {
+        assert_eq!(
+            env.open_with(m, &c, &id(i)).await.expect("open_with"),
+            bytes(50, i as u8)
+        );
+        let other = env.open_with(m, &c, &id(i + 1)).await.unwrap_err();
+        assert!(
+            other.is_decrypt(),
+            "associated data: another id gave {other:?}"
+        );
+        assert!(env.open(m, &c).await.unwrap_err().is_decrypt());
+    }
+    let stats = env.keyring().cache_stats();
+    assert_eq!(
+        (stats.encrypt_misses, stats.decrypt_misses),
+        (1, 1),
+        "associated data: one DEK for 20 records, {stats:?}"
+    );
+    let to_other = Envelope::new(
+        Keyring::builder()
+            .provider(s.provider.clone())
+            .recipient(s.other_key.clone())
+            .build()
+            .unwrap(),
+    )
+    .as_caller("conformance", "test");
+    let moved = to_other.rewrap(&sealed[3], &c).await.expect("rewrap");
+    assert_eq!(
+        to_other.open_with(&moved, &c, &id(3)).await.unwrap(),
+        bytes(50, 3)
+    );
+    assert!(to_other.open(&moved, &c).await.unwrap_err().is_decrypt());
 }

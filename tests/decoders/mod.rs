@@ -105,35 +105,48 @@ fn drain<R: Read>(mut r: R, buf_len: usize) -> Result<Vec<u8>, Error> {
     }
 }
 
-fn streaming(m: &[u8], dek: &Dek, ctx: &EncryptionContext) -> Result<Vec<u8>, Error> {
+fn streaming(m: &[u8], dek: &Dek, ctx: &EncryptionContext, ad: &[u8]) -> Result<Vec<u8>, Error> {
     let mut r = m;
     let h = Header::read_from(&mut r)?;
-    drain(OpeningKey::new(dek, &h)?.decryptor(r, ctx)?, 4096)
+    drain(OpeningKey::new(dek, &h)?.decryptor_with(r, ctx, ad)?, 4096)
 }
 
-fn seeking(m: &[u8], dek: &Dek, ctx: &EncryptionContext) -> Result<Vec<u8>, Error> {
+fn seeking(m: &[u8], dek: &Dek, ctx: &EncryptionContext, ad: &[u8]) -> Result<Vec<u8>, Error> {
     let mut cur = Cursor::new(m);
     let h = Header::read_from(&mut cur)?;
     drain(
-        OpeningKey::new(dek, &h)?.seekable_decryptor(cur, ctx)?,
+        OpeningKey::new(dek, &h)?.seekable_decryptor_with(cur, ctx, ad)?,
         5000,
     )
 }
 
-fn engine(m: &[u8], dek: &Dek, ctx: &EncryptionContext, threads: usize) -> Result<Vec<u8>, Error> {
+fn engine(
+    m: &[u8],
+    dek: &Dek,
+    ctx: &EncryptionContext,
+    ad: &[u8],
+    threads: usize,
+) -> Result<Vec<u8>, Error> {
     let mut r = m;
     let h = Header::read_from(&mut r)?;
     let key = OpeningKey::new(dek, &h)?;
     let mut out = Vec::new();
-    file::decrypt_with_key(&key, r, &mut out, ctx, &FileOptions::new().threads(threads))?;
+    let options = FileOptions::new().threads(threads).associated_data(ad);
+    file::decrypt_with_key(&key, r, &mut out, ctx, &options)?;
     Ok(out)
 }
 
-fn decrypt_file(env: &Envelope, m: &[u8], ctx: &EncryptionContext) -> Result<Vec<u8>, Error> {
+fn decrypt_file(
+    env: &Envelope,
+    m: &[u8],
+    ctx: &EncryptionContext,
+    ad: &[u8],
+) -> Result<Vec<u8>, Error> {
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("in.phi"), dir.path().join("out"));
     std::fs::write(&input, m).unwrap();
-    let r = block_on(env.decrypt_file(&input, &output, ctx, &FileOptions::new().threads(2)));
+    let options = FileOptions::new().threads(2).associated_data(ad);
+    let r = block_on(env.decrypt_file(&input, &output, ctx, &options));
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -148,10 +161,15 @@ fn decrypt_file(env: &Envelope, m: &[u8], ctx: &EncryptionContext) -> Result<Vec
 }
 
 #[cfg(feature = "tokio")]
-fn async_reader(env: &Envelope, m: &[u8], ctx: &EncryptionContext) -> Result<Vec<u8>, Error> {
+fn async_reader(
+    env: &Envelope,
+    m: &[u8],
+    ctx: &EncryptionContext,
+    ad: &[u8],
+) -> Result<Vec<u8>, Error> {
     use tokio::io::AsyncReadExt;
     block_on(async {
-        let mut r = env.async_decryptor(m, ctx).await?;
+        let mut r = env.async_decryptor_with(m, ctx, ad).await?;
         let mut out = Vec::new();
         match r.read_to_end(&mut out).await {
             Ok(_) => Ok(out),
@@ -182,6 +200,18 @@ pub fn open_every_way(
     open_every_way_with(m, dek, ctx, &ids, true)
 }
 
+/// Every decoder on `m`, named, each given the associated data `ad`.
+pub fn open_every_way_ad(
+    m: &[u8],
+    dek: &[u8],
+    ctx: &EncryptionContext,
+    ad: &[u8],
+) -> Vec<(&'static str, Result<Vec<u8>, Error>)> {
+    let ids = provider_ids(m);
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    open_every_way_with_ad(m, dek, ctx, ad, &ids, true)
+}
+
 /// Every decoder on `m`: those that go through a keyring hold a provider
 /// for each id in `providers` (each answers with `dek`); those given the
 /// DEK directly run only when `with_dek` is set.
@@ -192,32 +222,53 @@ pub fn open_every_way_with(
     providers: &[&str],
     with_dek: bool,
 ) -> Vec<(&'static str, Result<Vec<u8>, Error>)> {
+    open_every_way_with_ad(m, dek, ctx, &[], providers, with_dek)
+}
+
+/// [`open_every_way_with`], every decoder given the associated data `ad`
+/// (the `_with` forms; empty `ad` is none).
+pub fn open_every_way_with_ad(
+    m: &[u8],
+    dek: &[u8],
+    ctx: &EncryptionContext,
+    ad: &[u8],
+    providers: &[&str],
+    with_dek: bool,
+) -> Vec<(&'static str, Result<Vec<u8>, Error>)> {
     let env = envelope_for(dek, providers);
     let d = Dek::from_slice(dek).unwrap();
     let mut out = Vec::new();
     if with_dek {
         out.extend([
-            ("message::open", message::open(m, &d, ctx)),
-            ("Decryptor", streaming(m, &d, ctx)),
-            ("SeekableDecryptor", seeking(m, &d, ctx)),
-            ("decrypt_with_key/1", engine(m, &d, ctx, 1)),
-            ("decrypt_with_key/3", engine(m, &d, ctx, 3)),
+            ("message::open_with", message::open_with(m, &d, ctx, ad)),
+            ("Decryptor", streaming(m, &d, ctx, ad)),
+            ("SeekableDecryptor", seeking(m, &d, ctx, ad)),
+            ("decrypt_with_key/1", engine(m, &d, ctx, ad, 1)),
+            ("decrypt_with_key/3", engine(m, &d, ctx, ad, 3)),
         ]);
     }
     out.extend([
-        ("Envelope::open", block_on(env.open(m, ctx))),
+        ("Envelope::open_with", block_on(env.open_with(m, ctx, ad))),
         (
-            "Envelope::decryptor",
-            block_on(env.decryptor(m, ctx)).and_then(|r| drain(r, 1000)),
+            "Envelope::decryptor_with",
+            block_on(env.decryptor_with(m, ctx, ad)).and_then(|r| drain(r, 1000)),
         ),
         (
-            "Envelope::seekable_decryptor",
-            block_on(env.seekable_decryptor(Cursor::new(m), ctx)).and_then(|r| drain(r, 3000)),
+            "Envelope::seekable_decryptor_with",
+            block_on(env.seekable_decryptor_with(Cursor::new(m), ctx, ad))
+                .and_then(|r| drain(r, 3000)),
         ),
-        ("Envelope::decrypt_file", decrypt_file(&env, m, ctx)),
+        ("Envelope::decrypt_file", decrypt_file(&env, m, ctx, ad)),
     ]);
     #[cfg(feature = "tokio")]
-    out.push(("AsyncDecryptor", async_reader(&env, m, ctx)));
+    out.push(("AsyncDecryptor", async_reader(&env, m, ctx, ad)));
+    if ad.is_empty() {
+        // The forms without associated data, which must be the same.
+        if with_dek {
+            out.push(("message::open", message::open(m, &d, ctx)));
+        }
+        out.push(("Envelope::open", block_on(env.open(m, ctx))));
+    }
     out
 }
 
