@@ -12,13 +12,17 @@
 //! - **Batches.** The input is cut into batches of [`BATCH_CHUNKS`] chunks
 //!   (1 MiB of plaintext). A batch is one work item, which amortises the
 //!   hand-off between threads over 64 AEAD calls.
-//! - **Pipeline.** The calling thread reads batches, `threads` workers seal
-//!   (or open) them, and one writer thread writes them out strictly in input
-//!   order, holding early finishers in a small reorder buffer.
-//! - **Bounded memory.** Every batch lives in a buffer from a fixed pool of
-//!   `threads + 2` buffers (about 1 MiB each), allocated on first use and
-//!   recycled by the writer; the queues can never hold more than the pool. So
-//!   memory is a few batches per worker, whatever the size of the input.
+//! - **Workers that take turns.** Each of the `threads` workers (the calling
+//!   thread is one of them) takes the reader in turn and reads the next
+//!   batch into its own buffer, seals (or opens) it in place on its own
+//!   core while the others read theirs, and writes it out as soon as every
+//!   earlier batch has been written. There is no reader or writer thread:
+//!   a batch never crosses a core between being read and being sealed, and
+//!   the only hand-offs are two locks and a wake-up per batch. An input
+//!   that fits in one batch never starts a thread.
+//! - **Bounded memory.** Every worker owns one buffer of about 1 MiB,
+//!   allocated on its first batch and reused for the next ones, so memory
+//!   is one batch per worker whatever the size of the input.
 //! - **Zero extra copies.** Plaintext is read straight into its slot of the
 //!   ciphertext layout (a vectored read), sealed in place with its tag
 //!   written behind it, and written out in one call per batch; decryption
@@ -75,15 +79,13 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use zeroize::Zeroize;
 
@@ -316,10 +318,10 @@ impl Envelope {
     /// pipes, sockets and tar streams. The writer is flushed at the end.
     ///
     /// On an error the writer holds an incomplete message, which no decoder
-    /// accepts. `writer` must be `Send`: it is driven from a writer thread
-    /// (pass `&mut w` to keep ownership). Blocks the calling thread for the
+    /// accepts. `reader` and `writer` must be `Send`: the workers take turns
+    /// with them (pass `&mut r` or `&mut w` to keep ownership). Blocks the calling thread for the
     /// I/O (see the [module docs](crate::file#blocking)).
-    pub async fn encrypt_stream_parallel<R: Read, W: Write + Send>(
+    pub async fn encrypt_stream_parallel<R: Read + Send, W: Write + Send>(
         &self,
         reader: R,
         writer: W,
@@ -348,7 +350,7 @@ impl Envelope {
     /// when the output must appear only if the whole message is authentic.
     /// Blocks the calling thread for the I/O (see the
     /// [module docs](crate::file#blocking)).
-    pub async fn decrypt_stream_parallel<R: Read, W: Write + Send>(
+    pub async fn decrypt_stream_parallel<R: Read + Send, W: Write + Send>(
         &self,
         reader: R,
         writer: W,
@@ -369,7 +371,7 @@ impl Envelope {
 /// a [`SealingKey`] already in hand, on [`FileOptions::threads`] cores: the
 /// synchronous form of [`Envelope::encrypt_stream_parallel`]. The writer is
 /// flushed at the end.
-pub fn encrypt_with_key<R: Read, W: Write + Send>(
+pub fn encrypt_with_key<R: Read + Send, W: Write + Send>(
     key: &SealingKey,
     reader: R,
     writer: W,
@@ -390,7 +392,7 @@ pub fn encrypt_with_key<R: Read, W: Write + Send>(
 /// parsed and verified): `reader` starts just after the header. The
 /// synchronous form of [`Envelope::decrypt_stream_parallel`], with the same
 /// rule for what reaches `writer` when it fails.
-pub fn decrypt_with_key<R: Read, W: Write + Send>(
+pub fn decrypt_with_key<R: Read + Send, W: Write + Send>(
     key: &OpeningKey,
     reader: R,
     writer: W,
@@ -407,7 +409,7 @@ pub fn decrypt_with_key<R: Read, W: Write + Send>(
 
 /// Seals the chunks behind an [`Encryptor`](cobblestone::Encryptor) that has
 /// written the header and the body prefix, then flushes.
-fn seal_body<R: Read, W: Write + Send>(
+fn seal_body<R: Read + Send, W: Write + Send>(
     enc: cobblestone::Encryptor<Counting<W>>,
     mut reader: R,
     threads: usize,
@@ -425,7 +427,7 @@ fn seal_body<R: Read, W: Write + Send>(
 
 /// Opens the chunks after the body prefix (already read from `reader`),
 /// then flushes.
-fn open_body<R: Read, W: Write + Send>(
+fn open_body<R: Read + Send, W: Write + Send>(
     keys: &BodyKeys,
     mut reader: Counting<R>,
     mut writer: Counting<W>,
@@ -857,31 +859,34 @@ fn write_all_vectored<W: Write>(writer: &mut W, mut bufs: &mut [IoSlice<'_>]) ->
 
 /// Runs a body's chunks through the engine: `reader` is positioned at
 /// chunk 0, `writer` receives the output of every chunk in order.
-fn run<R: Read, W: Write + Send>(
+///
+/// The first batch is read on the calling thread; an input that fits in one
+/// batch is done there, without starting a thread.
+fn run<R: Read + Send, W: Write + Send>(
     mode: Mode,
     keys: &BodyKeys,
     reader: &mut R,
     writer: &mut W,
     threads: usize,
 ) -> Result<Counts> {
-    if threads <= 1 {
-        run_inline(mode, keys, reader, writer)
+    let first = read_batch(reader, mode, new_buffer(), 0, 0);
+    if threads <= 1 || first.last {
+        run_inline(mode, keys, reader, writer, first)
     } else {
-        run_parallel(mode, keys, reader, writer, threads)
+        run_parallel(mode, keys, reader, writer, threads, first)
     }
 }
 
-/// The engine on the calling thread alone.
+/// The engine on the calling thread alone, from `batch` (already read) on.
 fn run_inline<R: Read, W: Write>(
     mode: Mode,
     keys: &BodyKeys,
     reader: &mut R,
     writer: &mut W,
+    mut batch: Batch,
 ) -> Result<Counts> {
     let mut counts = Counts::default();
-    let mut buf = new_buffer();
-    for seq in 0.. {
-        let mut batch = read_batch(reader, mode, buf, seq, counts.chunks);
+    loop {
         process(keys, mode, &mut batch);
         if let Some(e) = batch.error.take() {
             return Err(e);
@@ -889,11 +894,11 @@ fn run_inline<R: Read, W: Write>(
         write_batch(writer, mode, &batch).map_err(|e| tag_io(e, Side::Write))?;
         counts.add(&batch, mode);
         if batch.last {
-            break;
+            return Ok(counts);
         }
-        buf = batch.buf;
+        let seq = batch.seq + 1;
+        batch = read_batch(reader, mode, batch.buf, seq, counts.chunks);
     }
-    Ok(counts)
 }
 
 impl Counts {
@@ -905,143 +910,208 @@ impl Counts {
     }
 }
 
-/// The pipelined engine: this thread reads, `threads` workers seal or open,
-/// a writer thread writes in order and recycles the buffers.
-fn run_parallel<R: Read, W: Write + Send>(
+/// The parallel engine: `threads` workers (the calling thread and
+/// `threads - 1` others), each of which in turn takes the reader and reads
+/// the next batch into its own buffer, seals or opens it in place on its own
+/// core, and writes it when every earlier batch has been written.
+///
+/// There is no reader or writer thread, so no batch crosses a core between
+/// being read and being sealed, the thread count is the number of workers,
+/// and memory is one buffer per worker. Only the reads (under the input
+/// lock) and the writes (in stream order, under the output lock) are
+/// serial.
+fn run_parallel<R: Read + Send, W: Write + Send>(
     mode: Mode,
     keys: &BodyKeys,
     reader: &mut R,
     writer: &mut W,
     threads: usize,
+    first: Batch,
 ) -> Result<Counts> {
-    let pool = threads + 2;
-    // Every queue is as long as the pool, so no send ever blocks: the only
-    // waits are for a free buffer, for work, and for the next batch.
-    let (free_tx, free_rx) = sync_channel::<Buffer>(pool);
-    let (work_tx, work_rx) = sync_channel::<Batch>(pool);
-    let (done_tx, done_rx) = sync_channel::<Batch>(pool);
-    let work_rx = Mutex::new(work_rx);
-    let abort = AtomicBool::new(false);
-
+    let shared = Shared {
+        input: Mutex::new(Input {
+            reader,
+            seq: first.seq + 1,
+            first_chunk: first.layout(mode).0 as u64,
+            done: false,
+        }),
+        output: Mutex::new(Output {
+            writer,
+            next: first.seq,
+            counts: Counts::default(),
+            state: State::Running,
+        }),
+        turn: Condvar::new(),
+        stopped: AtomicBool::new(false),
+    };
     std::thread::scope(|s| {
-        for _ in 0..threads {
-            let done_tx = done_tx.clone();
-            let work_rx = &work_rx;
-            s.spawn(move || worker(keys, mode, work_rx, done_tx));
+        for _ in 1..threads {
+            s.spawn(|| work(keys, mode, &shared, None));
         }
-        drop(done_tx);
-        let abort_ref = &abort;
-        let write = s.spawn(move || write_loop(mode, writer, done_rx, free_tx, abort_ref));
-        read_loop(mode, reader, free_rx, work_tx, pool, &abort);
-        match write.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
+        work(keys, mode, &shared, Some(first));
+    });
+    let out = shared
+        .output
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    match out.state {
+        State::Finished => Ok(out.counts),
+        State::Failed(e) => Err(e),
+        // Every batch up to the last one is written unless a worker
+        // panicked, which `scope` has already re-raised.
+        State::Running => Err(Error::Io(io::Error::other(
+            "the file engine stopped before the final chunk",
+        ))),
+    }
 }
 
-fn read_loop<R: Read>(
+/// What the workers share.
+struct Shared<'r, 'w, R, W> {
+    input: Mutex<Input<'r, R>>,
+    output: Mutex<Output<'w, W>>,
+    /// Signalled whenever a batch was written or the engine stopped.
+    turn: Condvar,
+    /// Set once the output failed or finished: no more batches are read.
+    stopped: AtomicBool,
+}
+
+/// The reader and where the stream stands.
+struct Input<'r, R> {
+    reader: &'r mut R,
+    /// Sequence number and first chunk index of the next batch.
+    seq: u64,
+    first_chunk: u64,
+    /// The last batch has been read.
+    done: bool,
+}
+
+/// The writer and what has been written.
+struct Output<'w, W> {
+    writer: &'w mut W,
+    /// Sequence number of the batch whose turn it is.
+    next: u64,
+    counts: Counts,
+    state: State,
+}
+
+/// Where the output stands.
+enum State {
+    Running,
+    /// The final chunk was written.
+    Finished,
+    /// The first error in stream order; nothing after it was written.
+    Failed(Error),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One worker: read, process, write in turn, until the input is done or the
+/// engine stopped. `batch` is a batch already read for it.
+fn work<R: Read, W: Write>(
+    keys: &BodyKeys,
     mode: Mode,
-    reader: &mut R,
-    free: Receiver<Buffer>,
-    work: SyncSender<Batch>,
-    pool: usize,
-    abort: &AtomicBool,
+    shared: &Shared<'_, '_, R, W>,
+    mut batch: Option<Batch>,
 ) {
-    let mut allocated = 0;
-    let mut first_chunk = 0u64;
-    for seq in 0.. {
-        if abort.load(Ordering::Relaxed) {
-            return;
-        }
-        // Buffers are allocated on first need, so a small input costs one.
-        let buf = match free.try_recv() {
-            Ok(buf) => buf,
-            Err(TryRecvError::Empty) if allocated < pool => {
-                allocated += 1;
-                new_buffer()
-            }
-            Err(TryRecvError::Empty) => match free.recv() {
-                Ok(buf) => buf,
-                Err(_) => return,
-            },
-            Err(TryRecvError::Disconnected) => return,
-        };
-        let batch = read_batch(reader, mode, buf, seq, first_chunk);
-        first_chunk += batch.layout(mode).0 as u64;
-        let last = batch.last;
-        if work.send(batch).is_err() || last {
-            return;
-        }
-    }
-}
-
-fn worker(keys: &BodyKeys, mode: Mode, work: &Mutex<Receiver<Batch>>, done: SyncSender<Batch>) {
+    let _guard = StopOnPanic(shared);
+    let mut spare = None;
     loop {
-        // The lock is held only while waiting for the next item.
-        let next = match work.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
+        let mut b = match batch.take() {
+            Some(b) => b,
+            None => match shared.next_batch(mode, spare.take()) {
+                Some(b) => b,
+                None => return,
+            },
         };
-        let Ok(mut batch) = next else { return };
-        process(keys, mode, &mut batch);
-        if done.send(batch).is_err() {
-            return;
+        process(keys, mode, &mut b);
+        match shared.write_in_turn(mode, b) {
+            Some(buf) => spare = Some(buf),
+            None => return,
         }
     }
 }
 
-fn write_loop<W: Write>(
-    mode: Mode,
-    writer: &mut W,
-    done: Receiver<Batch>,
-    free: SyncSender<Buffer>,
-    abort: &AtomicBool,
-) -> Result<Counts> {
-    let result = write_in_order(mode, writer, &done, &free);
-    if result.is_err() {
-        // Stop the reader; dropping `done` and `free` unblocks everyone.
-        abort.store(true, Ordering::Relaxed);
+impl<R: Read, W: Write> Shared<'_, '_, R, W> {
+    /// Reads the next batch into `spare` (or a new buffer); `None` once the
+    /// input is done or the engine stopped.
+    fn next_batch(&self, mode: Mode, spare: Option<Buffer>) -> Option<Batch> {
+        let mut input = lock(&self.input);
+        if input.done || self.stopped.load(Ordering::Acquire) {
+            return None;
+        }
+        let buf = spare.unwrap_or_else(new_buffer);
+        let (seq, first_chunk) = (input.seq, input.first_chunk);
+        let batch = read_batch(&mut *input.reader, mode, buf, seq, first_chunk);
+        input.seq += 1;
+        input.first_chunk += batch.layout(mode).0 as u64;
+        input.done = batch.last;
+        Some(batch)
     }
-    result
+
+    /// Waits until every earlier batch was written, then writes `batch` (or
+    /// records its error). Returns its buffer for the next batch, or `None`
+    /// when the worker should stop.
+    fn write_in_turn(&self, mode: Mode, mut batch: Batch) -> Option<Buffer> {
+        let mut out = lock(&self.output);
+        while out.next != batch.seq && matches!(out.state, State::Running) {
+            out = self.turn.wait(out).unwrap_or_else(PoisonError::into_inner);
+        }
+        if !matches!(out.state, State::Running) {
+            // An earlier batch failed (or a worker died): this one is
+            // dropped unwritten, its buffer zeroized.
+            return None;
+        }
+        let written = match batch.error.take() {
+            Some(e) => Err(e),
+            None => write_batch(&mut *out.writer, mode, &batch).map_err(|e| tag_io(e, Side::Write)),
+        };
+        match written {
+            Err(e) => out.state = State::Failed(e),
+            Ok(()) => {
+                out.counts.add(&batch, mode);
+                out.next += 1;
+                if batch.last {
+                    out.state = State::Finished;
+                }
+            }
+        }
+        let running = matches!(out.state, State::Running);
+        if !running {
+            self.stopped.store(true, Ordering::Release);
+        }
+        drop(out);
+        self.turn.notify_all();
+        running.then_some(batch.buf)
+    }
 }
 
-fn write_in_order<W: Write>(
-    mode: Mode,
-    writer: &mut W,
-    done: &Receiver<Batch>,
-    free: &SyncSender<Buffer>,
-) -> Result<Counts> {
-    let mut counts = Counts::default();
-    let mut pending: BTreeMap<u64, Batch> = BTreeMap::new();
-    let mut next = 0u64;
-    while let Ok(batch) = done.recv() {
-        pending.insert(batch.seq, batch);
-        while let Some(mut batch) = pending.remove(&next) {
-            if let Some(e) = batch.error.take() {
-                return Err(e);
+/// Stops the engine if its worker unwinds, so that no other worker waits
+/// for a turn that will never come; `scope` then re-raises the panic.
+struct StopOnPanic<'s, 'r, 'w, R, W>(&'s Shared<'r, 'w, R, W>);
+
+impl<R, W> Drop for StopOnPanic<'_, '_, '_, R, W> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let shared = self.0;
+            shared.stopped.store(true, Ordering::Release);
+            let mut out = lock(&shared.output);
+            if matches!(out.state, State::Running) {
+                out.state = State::Failed(Error::Io(io::Error::other(
+                    "a worker of the file engine panicked",
+                )));
             }
-            write_batch(writer, mode, &batch).map_err(|e| tag_io(e, Side::Write))?;
-            counts.add(&batch, mode);
-            if batch.last {
-                return Ok(counts);
-            }
-            next += 1;
-            // The reader may have finished; a refused buffer is dropped.
-            let _ = free.send(batch.buf);
+            drop(out);
+            shared.turn.notify_all();
         }
     }
-    // Every batch up to the last one reaches the writer unless a thread
-    // died, which `scope` reports as a panic.
-    Err(Error::Io(io::Error::other(
-        "the file engine stopped before the final chunk",
-    )))
 }
 
 /// [`encrypt_with_key`] with a fixed salt: the seam that lets tests compare
 /// the engine's output with the sequential encryptor's, byte for byte.
 #[cfg(test)]
-fn encrypt_with_key_and_salt<R: Read, W: Write + Send>(
+fn encrypt_with_key_and_salt<R: Read + Send, W: Write + Send>(
     key: &SealingKey,
     salt: &[u8; cobblestone::SALT_LEN],
     reader: R,
@@ -1167,6 +1237,124 @@ mod tests {
             encrypt_with_key_and_salt(&key, &salt, Dribble(&pt, 1), &mut got, &ctx(), threads)
                 .unwrap();
             assert!(got == want, "{threads} threads");
+        }
+    }
+
+    /// A reader or writer that records which threads used it.
+    struct Threads<T> {
+        inner: T,
+        seen: Arc<Mutex<Vec<std::thread::ThreadId>>>,
+    }
+
+    impl<T> Threads<T> {
+        fn new(inner: T) -> (Self, Arc<Mutex<Vec<std::thread::ThreadId>>>) {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            (
+                Threads {
+                    inner,
+                    seen: seen.clone(),
+                },
+                seen,
+            )
+        }
+        fn note(&self) {
+            self.seen.lock().unwrap().push(std::thread::current().id());
+        }
+    }
+
+    impl<R: Read> Read for Threads<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.note();
+            self.inner.read(buf)
+        }
+    }
+
+    impl<W: Write> Write for Threads<W> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.note();
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    #[test]
+    fn an_input_of_one_batch_starts_no_thread() {
+        let (_, key) = sealing_key();
+        let me = std::thread::current().id();
+        for len in [0, 1000, BATCH_PT - 1] {
+            let pt = data(len);
+            let (reader, reads) = Threads::new(&pt[..]);
+            let (writer, writes) = Threads::new(Vec::new());
+            let opts = FileOptions::new().threads(8);
+            encrypt_with_key(&key, reader, writer, &ctx(), &opts).unwrap();
+            let (reads, writes) = (reads.lock().unwrap(), writes.lock().unwrap());
+            assert!(!reads.is_empty() && !writes.is_empty());
+            assert!(
+                reads.iter().chain(writes.iter()).all(|t| *t == me),
+                "len {len}: another thread read or wrote"
+            );
+        }
+    }
+
+    #[test]
+    fn workers_take_turns_with_the_reader_and_the_writer_in_order() {
+        // With several batches and workers, reads and writes happen on the
+        // workers' threads, and the output is still the sequential one.
+        let (_, key) = sealing_key();
+        let salt = [3; 24];
+        let pt = data(9 * BATCH_PT + 4321);
+        let want = sequential(&key, &salt, &pt);
+        let (reader, reads) = Threads::new(Dribble(&pt, 1));
+        let (writer, writes) = Threads::new(Vec::new());
+        let mut writer = writer;
+        encrypt_with_key_and_salt(&key, &salt, reader, &mut writer, &ctx(), 3).unwrap();
+        assert!(writer.inner == want);
+        let distinct = |v: &[std::thread::ThreadId]| {
+            let mut v = v.to_vec();
+            v.sort_by_key(|t| format!("{t:?}"));
+            v.dedup();
+            v.len()
+        };
+        let (reads, writes) = (reads.lock().unwrap(), writes.lock().unwrap());
+        assert!(distinct(&reads) <= 3 && distinct(&writes) <= 3);
+    }
+
+    /// A writer that panics on its `n`th write.
+    struct PanicAt(usize);
+
+    impl Write for PanicAt {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 -= 1;
+            assert!(self.0 > 0, "the writer gives up");
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_worker_that_panics_stops_the_others_and_the_panic_reaches_the_caller() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (_, key) = sealing_key();
+            let pt = data(12 * BATCH_PT);
+            for threads in [2, 4] {
+                let r = std::panic::catch_unwind(|| {
+                    let opts = FileOptions::new().threads(threads);
+                    encrypt_with_key(&key, &pt[..], PanicAt(4), &ctx(), &opts)
+                });
+                done_tx.send(r.is_err()).unwrap();
+            }
+        });
+        for _ in 0..2 {
+            // Generous: a hang, not a speed, is what this detects.
+            let panicked = done_rx
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .expect("the engine hung after a worker panicked");
+            assert!(panicked, "the panic did not reach the caller");
         }
     }
 
