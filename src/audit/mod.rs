@@ -199,7 +199,6 @@
 //!    (a new genesis header at `seq` 0), or configure a new path. Record in
 //!    your ticket which old log and anchor the new one follows.
 
-pub(crate) mod json;
 mod line;
 mod log;
 #[cfg(feature = "tracing")]

@@ -2,7 +2,7 @@
 
 use crate::events::{Event, EventSink, Outcome, SinkError};
 
-use super::json::{duration_us, format_timestamp};
+use crate::json::{duration_us, format_timestamp};
 
 /// Emits one `tracing` event per key-access [`Event`], with target
 /// `phi_envelope::audit` and structured fields `timestamp`, `operation`,

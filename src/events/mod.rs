@@ -78,6 +78,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::provider::KeyState;
 
+pub(crate) mod codec;
+
 /// What was done with a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -330,7 +332,7 @@ impl Event {
     /// to whole microseconds.
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(320);
-        crate::audit::json::push_event(&mut out, self);
+        codec::push_event(&mut out, self);
         out
     }
 
@@ -339,7 +341,7 @@ impl Event {
     pub fn from_json(json: &str) -> Result<Event, EventParseError> {
         let value: serde_json::Value =
             serde_json::from_str(json).map_err(|e| EventParseError(e.to_string()))?;
-        crate::audit::json::event_from_value(&value).map_err(EventParseError)
+        codec::event_from_value(&value).map_err(EventParseError)
     }
 }
 
