@@ -211,7 +211,7 @@ use std::path::{Path, PathBuf};
 use ring::hmac;
 use zeroize::Zeroizing;
 
-pub use log::{AuditLog, AuditLogBuilder, FsyncPolicy, OpenError};
+pub use log::{AuditLog, AuditLogBuilder, AuditStats, FsyncPolicy, OpenError};
 #[cfg(feature = "tracing")]
 pub use tracing_sink::TracingSink;
 pub use verify::{

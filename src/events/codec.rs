@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Event, Operation, Outcome};
+use super::{Event, Operation, Outcome, Uses};
 use crate::json::{
     duration_us, format_timestamp, opt_str, opt_u64, parse_timestamp, push_key, push_opt_str,
     push_str, req_str,
@@ -45,6 +45,15 @@ pub(crate) fn push_event(out: &mut String, e: &Event) {
             push_str(out, a);
         }
         out.push(']');
+    }
+    // Likewise only in an aggregated cache-hit event.
+    if let Some(uses) = &e.uses {
+        push_key(out, "uses", false);
+        out.push_str(&uses.count.to_string());
+        push_key(out, "first_use", false);
+        push_str(out, &format_timestamp(uses.first));
+        push_key(out, "last_use", false);
+        push_str(out, &format_timestamp(uses.last));
     }
     push_key(out, "actor", false);
     push_opt_str(out, e.actor.as_deref());
@@ -93,6 +102,27 @@ pub(crate) fn event_from_value(v: &Value) -> Result<Event, String> {
             .ok_or("field \"approvers\" must be an array of strings")?,
         Some(_) => return Err("field \"approvers\" must be an array when present".into()),
     };
+    let uses = match (obj.get("uses"), obj.get("first_use"), obj.get("last_use")) {
+        (None, None, None) => None,
+        (Some(_), Some(_), Some(_)) => {
+            let count = opt_u64(obj, "uses")?
+                .filter(|&n| n >= 1)
+                .ok_or("field \"uses\" must be an integer of at least 1")?;
+            let time = |key: &str| {
+                parse_timestamp(req_str(obj, key)?).ok_or_else(|| {
+                    format!(
+                        "{key} is not RFC 3339 UTC with microseconds (YYYY-MM-DDTHH:MM:SS.ffffffZ)"
+                    )
+                })
+            };
+            let (first, last) = (time("first_use")?, time("last_use")?);
+            if last < first {
+                return Err("last_use is before first_use".into());
+            }
+            Some(Uses { count, first, last })
+        }
+        _ => return Err("fields \"uses\", \"first_use\" and \"last_use\" go together".into()),
+    };
     let actor = opt_str(obj, "actor")?;
     let purpose = opt_str(obj, "purpose")?;
     let context_fingerprint = opt_str(obj, "context_fingerprint")?;
@@ -108,6 +138,7 @@ pub(crate) fn event_from_value(v: &Value) -> Result<Event, String> {
         key_version,
         key_state,
         approvers,
+        uses,
         actor,
         purpose,
         context_fingerprint,
