@@ -250,6 +250,9 @@ struct Job {
     done: Completion,
 }
 
+/// What writing one entry gave: its `seq` and whether it needs an fsync.
+type Written = Result<(u64, bool), SinkError>;
+
 /// The most entries one group takes (the rest wait for the next group).
 const MAX_GROUP: usize = 4096;
 
@@ -1437,7 +1440,7 @@ impl Inner {
             .fetch_add(group.len() as u64, Ordering::Relaxed);
         c.largest_group
             .fetch_max(group.len() as u64, Ordering::Relaxed);
-        let written: Vec<(Completion, Result<(u64, bool), SinkError>)> = group
+        let written: Vec<(Completion, Written)> = group
             .into_iter()
             .map(|job| {
                 let result = self.write_entry(&job.event_json);

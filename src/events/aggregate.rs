@@ -203,8 +203,7 @@ impl HitAggregator {
                 receipt
             })
             .collect();
-        let receipt = Receipt::all(receipts);
-        receipt
+        Receipt::all(receipts)
     }
 }
 
