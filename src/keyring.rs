@@ -7,7 +7,13 @@
 //! touched), the call is timed, and an [`Event`] is recorded before the
 //! result is released. When the sink cannot record the event and the keyring
 //! fails closed (the default), the result is dropped (a DEK is zeroized) and
-//! the operation fails with [`Error::Audit`].
+//! the operation fails with [`Error::Audit`]. The keyring awaits the sink's
+//! [receipt](crate::events::Receipt) rather than calling it inline, so a
+//! sink that writes in the background (the durable
+//! [`AuditLog`](crate::audit::AuditLog)) holds no thread of the caller's
+//! runtime meanwhile. Cache hits are one event each too, unless the keyring
+//! is built to aggregate them
+//! ([`KeyringBuilder::cache_hit_events`], with its trade-off).
 //!
 //! The keyring also owns the key lifecycle as the application sees it:
 //!
