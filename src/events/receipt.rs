@@ -227,3 +227,98 @@ fn answer(slot: &Slot, result: Result<(), SinkError>) {
         w.wake();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    /// A waker that counts its wakes.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll(r: &mut Receipt, waker: &Waker) -> Poll<Result<(), SinkError>> {
+        Pin::new(r).poll(&mut Context::from_waker(waker))
+    }
+
+    #[test]
+    fn a_pending_receipt_wakes_its_task_once_answered() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let (mut r, done) = Receipt::pending();
+        assert!(poll(&mut r, &waker).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        done.complete(Err(SinkError("disk full".into())));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(poll(&mut r, &waker), Poll::Ready(Err(e)) if e.0 == "disk full"));
+        // Polled again after its answer: an error, never a second `Ok`.
+        assert!(matches!(poll(&mut r, &waker), Poll::Ready(Err(_))));
+    }
+
+    #[test]
+    fn a_dropped_completion_answers_with_an_error() {
+        let (mut r, done) = Receipt::pending();
+        drop(done);
+        assert!(matches!(
+            poll(&mut r, Waker::noop()),
+            Poll::Ready(Err(e)) if e.0.contains("stopped")
+        ));
+        let (r, done) = Receipt::pending();
+        drop(done);
+        assert!(r.wait().is_err());
+    }
+
+    #[test]
+    fn wait_blocks_until_another_thread_answers() {
+        let (r, done) = Receipt::pending();
+        let t = std::thread::spawn(move || done.complete(Ok(())));
+        r.wait().unwrap();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn on_complete_runs_once_before_or_after_the_answer() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (r, done) = Receipt::pending();
+        let s = seen.clone();
+        r.on_complete(move |res| s.lock().unwrap().push(("later", res.is_ok())));
+        assert!(seen.lock().unwrap().is_empty());
+        done.complete(Ok(()));
+        let (r, done) = Receipt::pending();
+        done.complete(Err(SinkError("no".into())));
+        let s = seen.clone();
+        r.on_complete(move |res| s.lock().unwrap().push(("already", res.is_ok())));
+        let s = seen.clone();
+        Receipt::ready(Ok(()))
+            .on_complete(move |res| s.lock().unwrap().push(("ready", res.is_ok())));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [("later", true), ("already", false), ("ready", true)]
+        );
+    }
+
+    #[test]
+    fn all_answers_once_every_receipt_has_with_the_first_error_in_order() {
+        assert!(Receipt::all(Vec::new()).wait().is_ok());
+        let (a, da) = Receipt::pending();
+        let (b, db) = Receipt::pending();
+        let c = Receipt::ready(Err(SinkError("third".into())));
+        let mut all = Receipt::all(vec![a, b, c]);
+        assert!(poll(&mut all, Waker::noop()).is_pending());
+        db.complete(Err(SinkError("second".into())));
+        assert!(poll(&mut all, Waker::noop()).is_pending());
+        da.complete(Ok(()));
+        assert!(matches!(
+            poll(&mut all, Waker::noop()),
+            Poll::Ready(Err(e)) if e.0 == "second"
+        ));
+        let ok = Receipt::all(vec![Receipt::ready(Ok(())), Receipt::ready(Ok(()))]);
+        assert!(ok.wait().is_ok());
+    }
+}
