@@ -394,7 +394,8 @@ impl KeyringBuilder {
         }
         let cache = self.cache.as_ref().map(DataKeyCache::new).transpose()?;
         let dropped_events = Arc::new(AtomicU64::new(0));
-        let hit_events = if self.sink_set {
+        // Only a keyring with a cache has hits to aggregate.
+        let hit_events = if self.sink_set && cache.is_some() {
             HitAggregator::new(
                 self.cache_hit_events,
                 self.sink.clone(),
