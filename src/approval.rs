@@ -507,22 +507,22 @@ impl Approval {
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(384);
         out.push('{');
-        crate::audit::json::push_key(&mut out, "format", true);
-        crate::audit::json::push_str(&mut out, APPROVAL_FORMAT);
-        crate::audit::json::push_key(&mut out, "custodian", false);
-        crate::audit::json::push_str(&mut out, &self.custodian);
-        crate::audit::json::push_key(&mut out, "operation", false);
-        crate::audit::json::push_str(&mut out, self.operation.as_str());
-        crate::audit::json::push_key(&mut out, "key_ref", false);
-        crate::audit::json::push_str(&mut out, &self.key_ref);
-        crate::audit::json::push_key(&mut out, "version", false);
+        crate::json::push_key(&mut out, "format", true);
+        crate::json::push_str(&mut out, APPROVAL_FORMAT);
+        crate::json::push_key(&mut out, "custodian", false);
+        crate::json::push_str(&mut out, &self.custodian);
+        crate::json::push_key(&mut out, "operation", false);
+        crate::json::push_str(&mut out, self.operation.as_str());
+        crate::json::push_key(&mut out, "key_ref", false);
+        crate::json::push_str(&mut out, &self.key_ref);
+        crate::json::push_key(&mut out, "version", false);
         out.push_str(&self.version.to_string());
-        crate::audit::json::push_key(&mut out, "expires_at", false);
+        crate::json::push_key(&mut out, "expires_at", false);
         out.push_str(&self.expires_at.to_string());
-        crate::audit::json::push_key(&mut out, "nonce", false);
-        crate::audit::json::push_str(&mut out, &hex(&self.nonce));
-        crate::audit::json::push_key(&mut out, "signature", false);
-        crate::audit::json::push_str(&mut out, &hex(&self.signature));
+        crate::json::push_key(&mut out, "nonce", false);
+        crate::json::push_str(&mut out, &hex(&self.nonce));
+        crate::json::push_key(&mut out, "signature", false);
+        crate::json::push_str(&mut out, &hex(&self.signature));
         out.push('}');
         out
     }
@@ -541,9 +541,9 @@ impl Approval {
         let obj = v
             .as_object()
             .ok_or_else(|| bad("not a JSON object".into()))?;
-        let s = |k: &str| crate::audit::json::req_str(obj, k).map_err(bad);
+        let s = |k: &str| crate::json::req_str(obj, k).map_err(bad);
         let n = |k: &str| {
-            crate::audit::json::opt_u64(obj, k)
+            crate::json::opt_u64(obj, k)
                 .map_err(bad)?
                 .ok_or_else(|| bad(format!("{k:?} must be a number")))
         };

@@ -7,7 +7,13 @@
 //! touched), the call is timed, and an [`Event`] is recorded before the
 //! result is released. When the sink cannot record the event and the keyring
 //! fails closed (the default), the result is dropped (a DEK is zeroized) and
-//! the operation fails with [`Error::Audit`].
+//! the operation fails with [`Error::Audit`]. The keyring awaits the sink's
+//! [receipt](crate::events::Receipt) rather than calling it inline, so a
+//! sink that writes in the background (the durable
+//! [`AuditLog`](crate::audit::AuditLog)) holds no thread of the caller's
+//! runtime meanwhile. Cache hits are one event each too, unless the keyring
+//! is built to aggregate them
+//! ([`KeyringBuilder::cache_hit_events`], with its trade-off).
 //!
 //! The keyring also owns the key lifecycle as the application sees it:
 //!
@@ -79,7 +85,8 @@ use crate::cache::{
     CacheConfig, CacheStats, DataKeyCache, Flights, FlushTarget, Join, KeyTag, KeyUse,
 };
 use crate::error::{Error, Result};
-use crate::events::{Event, EventSink, NoopSink, Operation, Outcome};
+use crate::events::aggregate::{dek_id, HitAggregator};
+use crate::events::{CacheHitEvents, Event, EventSink, NoopSink, Operation, Outcome};
 use crate::format::{EncryptionContext, Header, WrappedKey, MAX_RECIPIENTS};
 use crate::message::{OpeningKey, SealingKey};
 use crate::policy::{AllowAll, Decision, Policy, PolicyRequest};
@@ -217,6 +224,7 @@ pub struct KeyringBuilder {
     key_policies: Vec<(KeyRef, KeyPolicy)>,
     describe_ttl: Duration,
     cache: Option<CacheConfig>,
+    cache_hit_events: CacheHitEvents,
     dual_control: Option<DualControl>,
 }
 
@@ -318,6 +326,16 @@ impl KeyringBuilder {
         self
     }
 
+    /// How cache hits are recorded (default
+    /// [`CacheHitEvents::EachUse`]: one event per hit, awaited like a
+    /// provider call's). [`CacheHitEvents::Aggregated`] records one event
+    /// per cached data key and caller per interval instead; read its
+    /// trade-off first.
+    pub fn cache_hit_events(mut self, mode: CacheHitEvents) -> Self {
+        self.cache_hit_events = mode;
+        self
+    }
+
     /// Turns on the [data-key cache](crate::cache) with `config`.
     pub fn data_key_cache(mut self, config: CacheConfig) -> Self {
         self.cache = Some(config);
@@ -375,13 +393,31 @@ impl KeyringBuilder {
             key_policies.insert(key.as_str().to_owned(), policy);
         }
         let cache = self.cache.as_ref().map(DataKeyCache::new).transpose()?;
+        let dropped_events = Arc::new(AtomicU64::new(0));
+        // Only a keyring with a cache has hits to aggregate.
+        let hit_events = if self.sink_set && cache.is_some() {
+            HitAggregator::new(
+                self.cache_hit_events,
+                self.sink.clone(),
+                self.fail_closed,
+                dropped_events.clone(),
+            )
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "cannot start the thread that flushes aggregated cache-hit events: {e}"
+                ))
+            })?
+        } else {
+            None
+        };
         Ok(Keyring {
             providers: self.providers,
             recipients,
             sink: self.sink,
             records_events: self.sink_set,
             checks_policy: self.policy_set,
-            dropped_events: std::sync::atomic::AtomicU64::new(0),
+            dropped_events,
+            hit_events,
             fail_closed: self.fail_closed,
             policy: self.policy,
             fingerprint_key: hmac::Key::new(hmac::HMAC_SHA256, &fp),
@@ -411,7 +447,9 @@ pub struct Keyring {
     /// False with the default allow-all policy: requests are not built.
     checks_policy: bool,
     /// Events the sink failed to record while failing open.
-    dropped_events: std::sync::atomic::AtomicU64,
+    dropped_events: Arc<AtomicU64>,
+    /// Aggregated cache-hit events, when so configured.
+    hit_events: Option<Arc<HitAggregator>>,
     fail_closed: bool,
     policy: Arc<dyn Policy>,
     fingerprint_key: hmac::Key,
@@ -484,6 +522,7 @@ impl Keyring {
             key_policies: Vec::new(),
             describe_ttl: Duration::from_secs(60),
             cache: None,
+            cache_hit_events: CacheHitEvents::EachUse,
             dual_control: None,
         }
     }
@@ -765,41 +804,28 @@ impl Keyring {
         out
     }
 
-    /// Records an event; `Err` when the sink failed and the keyring fails
+    /// Records an event and awaits the sink's receipt (for the durable
+    /// audit log: until the entry is on stable storage, without holding
+    /// the thread); `Err` when the sink failed and the keyring fails
     /// closed.
-    fn record(
+    async fn record(
         &self,
         call: &Call<'_>,
         version: Option<u32>,
         outcome: Outcome,
         duration: Duration,
     ) -> Result<()> {
-        if !self.records_events {
+        let Some(receipt) = self.submit(call, version, outcome, duration) else {
             return Ok(());
-        }
-        let event = Event {
-            timestamp: SystemTime::now(),
-            operation: call.operation,
-            provider: call.provider.to_owned(),
-            key_ref: call.key_ref.map(str::to_owned),
-            key_version: version.or(call.key_version),
-            key_state: call.key_state,
-            approvers: call.approvers.to_vec(),
-            actor: call.caller.actor.clone(),
-            purpose: call.caller.purpose.clone(),
-            context_fingerprint: call.fingerprint.clone(),
-            outcome,
-            duration,
         };
-        match self.sink.record(&event) {
+        match receipt.await {
             Ok(()) => Ok(()),
             Err(e) if self.fail_closed => Err(Error::Audit(e.0)),
             Err(_e) => {
                 // Failing open: the operation goes on, but the loss is
                 // counted (and logged with the `tracing` feature), never
                 // silent.
-                self.dropped_events
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.dropped_events.fetch_add(1, Ordering::Relaxed);
                 #[cfg(feature = "tracing")]
                 tracing::warn!(target: "phi_envelope::audit", "event not recorded: {_e}");
                 Ok(())
@@ -807,11 +833,53 @@ impl Keyring {
         }
     }
 
+    /// Builds the event of `call` and hands it to the sink; `None` with
+    /// the default no-op sink (no event is built).
+    fn submit(
+        &self,
+        call: &Call<'_>,
+        version: Option<u32>,
+        outcome: Outcome,
+        duration: Duration,
+    ) -> Option<crate::events::Receipt> {
+        if !self.records_events {
+            return None;
+        }
+        Some(
+            self.sink
+                .submit(&self.event(call, version, outcome, duration)),
+        )
+    }
+
+    /// The event of `call`.
+    fn event(
+        &self,
+        call: &Call<'_>,
+        version: Option<u32>,
+        outcome: Outcome,
+        duration: Duration,
+    ) -> Event {
+        Event {
+            timestamp: SystemTime::now(),
+            operation: call.operation,
+            provider: call.provider.to_owned(),
+            key_ref: call.key_ref.map(str::to_owned),
+            key_version: version.or(call.key_version),
+            key_state: call.key_state,
+            approvers: call.approvers.to_vec(),
+            uses: None,
+            actor: call.caller.actor.clone(),
+            purpose: call.caller.purpose.clone(),
+            context_fingerprint: call.fingerprint.clone(),
+            outcome,
+            duration,
+        }
+    }
+
     /// How many events the sink failed to record while the keyring was
     /// configured to fail open ([`KeyringBuilder::fail_closed`]`(false)`).
     pub fn dropped_events(&self) -> u64 {
-        self.dropped_events
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.dropped_events.load(Ordering::Relaxed)
     }
 
     /// How many key uses (provider calls and cache hits) this keyring made
@@ -842,7 +910,7 @@ impl Keyring {
     /// Refuses a key-management verb for a caller without an actor, before
     /// the policy hook or any provider is asked; the refusal is an event
     /// (outcome `failed:no-actor`).
-    fn require_actor(
+    async fn require_actor(
         &self,
         operation: Operation,
         key: &KeyRef,
@@ -867,7 +935,8 @@ impl Keyring {
             None,
             Outcome::Failed("no-actor".into()),
             Duration::ZERO,
-        )?;
+        )
+        .await?;
         Err(Error::InvalidArgument(format!(
             "{operation} of {key} refused: key management needs an actor, who is doing it, for the audit trail; pass Caller::new(actor, purpose) (the backup CLI: --actor or PHI_ENVELOPE_ACTOR)"
         )))
@@ -876,7 +945,7 @@ impl Keyring {
     /// Dual control: the approvers of a guarded verb, or its refusal
     /// (recorded, outcome `failed:approval`), before the policy hook or any
     /// provider is asked.
-    fn check_approvals(
+    async fn check_approvals(
         &self,
         operation: Operation,
         key: &KeyRef,
@@ -914,14 +983,15 @@ impl Keyring {
                     None,
                     Outcome::Failed("approval".into()),
                     Duration::ZERO,
-                )?;
+                )
+                .await?;
                 Err(Error::Approval(refusal.message))
             }
         }
     }
 
     /// Asks the policy; a denial is recorded and returned as an error.
-    fn authorize(&self, call: &Call<'_>) -> Result<()> {
+    async fn authorize(&self, call: &Call<'_>) -> Result<()> {
         if !self.checks_policy {
             return Ok(());
         }
@@ -937,7 +1007,8 @@ impl Keyring {
         match self.policy.check(&request) {
             Decision::Allow => Ok(()),
             Decision::Deny(reason) => {
-                self.record(call, None, Outcome::Denied, Duration::ZERO)?;
+                self.record(call, None, Outcome::Denied, Duration::ZERO)
+                    .await?;
                 Err(Error::PolicyDenied(reason))
             }
         }
@@ -954,7 +1025,7 @@ impl Keyring {
         F: Future<Output = Result<T>>,
     {
         self.note_caller(call.operation, call.caller);
-        self.authorize(&call)?;
+        self.authorize(&call).await?;
         self.provider_calls.fetch_add(1, Ordering::Relaxed);
         self.timed(call, fut, outcome_of).await
     }
@@ -972,7 +1043,7 @@ impl Keyring {
         F: Future<Output = Result<T>>,
     {
         self.note_caller(call.operation, call.caller);
-        self.authorize(&call)?;
+        self.authorize(&call).await?;
         self.timed(call, fut, outcome_of).await
     }
 
@@ -1004,11 +1075,12 @@ impl Keyring {
                 let (outcome, version) = outcome_of(&value);
                 // On a sink failure `value` is dropped here: a DEK in it is
                 // zeroized and never reaches the caller.
-                self.record(&call, version, outcome, elapsed)?;
+                self.record(&call, version, outcome, elapsed).await?;
                 Ok(value)
             }
             Err(e) => {
-                self.record(&call, None, Outcome::Failed(error_kind(&e).into()), elapsed)?;
+                self.record(&call, None, Outcome::Failed(error_kind(&e).into()), elapsed)
+                    .await?;
                 Err(e)
             }
         }
@@ -1016,13 +1088,14 @@ impl Keyring {
 
     /// A cache hit: the policy is asked exactly as for a provider call, and
     /// an event is recorded.
-    fn record_cache_hit(
+    async fn record_cache_hit(
         &self,
         operation: Operation,
         key_ref: &str,
         version: u32,
         caller: &Caller,
         fingerprint: &[u8; 16],
+        header: &[u8],
     ) -> Result<()> {
         self.note_caller(operation, caller);
         if !self.records_events && !self.checks_policy {
@@ -1038,19 +1111,45 @@ impl Keyring {
             caller,
             fingerprint: Some(hex(fingerprint)),
         };
-        self.authorize(&call)?;
+        self.authorize(&call).await?;
+        if let (Some(agg), true) = (&self.hit_events, self.records_events) {
+            let event = self.event(&call, None, Outcome::Success, Duration::ZERO);
+            return agg
+                .add(event, dek_id(header))
+                .map_err(|e| Error::Audit(e.0));
+        }
         self.record(&call, None, Outcome::Success, Duration::ZERO)
+            .await
+    }
+
+    /// Records the aggregated cache-hit events held so far now
+    /// ([`CacheHitEvents::Aggregated`]) and waits until the sink has
+    /// recorded them; at once with one event per use. Call it before a
+    /// planned shutdown (dropping the keyring hands them to the sink
+    /// without waiting). Failing closed, an event that could not be
+    /// recorded is [`Error::Audit`] (and refuses every later cache hit).
+    pub async fn flush_events(&self) -> Result<()> {
+        let Some(agg) = &self.hit_events else {
+            return Ok(());
+        };
+        match agg.flush().await {
+            Err(e) if self.fail_closed => Err(Error::Audit(e.0)),
+            _ => Ok(()),
+        }
     }
 
     /// A refusal by a [`KeyPolicy`]: recorded, returned as
     /// [`Error::KeyLifecycle`]. No provider is called.
-    fn lifecycle_refusal(&self, call: &Call<'_>, message: String) -> Error {
-        match self.record(
-            call,
-            None,
-            Outcome::Failed("key-lifecycle".into()),
-            Duration::ZERO,
-        ) {
+    async fn lifecycle_refusal(&self, call: &Call<'_>, message: String) -> Error {
+        match self
+            .record(
+                call,
+                None,
+                Outcome::Failed("key-lifecycle".into()),
+                Duration::ZERO,
+            )
+            .await
+        {
             Ok(()) => Error::KeyLifecycle(message),
             Err(audit) => audit,
         }
@@ -1143,7 +1242,7 @@ impl Keyring {
         };
         let fingerprint = self.fingerprint_bytes(context);
         let id = cache.seal_id(recipients, caller.actor.as_deref(), partition, &fingerprint);
-        let hit = |key: Arc<crate::cache::CachedKey<SealingKey>>| -> Result<KeyUse<SealingKey>> {
+        let hit = |key: Arc<crate::cache::CachedKey<SealingKey>>| async move {
             let version = key.header().recipients()[0].key_version;
             self.record_cache_hit(
                 Operation::CacheHitEncrypt,
@@ -1151,18 +1250,20 @@ impl Keyring {
                 version,
                 caller,
                 &fingerprint,
-            )?;
+                key.header().as_bytes(),
+            )
+            .await?;
             Ok(KeyUse::Cached(key))
         };
         loop {
             if let Some(key) = cache.take_sealing(&id, len) {
-                return hit(key);
+                return hit(key).await;
             }
             match self.flights.join(&id) {
                 Join::Leader(_flight) => {
                     // Another leader may have finished just before we joined.
                     if let Some(key) = cache.take_sealing(&id, len) {
-                        return hit(key);
+                        return hit(key).await;
                     }
                     let epoch = cache.epoch();
                     let (key, deadline) =
@@ -1262,7 +1363,7 @@ impl Keyring {
             let Some(primary) = info.primary() else {
                 return Ok(None);
             };
-            let refusal = |message: String| {
+            let refusal = |message: String| async move {
                 self.lifecycle_refusal(
                     &Call {
                         operation: Operation::Generate,
@@ -1276,12 +1377,13 @@ impl Keyring {
                     },
                     message,
                 )
+                .await
             };
             let Some(created) = primary.created_at else {
                 return Err(refusal(format!(
                     "a cryptoperiod is set for {key}, but its provider does not report when version {} was created, so the period cannot be enforced; remove the cryptoperiod for this key or use a provider that reports creation times",
                     primary.version
-                )));
+                )).await);
             };
             // A period too long to represent never ends.
             let Some(end) = created.checked_add(period) else {
@@ -1301,7 +1403,7 @@ impl Keyring {
                     primary.version,
                     age.as_secs(),
                     period.as_secs()
-                )));
+                )).await);
             }
             if rotated_from.is_some() {
                 // Just rotated to this version: use it for this message even
@@ -1317,7 +1419,7 @@ impl Keyring {
                         primary.version,
                         age.as_secs(),
                         period.as_secs()
-                    )));
+                    )).await);
                 }
                 OnExpired::RotateFirst => {
                     let expired = (primary.version, primary.created_at);
@@ -1542,13 +1644,15 @@ impl Keyring {
                 }
             };
             if let Some(min) = refused {
-                let e = self.lifecycle_refusal(
+                let e = self
+                    .lifecycle_refusal(
                     &call,
                     format!(
                         "the message is wrapped under {} version {}, below the minimum decryption version {min} set for this key; it was not rewrapped after a rotation (or is a copy kept from before one)",
                         entry.key_ref, entry.key_version
                     ),
-                );
+                )
+                    .await;
                 if matches!(e, Error::Audit(_)) {
                     return Err(e);
                 }
@@ -1609,25 +1713,26 @@ impl Keyring {
         };
         let fingerprint = self.fingerprint_bytes(context);
         let id = cache.open_id(header.as_bytes(), &fingerprint);
-        let hit =
-            |(key, (key_ref, version)): crate::cache::OpeningHit| -> Result<KeyUse<OpeningKey>> {
-                self.record_cache_hit(
-                    Operation::CacheHitDecrypt,
-                    &key_ref,
-                    version,
-                    caller,
-                    &fingerprint,
-                )?;
-                Ok(KeyUse::Cached(key))
-            };
+        let hit = |(key, (key_ref, version)): crate::cache::OpeningHit| async move {
+            self.record_cache_hit(
+                Operation::CacheHitDecrypt,
+                &key_ref,
+                version,
+                caller,
+                &fingerprint,
+                header.as_bytes(),
+            )
+            .await?;
+            Ok(KeyUse::Cached(key))
+        };
         loop {
             if let Some(found) = cache.take_opening(&id, len) {
-                return hit(found);
+                return hit(found).await;
             }
             match self.flights.join(&id) {
                 Join::Leader(_flight) => {
                     if let Some(found) = cache.take_opening(&id, len) {
-                        return hit(found);
+                        return hit(found).await;
                     }
                     let epoch = cache.epoch();
                     let (dek, key, index) =
@@ -1818,7 +1923,7 @@ impl Keyring {
     /// A rewrap that reused the new header of an identical one in the same
     /// batch (same header bytes, same context): no provider call, but the
     /// policy is asked and an event recorded, as for a cache hit.
-    pub(crate) fn record_rewrap_reuse(
+    pub(crate) async fn record_rewrap_reuse(
         &self,
         new_header: &Header,
         context: &EncryptionContext,
@@ -1836,8 +1941,9 @@ impl Keyring {
             fingerprint: Some(self.context_fingerprint(context)),
         };
         self.note_caller(call.operation, caller);
-        self.authorize(&call)?;
+        self.authorize(&call).await?;
         self.record(&call, None, Outcome::Success, Duration::ZERO)
+            .await
     }
 
     /// The primary version of every key in `keys`, from the (TTL-cached)
@@ -2017,7 +2123,8 @@ impl Keyring {
     /// ```
     pub async fn create_key(&self, key: &KeyRef, caller: &Caller) -> Result<KeyInfo> {
         let target = Some(KeyState::Enabled);
-        self.require_actor(Operation::CreateKey, key, None, target, caller)?;
+        self.require_actor(Operation::CreateKey, key, None, target, caller)
+            .await?;
         let change = Change {
             target,
             ..Change::NONE
@@ -2067,7 +2174,8 @@ impl Keyring {
             None,
             Some(KeyState::Enabled),
             caller,
-        )?;
+        )
+        .await?;
         self.rotate_unchecked(key, caller).await
     }
 
@@ -2159,9 +2267,11 @@ impl Keyring {
                 "set_state cannot destroy {key} version {version}: use destroy, which erases the key material (backup keys destroy {key} --version {version})"
             )));
         }
-        self.require_actor(Operation::SetState, key, Some(version), Some(state), caller)?;
-        let approvers =
-            self.check_approvals(Operation::SetState, key, version, state, caller, approvals)?;
+        self.require_actor(Operation::SetState, key, Some(version), Some(state), caller)
+            .await?;
+        let approvers = self
+            .check_approvals(Operation::SetState, key, version, state, caller, approvals)
+            .await?;
         self.manage(
             Operation::SetState,
             key,
@@ -2279,15 +2389,18 @@ impl Keyring {
         approvals: &[Approval],
     ) -> Result<KeyInfo> {
         let target = Some(KeyState::Destroyed);
-        self.require_actor(Operation::Destroy, key, Some(version), target, caller)?;
-        let approvers = self.check_approvals(
-            Operation::Destroy,
-            key,
-            version,
-            KeyState::Destroyed,
-            caller,
-            approvals,
-        )?;
+        self.require_actor(Operation::Destroy, key, Some(version), target, caller)
+            .await?;
+        let approvers = self
+            .check_approvals(
+                Operation::Destroy,
+                key,
+                version,
+                KeyState::Destroyed,
+                caller,
+                approvals,
+            )
+            .await?;
         self.manage(
             Operation::Destroy,
             key,
@@ -2359,16 +2472,21 @@ impl Drop for CancelGuard<'_> {
         if self.armed {
             // Nothing can be returned from a drop: a sink failure here is
             // counted like any failing-open loss.
-            let recorded = self.keyring.record(
+            // The receipt cannot be awaited here: its answer is counted
+            // when the sink gives it.
+            let receipt = self.keyring.submit(
                 self.call,
                 None,
                 Outcome::Failed("cancelled".into()),
                 self.start.elapsed(),
             );
-            if recorded.is_err() {
-                self.keyring
-                    .dropped_events
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(receipt) = receipt {
+                let dropped = self.keyring.dropped_events.clone();
+                receipt.on_complete(move |r| {
+                    if r.is_err() {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
             }
         }
     }

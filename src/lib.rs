@@ -14,6 +14,7 @@ mod error;
 pub mod events;
 pub mod file;
 pub mod format;
+mod json;
 pub mod keyring;
 pub mod message;
 pub mod policy;

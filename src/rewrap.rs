@@ -556,9 +556,10 @@ impl Envelope {
                 Ok(new) => {
                     for (k, &(i, used)) in g.members.iter().enumerate() {
                         if k > 0 {
-                            if let Err(e) =
-                                self.keyring()
-                                    .record_rewrap_reuse(&new, g.context, self.caller())
+                            if let Err(e) = self
+                                .keyring()
+                                .record_rewrap_reuse(&new, g.context, self.caller())
+                                .await
                             {
                                 results[i] = Some(RecordRewrap::Failed(e));
                                 continue;

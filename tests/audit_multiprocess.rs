@@ -47,7 +47,9 @@ fn ev(id: &str, i: u64, pad: usize) -> Event {
 /// `LOG|ID|COUNT|MAX_FILE_BYTES|FSYNC|PAD|GO`. It opens the log (all
 /// children at once: they race to create it), says it is ready (creates
 /// `GO.ready-ID`), waits for the file `GO`, then appends `COUNT` events
-/// through the public API. A failed append panics: a non-zero exit.
+/// through the public API: `append` on its own thread, or, for an `ID`
+/// starting with `queued`, `submit` (the writer thread, in groups). A
+/// failed append panics: a non-zero exit.
 fn child_main(spec: &str) {
     let p: Vec<&str> = spec.split('|').collect();
     let [log, id, count, max, fsync, pad, go] = p[..] else {
@@ -72,6 +74,21 @@ fn child_main(spec: &str) {
     fs::write(ready_file(&go, id), b"").unwrap();
     while !go.exists() {
         std::thread::sleep(Duration::from_millis(1));
+    }
+    if id.starts_with("queued") {
+        // Through the writer thread, 25 receipts in flight at a time.
+        use phi_envelope::events::EventSink;
+        let mut i = 0;
+        while i < count {
+            let n = (count - i).min(25);
+            let receipts: Vec<_> = (i..i + n).map(|k| log.submit(&ev(id, k, pad))).collect();
+            for (k, r) in receipts.into_iter().enumerate() {
+                r.wait()
+                    .unwrap_or_else(|e| panic!("child {id}: submit {}: {e}", i + k as u64));
+            }
+            i += n;
+        }
+        return;
     }
     for i in 0..count {
         log.append(&ev(id, i, pad))
@@ -148,12 +165,15 @@ fn spawn(test: &str, id: &str, s: &Spec<'_>) -> Reap {
 /// Starts `n` children, waits until each has opened the log, then lets them
 /// all append at once.
 fn start_writers(test: &str, n: usize, s: &Spec<'_>) -> Vec<Reap> {
-    let mut children: Vec<(String, Reap)> = (0..n)
-        .map(|k| {
-            let id = format!("writer-{k}");
-            let c = spawn(test, &id, s);
-            (id, c)
-        })
+    let ids: Vec<String> = (0..n).map(|k| format!("writer-{k}")).collect();
+    start_named_writers(test, &ids, s)
+}
+
+/// [`start_writers`] with the children's ids given.
+fn start_named_writers(test: &str, ids: &[String], s: &Spec<'_>) -> Vec<Reap> {
+    let mut children: Vec<(String, Reap)> = ids
+        .iter()
+        .map(|id| (id.clone(), spawn(test, id, s)))
         .collect();
     for (id, c) in &mut children {
         while !ready_file(s.go, id).exists() {
@@ -221,6 +241,55 @@ fn eight_processes_append_one_chain() {
     assert!(report.gaps.is_empty(), "{:?}", report.gaps);
     assert!(report.files.len() > 1, "the log was rotated: {report:?}");
     assert_eq!(report.lines, 1600 + report.files.len() as u64);
+    let mut per_writer: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (actor, i) in events_in(&log) {
+        per_writer.entry(actor).or_default().push(i);
+    }
+    assert_eq!(per_writer.len(), 8);
+    for (actor, seen) in per_writer {
+        assert_eq!(seen, (0..200).collect::<Vec<_>>(), "{actor}");
+    }
+}
+
+/// The same with half of the processes appending through the log's writer
+/// thread (group commit under the same lock, fsync every entry): one chain
+/// of 1,600 events that verifies, each writer's events once and in order.
+#[test]
+fn processes_appending_through_the_writer_thread_keep_one_chain() {
+    const TEST: &str = "processes_appending_through_the_writer_thread_keep_one_chain";
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        return child_main(&spec);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let go = dir.path().join("go");
+    let spec = Spec {
+        log: &log,
+        count: 200,
+        max_file_bytes: 64 << 10,
+        fsync: "every",
+        pad: 0,
+        go: &go,
+    };
+    let ids: Vec<String> = (0..8)
+        .map(|k| {
+            if k % 2 == 0 {
+                format!("writer-{k}")
+            } else {
+                format!("queued-{k}")
+            }
+        })
+        .collect();
+    for (id, c) in ids.iter().zip(start_named_writers(TEST, &ids, &spec)) {
+        c.wait_ok(id);
+    }
+    let report = Verifier::new()
+        .key(key())
+        .verify(&log)
+        .unwrap_or_else(|e| panic!("the chain of 8 writers does not verify: {e}"));
+    assert_eq!(report.entries, 1600, "{report:?}");
+    assert!(report.gaps.is_empty(), "{:?}", report.gaps);
+    assert!(report.files.len() > 1, "the log was rotated: {report:?}");
     let mut per_writer: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (actor, i) in events_in(&log) {
         per_writer.entry(actor).or_default().push(i);

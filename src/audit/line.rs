@@ -5,13 +5,11 @@ use std::time::SystemTime;
 use ring::{digest, hmac};
 use serde_json::Value;
 
-use super::json::{
-    event_from_value, format_timestamp, opt_str, parse_timestamp, push_event, push_key, push_str,
-    req_str,
-};
 use super::verify::Problem;
 use super::AuditKey;
+use crate::events::codec::{event_from_value, push_event};
 use crate::events::Event;
+use crate::json::{format_timestamp, opt_str, parse_timestamp, push_key, push_str, req_str};
 
 /// The `format` of the headers this version writes.
 pub(crate) const FORMAT: &str = "phi-envelope-audit/1";

@@ -1,16 +1,17 @@
 //! The append-only, hash-chained JSON Lines audit log.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use super::line::{self, Body, Header, Line, Mac, MAX_LINE};
 use super::verify::{BadLine, Problem};
 use super::{segment_path, segments, Anchor, AuditKey};
-use crate::events::{Event, EventSink, SinkError};
+use crate::events::{Completion, Event, EventSink, Receipt, SinkError};
 
 /// When the log forces its writes to stable storage (`fdatasync`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -144,6 +145,22 @@ impl AuditLogBuilder {
 /// and one fsync covers every entry written before it, so concurrent
 /// appends share fsyncs instead of queueing one behind the other.
 ///
+/// Two ways in. [`append`](Self::append) (and [`EventSink::record`])
+/// writes on the calling thread and returns once the entry is on stable
+/// storage: for code that is not async. [`EventSink::submit`], which the
+/// [keyring](crate::Keyring) uses, hands the entry to the log's writer
+/// thread (started at the first submit) and returns a [`Receipt`] at once:
+/// the writer takes every entry queued meanwhile as one **group**, appends
+/// them in queue order and makes them durable with one fsync, then answers
+/// their receipts. An async task awaiting its receipt holds no runtime
+/// thread while the file is locked, written and synced, and the
+/// guarantees are those of `append`: a receipt resolves `Ok` only once its
+/// entry, and every line before it, is on stable storage (as the
+/// [`FsyncPolicy`] says), chain order is durable order, and an entry that
+/// could not be written or synced is answered with the error (a failed
+/// fsync fails every entry of its group). [`stats`](Self::stats) counts
+/// entries, groups and fsyncs.
+///
 /// Files are opened with `O_APPEND` and created with mode 0600. A failed
 /// write is rolled back (the file is cut back to its last complete line)
 /// and reported as a [`SinkError`]; a failed fsync, or a failed rollback,
@@ -158,6 +175,14 @@ impl AuditLogBuilder {
 /// the end of the log on disk; a writer that finds it broken refuses (see
 /// [several processes](super#several-processes-one-log)).
 pub struct AuditLog {
+    inner: Arc<Inner>,
+    /// The writer thread of [`EventSink::submit`], started at the first
+    /// submit; stopped (after it has written what was queued) on drop.
+    writer: Mutex<Option<Writer>>,
+}
+
+/// The log's state, shared with its writer thread.
+struct Inner {
     cfg: Config,
     state: Mutex<State>,
     /// Lock order: `state` before `durable` wherever both are held.
@@ -165,8 +190,71 @@ pub struct AuditLog {
     /// `next_seq` as of the last completed write: every line below it is
     /// in the file.
     written: AtomicU64,
+    counters: Counters,
     _registration: Registration,
 }
+
+/// What [`AuditLog::stats`] reports.
+#[derive(Default)]
+struct Counters {
+    entries: AtomicU64,
+    fsyncs: AtomicU64,
+    groups: AtomicU64,
+    grouped_entries: AtomicU64,
+    largest_group: AtomicU64,
+}
+
+/// Counters of an [`AuditLog`] since it was opened (this process's writes
+/// only), to see group commit at work: with [`FsyncPolicy::EveryEntry`],
+/// `entries / fsyncs` is the mean number of entries each fsync made
+/// durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuditStats {
+    /// Event entries appended (by [`AuditLog::append`] and by the writer
+    /// thread; `gap` and header lines not counted).
+    pub entries: u64,
+    /// Commit fsyncs: those that acknowledged entries (one per group, or
+    /// one shared by concurrent `append`s). The fsyncs of a rotation and
+    /// of opening are not counted.
+    pub fsyncs: u64,
+    /// Groups the writer thread committed.
+    pub groups: u64,
+    /// Entries the writer thread took in those groups.
+    pub grouped_entries: u64,
+    /// The most entries one group held.
+    pub largest_group: u64,
+}
+
+/// The queue between [`EventSink::submit`] and the writer thread.
+struct Writer {
+    queue: Arc<Queue>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<Jobs>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Jobs {
+    pending: VecDeque<Job>,
+    closed: bool,
+}
+
+/// One submitted entry: its event's JSON, and who waits for it.
+struct Job {
+    event_json: String,
+    done: Completion,
+}
+
+/// What writing one entry gave: its `seq` and whether it needs an fsync.
+type Written = Result<(u64, bool), SinkError>;
+
+/// The most entries one group takes (the rest wait for the next group).
+const MAX_GROUP: usize = 4096;
 
 /// What is known to be on stable storage.
 struct Durable {
@@ -214,14 +302,12 @@ struct State {
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cfg = &self.inner.cfg;
         f.debug_struct("AuditLog")
-            .field("path", &self.cfg.base)
-            .field(
-                "mac",
-                &Mac::describe(self.cfg.mac.name(), self.cfg.mac.key_id()),
-            )
-            .field("fsync", &self.cfg.fsync)
-            .field("max_file_bytes", &self.cfg.max_file_bytes)
+            .field("path", &cfg.base)
+            .field("mac", &Mac::describe(cfg.mac.name(), cfg.mac.key_id()))
+            .field("fsync", &cfg.fsync)
+            .field("max_file_bytes", &cfg.max_file_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -680,11 +766,15 @@ impl AuditLog {
             failed: None,
         };
         Ok(AuditLog {
-            cfg,
-            written: AtomicU64::new(state.next_seq),
-            durable: Mutex::new(durable),
-            state: Mutex::new(state),
-            _registration: registration,
+            inner: Arc::new(Inner {
+                cfg,
+                written: AtomicU64::new(state.next_seq),
+                durable: Mutex::new(durable),
+                state: Mutex::new(state),
+                counters: Counters::default(),
+                _registration: registration,
+            }),
+            writer: Mutex::new(None),
         })
     }
 }
@@ -1272,29 +1362,22 @@ impl Config {
     }
 }
 
-impl AuditLog {
-    /// Appends one event and returns its `seq`. This is what
-    /// [`EventSink::record`] does.
-    pub fn append(&self, event: &Event) -> Result<u64, SinkError> {
-        // Encode outside the lock; only seq, prev and the hash need it.
-        let event_json = event.to_json();
-        let (seq, sync) = {
-            let mut st = lock(&self.state);
-            match self.cfg.append_locked(&mut st, &self.durable, &event_json) {
-                Ok(done) => {
-                    self.written.store(st.next_seq, Ordering::SeqCst);
-                    done
-                }
-                Err(e) => {
-                    st.lost = st.lost.saturating_add(1);
-                    return Err(e);
-                }
+impl Inner {
+    /// Writes one event under the log's locks (no fsync); returns its
+    /// `seq` and whether the caller must now fsync ([`sync_through`](Self::sync_through)).
+    fn write_entry(&self, event_json: &str) -> Result<(u64, bool), SinkError> {
+        let mut st = lock(&self.state);
+        match self.cfg.append_locked(&mut st, &self.durable, event_json) {
+            Ok(done) => {
+                self.written.store(st.next_seq, Ordering::SeqCst);
+                self.counters.entries.fetch_add(1, Ordering::Relaxed);
+                Ok(done)
             }
-        };
-        if sync {
-            self.sync_through(seq + 1)?;
+            Err(e) => {
+                st.lost = st.lost.saturating_add(1);
+                Err(e)
+            }
         }
-        Ok(seq)
     }
 
     /// Group commit: returns once every line below `target` is on stable
@@ -1314,6 +1397,7 @@ impl AuditLog {
         // Everything written before this load is covered by the fsync below
         // (a rotation, which would change the file, needs this lock).
         let upto = self.written.load(Ordering::SeqCst);
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = d.file.sync_data() {
             d.failed = Some(format!("fsync failed: {e}"));
             return Err(SinkError(format!(
@@ -1325,12 +1409,85 @@ impl AuditLog {
         Ok(())
     }
 
+    /// The writer thread: takes every queued entry as one group, commits
+    /// it, answers its receipts; until the queue is closed and empty.
+    fn run_writer(&self, queue: &Queue) {
+        loop {
+            let group: Vec<Job> = {
+                let mut jobs = lock(&queue.jobs);
+                while jobs.pending.is_empty() && !jobs.closed {
+                    jobs = queue.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                }
+                if jobs.pending.is_empty() {
+                    return;
+                }
+                let n = jobs.pending.len().min(MAX_GROUP);
+                jobs.pending.drain(..n).collect()
+            };
+            self.commit_group(group);
+        }
+    }
+
+    /// Appends the entries of `group` in order, then one fsync through the
+    /// last of them if any needs one, then answers each: `Ok` once its
+    /// line is as durable as the policy says, its own error if it could
+    /// not be written, the fsync's error (for every written entry of the
+    /// group) if that failed.
+    fn commit_group(&self, group: Vec<Job>) {
+        let c = &self.counters;
+        c.groups.fetch_add(1, Ordering::Relaxed);
+        c.grouped_entries
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        c.largest_group
+            .fetch_max(group.len() as u64, Ordering::Relaxed);
+        let written: Vec<(Completion, Written)> = group
+            .into_iter()
+            .map(|job| {
+                let result = self.write_entry(&job.event_json);
+                (job.done, result)
+            })
+            .collect();
+        let needs_sync = written.iter().any(|(_, r)| matches!(r, Ok((_, true))));
+        let target = written
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().map(|(seq, _)| seq + 1))
+            .max()
+            .filter(|_| needs_sync);
+        let synced = match target {
+            Some(t) => self.sync_through(t).map_err(|e| e.0),
+            None => Ok(()),
+        };
+        for (done, result) in written {
+            done.complete(match (result, &synced) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Ok(())) => Ok(()),
+                (Ok(_), Err(why)) => Err(SinkError(why.clone())),
+            });
+        }
+    }
+}
+
+impl AuditLog {
+    /// Appends one event on the calling thread and returns its `seq`, once
+    /// it is as durable as the [`FsyncPolicy`] says. This is what
+    /// [`EventSink::record`] does; async code should use
+    /// [`EventSink::submit`] instead (see the [type documentation](Self)).
+    pub fn append(&self, event: &Event) -> Result<u64, SinkError> {
+        // Encode outside the lock; only seq, prev and the hash need it.
+        let event_json = event.to_json();
+        let (seq, sync) = self.inner.write_entry(&event_json)?;
+        if sync {
+            self.inner.sync_through(seq + 1)?;
+        }
+        Ok(seq)
+    }
+
     /// The end of the chain as of this writer's last append (or open):
     /// that line's `seq` and `hash` (other processes may have appended
     /// since). Store it outside the log's reach to detect a truncated tail
     /// later ([`verify_with_anchor`](super::verify_with_anchor)).
     pub fn anchor(&self) -> Anchor {
-        let st = lock(&self.state);
+        let st = lock(&self.inner.state);
         Anchor {
             seq: st.next_seq.saturating_sub(1),
             hash: line::hex(&st.prev),
@@ -1342,23 +1499,67 @@ impl AuditLog {
     /// [`FsyncPolicy::Never`], only the current file is synced: rotation
     /// does not sync the files it leaves.
     pub fn sync(&self) -> Result<(), SinkError> {
-        if lock(&self.state).broken.is_some() {
+        if lock(&self.inner.state).broken.is_some() {
             return Err(SinkError(format!(
                 "audit log {} is unusable after an earlier failure; reopen it",
-                self.cfg.base.display()
+                self.inner.cfg.base.display()
             )));
         }
-        self.sync_through(self.written.load(Ordering::SeqCst))
+        self.inner
+            .sync_through(self.inner.written.load(Ordering::SeqCst))
     }
 
     /// The log's first file (the path it was opened with).
     pub fn path(&self) -> &Path {
-        &self.cfg.base
+        &self.inner.cfg.base
     }
 
     /// The file entries are currently appended to.
     pub fn current_file(&self) -> PathBuf {
-        lock(&self.state).path.clone()
+        lock(&self.inner.state).path.clone()
+    }
+
+    /// Entries, groups and fsyncs so far (see [`AuditStats`]).
+    pub fn stats(&self) -> AuditStats {
+        let c = &self.inner.counters;
+        AuditStats {
+            entries: c.entries.load(Ordering::Relaxed),
+            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            groups: c.groups.load(Ordering::Relaxed),
+            grouped_entries: c.grouped_entries.load(Ordering::Relaxed),
+            largest_group: c.largest_group.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues one entry for the writer thread (started here the first
+    /// time); `Err` if the thread cannot be started.
+    fn enqueue(&self, event_json: String, done: Completion) -> Result<(), SinkError> {
+        let mut writer = lock(&self.writer);
+        if writer.is_none() {
+            let queue = Arc::new(Queue::default());
+            let (inner, q) = (self.inner.clone(), queue.clone());
+            let thread = std::thread::Builder::new()
+                .name("phi-envelope-audit".into())
+                .spawn(move || inner.run_writer(&q))
+                .map_err(|e| {
+                    SinkError(format!(
+                        "audit log {}: cannot start its writer thread: {e}",
+                        self.inner.cfg.base.display()
+                    ))
+                })?;
+            *writer = Some(Writer {
+                queue,
+                thread: Some(thread),
+            });
+        }
+        let Some(w) = writer.as_ref() else {
+            return Err(SinkError("audit log writer missing".into()));
+        };
+        lock(&w.queue.jobs)
+            .pending
+            .push_back(Job { event_json, done });
+        w.queue.ready.notify_one();
+        Ok(())
     }
 }
 
@@ -1366,9 +1567,36 @@ impl EventSink for AuditLog {
     fn record(&self, event: &Event) -> Result<(), SinkError> {
         self.append(event).map(|_| ())
     }
+
+    /// Queues the entry for the writer thread; the receipt resolves once
+    /// it is written and (as the [`FsyncPolicy`] says) on stable storage,
+    /// with the entries queued alongside it sharing one fsync.
+    fn submit(&self, event: &Event) -> Receipt {
+        let (receipt, done) = Receipt::pending();
+        // A failed enqueue drops `done`, which answers the receipt with an
+        // error; say which.
+        if let Err(e) = self.enqueue(event.to_json(), done) {
+            return Receipt::ready(Err(e));
+        }
+        receipt
+    }
 }
 
 impl Drop for AuditLog {
+    fn drop(&mut self) {
+        // The writer finishes what was queued, then stops.
+        let writer = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = writer.as_mut() {
+            lock(&w.queue.jobs).closed = true;
+            w.queue.ready.notify_all();
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
     fn drop(&mut self) {
         let written = *self.written.get_mut();
         let d = self.durable.get_mut().unwrap_or_else(|p| p.into_inner());

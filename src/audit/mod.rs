@@ -9,6 +9,14 @@
 //! ([`Error::Audit`](crate::Error::Audit)) unless it was built with
 //! `fail_closed(false)`.
 //!
+//! The keyring does not write on its caller's thread: it hands each event
+//! to the log's writer thread ([`EventSink::submit`](crate::events::EventSink::submit))
+//! and awaits the receipt, so an async task waits for its entry's
+//! durability without holding a runtime thread, and entries queued by
+//! concurrent tasks share one fsync (group commit; see [`AuditLog`] and
+//! [`AuditLog::stats`]). [`AuditLog::append`] (and `record`) write on the
+//! calling thread, for code that is not async; both go into one chain.
+//!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
@@ -199,7 +207,6 @@
 //!    (a new genesis header at `seq` 0), or configure a new path. Record in
 //!    your ticket which old log and anchor the new one follows.
 
-pub(crate) mod json;
 mod line;
 mod log;
 #[cfg(feature = "tracing")]
@@ -212,7 +219,7 @@ use std::path::{Path, PathBuf};
 use ring::hmac;
 use zeroize::Zeroizing;
 
-pub use log::{AuditLog, AuditLogBuilder, FsyncPolicy, OpenError};
+pub use log::{AuditLog, AuditLogBuilder, AuditStats, FsyncPolicy, OpenError};
 #[cfg(feature = "tracing")]
 pub use tracing_sink::TracingSink;
 pub use verify::{

@@ -2,11 +2,12 @@
 
 use crate::events::{Event, EventSink, Outcome, SinkError};
 
-use super::json::{duration_us, format_timestamp};
+use crate::json::{duration_us, format_timestamp};
 
 /// Emits one `tracing` event per key-access [`Event`], with target
 /// `phi_envelope::audit` and structured fields `timestamp`, `operation`,
-/// `provider`, `key_ref`, `key_version`, `key_state`, `approvers`, `actor`, `purpose`,
+/// `provider`, `key_ref`, `key_version`, `key_state`, `approvers`, `uses`,
+/// `first_use`, `last_use`, `actor`, `purpose`,
 /// `context_fingerprint`, `outcome` and `duration_us` (absent values are
 /// left out). Successes are logged at `INFO`, denials, rejections and
 /// failures at `WARN`.
@@ -37,6 +38,9 @@ macro_rules! emit {
             key_version = $e.key_version,
             key_state = $e.key_state.map(|s| s.as_str()),
             approvers = ?$e.approvers,
+            uses = $e.uses.map(|u| u.count),
+            first_use = $e.uses.map(|u| format_timestamp(u.first)).as_deref(),
+            last_use = $e.uses.map(|u| format_timestamp(u.last)).as_deref(),
             actor = $e.actor.as_deref(),
             purpose = $e.purpose.as_deref(),
             context_fingerprint = $e.context_fingerprint.as_deref(),

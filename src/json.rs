@@ -1,18 +1,20 @@
-//! The canonical JSON encoding of events and audit-log lines.
+//! Canonical JSON: the one encoding of strings, keys and timestamps that
+//! the crate's long-lived JSON (audit lines, events, approvals) is written
+//! in, and the typed field readers its decoders share.
 //!
 //! Written by hand rather than through `serde` so that the bytes are
-//! canonical: one event has exactly one encoding (fixed field order, explicit
+//! canonical: one value has exactly one encoding (fixed field order, explicit
 //! `null`s, one escaping rule, timestamps with exactly six fractional
-//! digits). The verifier re-encodes every line it parses and compares bytes,
-//! so a line that was reformatted, had a field added or a key reordered is
-//! caught even where its hash cannot be checked.
+//! digits). The audit verifier re-encodes every line it parses and compares
+//! bytes, so a line that was reformatted, had a field added or a key
+//! reordered is caught even where its hash cannot be checked.
+//!
+//! It sits below every module that writes such JSON (`events`, `audit`,
+//! `approval`) and imports none of them.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
-
-use crate::events::{Event, Operation, Outcome};
-use crate::provider::KeyState;
 
 /// Appends `s` as a JSON string literal: `"` and `\` escaped, control
 /// characters as `\n`, `\r`, `\t`, `\b`, `\f` or `\u00XX`, everything else
@@ -37,7 +39,7 @@ pub(crate) fn push_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-fn push_opt_str(out: &mut String, s: Option<&str>) {
+pub(crate) fn push_opt_str(out: &mut String, s: Option<&str>) {
     match s {
         Some(s) => push_str(out, s),
         None => out.push_str("null"),
@@ -54,124 +56,9 @@ pub(crate) fn push_key(out: &mut String, key: &str, first: bool) {
     out.push_str("\":");
 }
 
-/// Appends the canonical JSON object of `event`.
-pub(crate) fn push_event(out: &mut String, e: &Event) {
-    out.push('{');
-    push_key(out, "timestamp", true);
-    push_str(out, &format_timestamp(e.timestamp));
-    push_key(out, "operation", false);
-    push_str(out, e.operation.as_str());
-    push_key(out, "provider", false);
-    push_str(out, &e.provider);
-    push_key(out, "key_ref", false);
-    push_opt_str(out, e.key_ref.as_deref());
-    push_key(out, "key_version", false);
-    match e.key_version {
-        Some(v) => out.push_str(&v.to_string()),
-        None => out.push_str("null"),
-    }
-    // Only when present: lines without it keep their old encoding.
-    if let Some(state) = e.key_state {
-        push_key(out, "key_state", false);
-        push_str(out, state.as_str());
-    }
-    // Likewise only when there are approvers (dual control).
-    if !e.approvers.is_empty() {
-        push_key(out, "approvers", false);
-        out.push('[');
-        for (i, a) in e.approvers.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            push_str(out, a);
-        }
-        out.push(']');
-    }
-    push_key(out, "actor", false);
-    push_opt_str(out, e.actor.as_deref());
-    push_key(out, "purpose", false);
-    push_opt_str(out, e.purpose.as_deref());
-    push_key(out, "context_fingerprint", false);
-    push_opt_str(out, e.context_fingerprint.as_deref());
-    push_key(out, "outcome", false);
-    push_str(out, &e.outcome.as_string());
-    push_key(out, "duration_us", false);
-    out.push_str(&duration_us(e.duration).to_string());
-    out.push('}');
-}
-
 /// A duration in whole microseconds, saturating.
 pub(crate) fn duration_us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// Reads an event from a parsed JSON object. Unknown fields are ignored
-/// (the audit-log verifier rejects them separately, by re-encoding).
-pub(crate) fn event_from_value(v: &Value) -> Result<Event, String> {
-    let obj = v.as_object().ok_or("an event must be a JSON object")?;
-    let timestamp = req_str(obj, "timestamp")?;
-    let timestamp = parse_timestamp(timestamp).ok_or_else(|| {
-        "timestamp is not RFC 3339 UTC with microseconds (YYYY-MM-DDTHH:MM:SS.ffffffZ)".to_owned()
-    })?;
-    let op = req_str(obj, "operation")?;
-    let operation = op
-        .parse::<Operation>()
-        .map_err(|_| format!("unknown operation {op:?}"))?;
-    let provider = req_str(obj, "provider")?.to_owned();
-    let key_ref = opt_str(obj, "key_ref")?;
-    let key_version = match opt_u64(obj, "key_version")? {
-        Some(v) => Some(u32::try_from(v).map_err(|_| "key_version exceeds u32")?),
-        None => None,
-    };
-    let key_state = match obj.get("key_state") {
-        None => None,
-        Some(Value::String(s)) => {
-            Some(parse_key_state(s).ok_or_else(|| format!("unknown key_state {s:?}"))?)
-        }
-        Some(_) => return Err("field \"key_state\" must be a string when present".into()),
-    };
-    let approvers = match obj.get("approvers") {
-        None => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect::<Option<Vec<String>>>()
-            .ok_or("field \"approvers\" must be an array of strings")?,
-        Some(_) => return Err("field \"approvers\" must be an array when present".into()),
-    };
-    let actor = opt_str(obj, "actor")?;
-    let purpose = opt_str(obj, "purpose")?;
-    let context_fingerprint = opt_str(obj, "context_fingerprint")?;
-    let outcome = req_str(obj, "outcome")?;
-    let outcome = Outcome::parse(outcome).ok_or_else(|| format!("unknown outcome {outcome:?}"))?;
-    let duration =
-        Duration::from_micros(opt_u64(obj, "duration_us")?.ok_or("missing field \"duration_us\"")?);
-    Ok(Event {
-        timestamp,
-        operation,
-        provider,
-        key_ref,
-        key_version,
-        key_state,
-        approvers,
-        actor,
-        purpose,
-        context_fingerprint,
-        outcome,
-        duration,
-    })
-}
-
-/// The state named by [`KeyState::as_str`].
-fn parse_key_state(s: &str) -> Option<KeyState> {
-    [
-        KeyState::Enabled,
-        KeyState::DecryptOnly,
-        KeyState::Disabled,
-        KeyState::Destroyed,
-    ]
-    .into_iter()
-    .find(|k| k.as_str() == s)
 }
 
 /// A required string field.

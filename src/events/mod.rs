@@ -17,8 +17,10 @@
 //!
 //! [`Event::to_json`] writes one canonical JSON object (the audit log embeds
 //! it as the `event` member of each line). Fields, always present and always
-//! in this order; absent values are `null`, except `key_state` and
-//! `approvers`, which are written only when the event has them:
+//! in this order; absent values are `null`, except `key_state`,
+//! `approvers` and the three members of an aggregated event (`uses`,
+//! `first_use`, `last_use`), which are written only when the event has
+//! them:
 //!
 //! | field | type | meaning |
 //! | --- | --- | --- |
@@ -29,6 +31,9 @@
 //! | `key_version` | integer or null | the KEK version |
 //! | `key_state` | string, **only when present** | the state the operation moves `key_version` to: `enabled`, `decrypt-only`, `disabled`, `destroyed` (see below) |
 //! | `approvers` | array of strings, **only when non-empty** | the custodians whose approvals a verb under [dual control](crate::approval) was given (sorted ids; see below) |
+//! | `uses` | integer ≥ 1, **only in an aggregated event** | how many cache hits the event stands for (see below) |
+//! | `first_use` | string, **only in an aggregated event** | when the first of them happened (same form as `timestamp`) |
+//! | `last_use` | string, **only in an aggregated event** | when the last of them happened; never before `first_use` |
 //! | `actor` | string or null | who asked, as the caller supplied it |
 //! | `purpose` | string or null | why, as the caller supplied it |
 //! | `context_fingerprint` | string or null | 32 hex digits: keyed HMAC-SHA-256 of the canonical encryption context |
@@ -66,6 +71,23 @@
 //! {"timestamp":"2026-12-03T18:40:00.000311Z","operation":"destroy","provider":"local","key_ref":"local:records","key_version":1,"key_state":"destroyed","approvers":["alice","bob"],"actor":"carol","purpose":"retention-end","context_fingerprint":null,"outcome":"success","duration_us":1980}
 //! ```
 //!
+//! `uses`, `first_use` and `last_use` are written together or not at all,
+//! in this order, between `approvers` (or `key_state`, or `key_version`)
+//! and `actor`, only by a keyring configured with
+//! [`CacheHitEvents::Aggregated`]: one `cache-hit-encrypt` or
+//! `cache-hit-decrypt` event then stands for every hit of one cached data
+//! key by one caller (actor and purpose) and context fingerprint within a
+//! flush interval. Its `timestamp` is when it was recorded (flushed), its
+//! `outcome` is `success` (a hit the policy denied is recorded at once, as
+//! a `denied` event of its own) and its `duration_us` is 0. Every other
+//! event, and every event of a keyring with the default
+//! [`CacheHitEvents::EachUse`], has none of the three, and its line is
+//! byte for byte as before they existed:
+//!
+//! ```text
+//! {"timestamp":"2026-12-04T01:00:05.000120Z","operation":"cache-hit-encrypt","provider":"local","key_ref":"local:records","key_version":2,"uses":4096,"first_use":"2026-12-04T01:00:04.000007Z","last_use":"2026-12-04T01:00:04.999871Z","actor":"lab-service","purpose":"treatment","context_fingerprint":"6f1c0e8a4b2d9e7f0a1b2c3d4e5f6a7b","outcome":"success","duration_us":0}
+//! ```
+//!
 //! What is deliberately absent: key bytes (DEK or KEK, plain or wrapped),
 //! plaintext, and encryption-context keys and values (identifiers can be
 //! PHI). The fingerprint is keyed with a secret the keyring holds, so values
@@ -77,6 +99,12 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use crate::provider::KeyState;
+
+pub(crate) mod aggregate;
+pub(crate) mod codec;
+mod receipt;
+
+pub use receipt::{Completion, Receipt};
 
 /// What was done with a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -242,6 +270,9 @@ pub struct Event {
     /// custodians whose approvals the keyring accepted, sorted (on a
     /// refusal: those that were valid); empty for every other event.
     pub approvers: Vec<String>,
+    /// For an aggregated cache-hit event ([`CacheHitEvents::Aggregated`]),
+    /// the uses it stands for; `None` for every other event.
+    pub uses: Option<Uses>,
     /// Who asked (supplied by the caller).
     pub actor: Option<String>,
     /// Why (supplied by the caller).
@@ -268,6 +299,7 @@ impl Event {
             key_version: None,
             key_state: None,
             approvers: Vec::new(),
+            uses: None,
             actor: None,
             purpose: None,
             context_fingerprint: None,
@@ -296,6 +328,12 @@ impl Event {
         S: Into<String>,
     {
         self.approvers = approvers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Makes this an aggregated event standing for `uses`.
+    pub fn with_uses(mut self, uses: Uses) -> Event {
+        self.uses = Some(uses);
         self
     }
 
@@ -330,7 +368,7 @@ impl Event {
     /// to whole microseconds.
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(320);
-        crate::audit::json::push_event(&mut out, self);
+        codec::push_event(&mut out, self);
         out
     }
 
@@ -339,7 +377,59 @@ impl Event {
     pub fn from_json(json: &str) -> Result<Event, EventParseError> {
         let value: serde_json::Value =
             serde_json::from_str(json).map_err(|e| EventParseError(e.to_string()))?;
-        crate::audit::json::event_from_value(&value).map_err(EventParseError)
+        codec::event_from_value(&value).map_err(EventParseError)
+    }
+}
+
+/// The cache hits an aggregated event stands for (see
+/// [`CacheHitEvents::Aggregated`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Uses {
+    /// How many (at least 1).
+    pub count: u64,
+    /// When the first happened.
+    pub first: SystemTime,
+    /// When the last happened (not before `first`).
+    pub last: SystemTime,
+}
+
+/// How a keyring records the uses of a cached data key
+/// ([`KeyringBuilder::cache_hit_events`](crate::keyring::KeyringBuilder::cache_hit_events)).
+/// Provider calls, denials and failures are always one event each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheHitEvents {
+    /// One event per cache hit, recorded (for the durable audit log: on
+    /// stable storage) before the key is used, like a provider call. The
+    /// default.
+    #[default]
+    EachUse,
+    /// One event per cached data key, caller (actor and purpose) and
+    /// context fingerprint, counting its hits (`uses`, `first_use`,
+    /// `last_use`: see the [schema](self#json-schema)), recorded at most
+    /// `flush_every` after the first hit it counts (raised to 1 ms if
+    /// shorter), and on
+    /// [`Keyring::flush_events`](crate::Keyring::flush_events) and when the
+    /// keyring is dropped.
+    ///
+    /// The trade-off: the policy is still asked before every hit, but a
+    /// hit no longer waits for its event, so hits within the last interval
+    /// before a crash (or a `SIGKILL`) are lost from the trail, where with
+    /// [`EachUse`](Self::EachUse) none is. If a flush cannot be recorded
+    /// and the keyring fails closed, every later cache hit is refused
+    /// ([`Error::Audit`](crate::Error::Audit)); failing open, the lost
+    /// events are counted in
+    /// [`Keyring::dropped_events`](crate::Keyring::dropped_events).
+    Aggregated {
+        /// The longest a hit waits in memory before its event is recorded.
+        flush_every: Duration,
+    },
+}
+
+impl CacheHitEvents {
+    /// [`Aggregated`](Self::Aggregated), flushed every `flush_every`.
+    pub fn aggregated(flush_every: Duration) -> CacheHitEvents {
+        CacheHitEvents::Aggregated { flush_every }
     }
 }
 
@@ -348,14 +438,36 @@ impl Event {
 #[error("invalid event JSON: {0}")]
 pub struct EventParseError(pub String);
 
-/// Receives events. Implementations must be fast and must not block for
-/// long: they run inline, before the operation's result is returned.
+/// Receives events.
 ///
-/// Returning an error marks the event as not recorded; a keyring configured
-/// to fail closed (the default) then refuses the operation.
+/// A sink records in one of two ways:
+///
+/// - **inline**, in [`record`](Self::record), before the operation's
+///   result is returned (the default; [`MemorySink`], a `TracingSink`).
+///   Such a sink must be fast and must not block: the keyring calls it on
+///   the caller's thread, an async worker thread included.
+/// - **in the background**, by overriding [`submit`](Self::submit) to hand
+///   the event to a writer of its own and return a pending [`Receipt`]
+///   (the durable [`AuditLog`](crate::audit::AuditLog) does: a writer
+///   thread, one fsync per group of entries). The keyring awaits the
+///   receipt, so a key use still waits for its event to be recorded, but
+///   without holding the thread it runs on.
+///
+/// Returning an error (or a receipt answered with one) marks the event as
+/// not recorded; a keyring configured to fail closed (the default) then
+/// refuses the operation.
 pub trait EventSink: Send + Sync + fmt::Debug {
-    /// Records one event.
+    /// Records one event, inline. A background sink blocks here until the
+    /// event is recorded (for code that is not async).
     fn record(&self, event: &Event) -> Result<(), SinkError>;
+
+    /// Hands one event to the sink and returns a [`Receipt`] that resolves
+    /// once it is recorded. The keyring calls this and awaits the receipt.
+    /// The default records inline ([`record`](Self::record)) and returns
+    /// the answer at once, so existing sinks keep working unchanged.
+    fn submit(&self, event: &Event) -> Receipt {
+        Receipt::ready(self.record(event))
+    }
 }
 
 /// A sink could not record an event.
@@ -422,5 +534,11 @@ impl EventSink for FanOut {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Submits to every sink; the receipt resolves once all have
+    /// answered, with the first error in sink order.
+    fn submit(&self, event: &Event) -> Receipt {
+        Receipt::all(self.0.iter().map(|s| s.submit(event)).collect())
     }
 }
