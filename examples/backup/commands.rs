@@ -132,3 +132,11 @@ pub fn open_input(input: &Path) -> Result<(File, Option<u64>, Option<Header>), C
 pub fn schemes_of_header(h: &Header) -> BTreeSet<String> {
     h.recipients().iter().map(|r| r.provider.clone()).collect()
 }
+
+/// The keys `h` wraps the data key to, as `REF vN`, in the header's order.
+pub fn wrapped_to(h: &Header) -> Vec<String> {
+    h.recipients()
+        .iter()
+        .map(|r| format!("{} v{}", r.key_ref, r.key_version))
+        .collect()
+}

@@ -152,6 +152,7 @@ fn unsupported_hint(scheme: &str) -> String {
         ),
     }
 }
+
 /// Opens the providers for `schemes` (provider ids) and builds the keyring,
 /// with the audit log as its event sink when one is configured.
 pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<Keys, CliError> {

@@ -5,7 +5,7 @@
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use phi_envelope::provider::{KeyInfo, KeyState};
 use phi_envelope::KeyRef;
 
@@ -49,32 +49,11 @@ pub enum KeysCmd {
     },
     /// Disable a version: backups under it cannot be decrypted until it is
     /// enabled again
-    Disable {
-        #[arg(value_name = "REF")]
-        key: String,
-        #[arg(long, value_name = "N")]
-        version: u32,
-        #[command(flatten)]
-        approvals: crate::custodian::Approvals,
-    },
+    Disable(GuardedVersion),
     /// Enable a version again (it becomes primary)
-    Enable {
-        #[arg(value_name = "REF")]
-        key: String,
-        #[arg(long, value_name = "N")]
-        version: u32,
-        #[command(flatten)]
-        approvals: crate::custodian::Approvals,
-    },
+    Enable(GuardedVersion),
     /// Make a version decrypt-only
-    DecryptOnly {
-        #[arg(value_name = "REF")]
-        key: String,
-        #[arg(long, value_name = "N")]
-        version: u32,
-        #[command(flatten)]
-        approvals: crate::custodian::Approvals,
-    },
+    DecryptOnly(GuardedVersion),
     /// Destroy a version for good: every backup wrapped only under it
     /// becomes unreadable (crypto-shredding)
     Destroy {
@@ -110,6 +89,17 @@ pub enum KeysCmd {
     },
 }
 
+// The key version a guarded state change names, and its approvals.
+#[derive(Args, Debug)]
+pub struct GuardedVersion {
+    #[arg(value_name = "REF")]
+    key: String,
+    #[arg(long, value_name = "N")]
+    version: u32,
+    #[command(flatten)]
+    approvals: crate::custodian::Approvals,
+}
+
 /// Runs a `keys` command.
 pub fn run(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
     match cmd {
@@ -118,21 +108,9 @@ pub fn run(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
         KeysCmd::Create { key } => create(g, &key),
         KeysCmd::Show { key, json } => show(g, &key, json),
         KeysCmd::Rotate { key } => rotate(g, &key),
-        KeysCmd::Disable {
-            key,
-            version,
-            approvals,
-        } => set_state(g, &key, version, KeyState::Disabled, &approvals.files),
-        KeysCmd::Enable {
-            key,
-            version,
-            approvals,
-        } => set_state(g, &key, version, KeyState::Enabled, &approvals.files),
-        KeysCmd::DecryptOnly {
-            key,
-            version,
-            approvals,
-        } => set_state(g, &key, version, KeyState::DecryptOnly, &approvals.files),
+        KeysCmd::Disable(v) => set_state(g, &v, KeyState::Disabled),
+        KeysCmd::Enable(v) => set_state(g, &v, KeyState::Enabled),
+        KeysCmd::DecryptOnly(v) => set_state(g, &v, KeyState::DecryptOnly),
         KeysCmd::Destroy {
             key,
             version,
@@ -248,15 +226,10 @@ pub fn rotate(g: &Global, key: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn set_state(
-    g: &Global,
-    key: &str,
-    version: u32,
-    state: KeyState,
-    approval_files: &[PathBuf],
-) -> Result<(), CliError> {
-    let key = key_ref(key)?;
-    let approvals = crate::custodian::read_approvals(approval_files)?;
+/// `keys disable|enable|decrypt-only REF --version N`.
+fn set_state(g: &Global, v: &GuardedVersion, state: KeyState) -> Result<(), CliError> {
+    let (key, version) = (key_ref(&v.key)?, v.version);
+    let approvals = crate::custodian::read_approvals(&v.approvals.files)?;
     let keys = connect(g, &schemes_of([&key]), Local::Open)?;
     let info = keys.block_on(keys.keyring.set_state_approved(
         &key,

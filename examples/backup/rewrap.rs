@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use phi_envelope::KeyRef;
 
-use crate::commands::{context, open_input, schemes_of_header};
+use crate::commands::{context, open_input, schemes_of_header, wrapped_to};
 use crate::connect::{self, Local};
 use crate::streams::is_std;
 use crate::{CliError, Global};
@@ -60,19 +60,10 @@ pub fn rewrap(
             new_keys.clone()
         };
         let envelope = base.to_recipients(recipients);
-        let before: Vec<String> = h
-            .recipients()
-            .iter()
-            .map(|r| format!("{} v{}", r.key_ref, r.key_version))
-            .collect();
+        let before = wrapped_to(&h);
         match keys.block_on(envelope.rewrap_file(p, &ctx)) {
             Ok(report) => {
-                let after: Vec<String> = report
-                    .new_header
-                    .recipients()
-                    .iter()
-                    .map(|r| format!("{} v{}", r.key_ref, r.key_version))
-                    .collect();
+                let after = wrapped_to(&report.new_header);
                 if report.changed {
                     println!(
                         "rewrapped {}: {} -> {}",

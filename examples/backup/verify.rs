@@ -10,7 +10,7 @@ use phi_envelope::envelope::inspect_reader;
 use phi_envelope::{EncryptionContext, Header};
 
 use crate::archive::Stats;
-use crate::commands::{context, file_options, open_input, schemes_of_header, Kind};
+use crate::commands::{context, file_options, open_input, schemes_of_header, wrapped_to, Kind};
 use crate::connect::{self, Keys, Local};
 use crate::decrypt::{Plan, Router};
 use crate::output::{human_bytes, json_str, shown};
@@ -118,14 +118,7 @@ fn verify_one(
         kind,
         plaintext: report.plaintext_len,
         stats,
-        recipients: header
-            .map(|h| {
-                h.recipients()
-                    .iter()
-                    .map(|r| format!("{} v{}", r.key_ref, r.key_version))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        recipients: header.as_ref().map(wrapped_to).unwrap_or_default(),
     })
 }
 
