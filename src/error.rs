@@ -1,4 +1,6 @@
-//! The crate's error type.
+//! The crate's error type, and the provider error it carries
+//! ([`ProviderError`], public as `provider::ProviderError`): both sit below
+//! the providers and the primitives, which return them.
 //!
 //! Authentication failures of every kind (a chunk tag, the key commitment, the
 //! header tag, a wrong key, a wrong encryption context, a wrapped key that a
@@ -105,7 +107,7 @@ pub enum Error {
     /// A key provider failed (unavailable, access denied, key disabled or
     /// destroyed, ...); the message says what to do.
     #[error(transparent)]
-    Provider(crate::provider::ProviderError),
+    Provider(ProviderError),
 
     /// No configured provider holds any key that this message is wrapped to.
     #[error("no configured key provider holds a key for this message (recipients: {0}); check the keystore or provider configuration")]
@@ -211,5 +213,123 @@ impl From<io::Error> for Error {
         } else {
             Error::Io(e)
         }
+    }
+}
+
+/// What went wrong in a provider, as a caller can act on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProviderErrorKind {
+    /// The provider cannot be reached or did not answer in time (network,
+    /// endpoint down, token removed, session lost). Retry later.
+    Unavailable,
+    /// The provider refused the caller's credentials or permissions
+    /// (AccessDenied, wrong PIN).
+    AccessDenied,
+    /// The provider is rate-limiting; back off and retry.
+    Throttled,
+    /// The key (or version) does not exist in the provider.
+    KeyNotFound,
+    /// The key version is disabled.
+    KeyDisabled,
+    /// The key version is destroyed, or scheduled for deletion: messages
+    /// under it can no longer be decrypted.
+    KeyDestroyed,
+    /// The requested lifecycle change is not allowed from the current state.
+    InvalidState,
+    /// The provider's configuration is wrong (module path, region, file).
+    Misconfigured,
+    /// The provider does not support this operation.
+    Unsupported,
+    /// A usage limit was reached (e.g. invocations per key for random GCM
+    /// nonces); rotate the key.
+    LimitReached,
+    /// Anything else the provider reported.
+    Other,
+}
+
+impl ProviderErrorKind {
+    /// A stable lowercase name for logs and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderErrorKind::Unavailable => "unavailable",
+            ProviderErrorKind::AccessDenied => "access-denied",
+            ProviderErrorKind::Throttled => "throttled",
+            ProviderErrorKind::KeyNotFound => "key-not-found",
+            ProviderErrorKind::KeyDisabled => "key-disabled",
+            ProviderErrorKind::KeyDestroyed => "key-destroyed",
+            ProviderErrorKind::InvalidState => "invalid-state",
+            ProviderErrorKind::Misconfigured => "misconfigured",
+            ProviderErrorKind::Unsupported => "unsupported",
+            ProviderErrorKind::LimitReached => "limit-reached",
+            ProviderErrorKind::Other => "other",
+        }
+    }
+}
+
+/// An operational failure of a key provider. Its message says what happened
+/// and what to do; it never contains key material or context values.
+#[derive(Debug)]
+pub struct ProviderError {
+    provider: String,
+    kind: ProviderErrorKind,
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl ProviderError {
+    /// A new error of `kind` from `provider` (its id).
+    pub fn new(
+        provider: impl Into<String>,
+        kind: ProviderErrorKind,
+        message: impl Into<String>,
+    ) -> Self {
+        ProviderError {
+            provider: provider.into(),
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// The provider's id.
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// What kind of failure it is.
+    pub fn kind(&self) -> ProviderErrorKind {
+        self.kind
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "key provider {}: {}", self.provider, self.message)
+    }
+}
+
+impl std::error::Error for ProviderError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<ProviderError> for Error {
+    fn from(e: ProviderError) -> Error {
+        Error::Provider(e)
     }
 }

@@ -88,7 +88,7 @@ impl Stats {
             "{} files, {} directories, {}",
             self.files + self.hardlinks,
             self.dirs,
-            crate::util::human_bytes(self.bytes)
+            crate::output::human_bytes(self.bytes)
         );
         if self.symlinks > 0 {
             s.push_str(&format!(", {} symlinks", self.symlinks));
@@ -147,7 +147,7 @@ fn marker_json(mode: u32, mtime: i64) -> Vec<u8> {
         "kind": "directory",
         "root_mode": mode & MODE_MASK,
         "root_mtime": mtime,
-        "created": crate::util::rfc3339(SystemTime::now()),
+        "created": crate::output::rfc3339(SystemTime::now()),
         "tool": concat!("phi-envelope backup ", env!("CARGO_PKG_VERSION")),
     });
     let mut out = doc.to_string().into_bytes();
@@ -453,7 +453,7 @@ impl CliError {
     /// An error reading the tar stream: a damaged archive (the envelope
     /// authenticated it, so it was written that way), or a signal.
     fn archive(e: io::Error) -> CliError {
-        if crate::util::interrupted() {
+        if crate::interrupt::interrupted() {
             return CliError::interrupted();
         }
         CliError::integrity(format!(
@@ -463,7 +463,7 @@ impl CliError {
 
     /// An error writing the tar stream into the pipeline.
     pub fn pipe(e: io::Error) -> CliError {
-        if crate::util::interrupted() {
+        if crate::interrupt::interrupted() {
             return CliError::interrupted();
         }
         CliError::new(exit::IO, format!("archiving failed: {e}"))

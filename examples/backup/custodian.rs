@@ -6,8 +6,6 @@
 use std::fs;
 
 use clap::{Args, Subcommand};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,6 +13,7 @@ use phi_envelope::approval::{
     Approval, Custodian, CustodianKey, DualControl, GuardedOperation, MAX_APPROVAL_JSON_LEN,
 };
 
+use crate::streams::write_new;
 use crate::{exit, CliError, Global};
 
 /// The longest custodians file read.
@@ -77,19 +76,6 @@ pub fn run(cmd: CustodianCmd) -> Result<(), CliError> {
     match cmd {
         CustodianCmd::Keygen { id, out } => keygen(&id, &out),
     }
-}
-
-/// Writes `bytes` to a new file `path` with `mode`; never replaces one.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CliError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| CliError::from_io(e, path))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| CliError::from_io(e, path))
 }
 
 /// `backup custodian keygen --id ID --out FILE`: a new Ed25519 custodian
@@ -169,7 +155,7 @@ fn parse_duration(text: &str) -> Result<Duration, CliError> {
 /// `backup keys approve`: signs one approval with the custodian's key and
 /// writes it to a new file. Needs neither the keystore nor the registry.
 pub fn approve(a: &ApproveCmd) -> Result<(), CliError> {
-    let key = crate::keys::key_ref(&a.key)?;
+    let key = crate::connect::key_ref(&a.key)?;
     let operation: GuardedOperation = a.operation.parse().map_err(CliError::from)?;
     let valid_for = parse_duration(&a.expires_in)?;
     let custodian = read_key(&a.custodian_key)?;
@@ -181,7 +167,7 @@ pub fn approve(a: &ApproveCmd) -> Result<(), CliError> {
         "custodian {} approved {operation} of {key} version {} until {} (unix {}); approval in {}",
         custodian.id(),
         a.version,
-        crate::util::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(approval.expires_at)),
+        crate::output::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(approval.expires_at)),
         approval.expires_at,
         a.out.display()
     );
@@ -302,7 +288,9 @@ pub fn dual_control(g: &Global) -> Result<Option<DualControl>, CliError> {
     // Replay protection across runs: every command is a new process.
     let spent_file = match spent_file {
         Some(f) => f,
-        None => crate::util::parent_dir(&crate::keys::keystore_path(g)?).join(SPENT_FILE_NAME),
+        None => {
+            crate::streams::parent_dir(&crate::connect::keystore_path(g)?).join(SPENT_FILE_NAME)
+        }
     };
     dc = dc.spent_file(spent_file);
     Ok(Some(dc))

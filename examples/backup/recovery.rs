@@ -26,6 +26,7 @@ use phi_envelope::provider::recovery::{
 use phi_envelope::KeyProvider;
 use zeroize::Zeroizing;
 
+use crate::streams::write_new;
 use crate::{exit, CliError, Global};
 
 /// `backup recovery ...`.
@@ -256,17 +257,4 @@ pub fn keygen(g: &Global, shares: u8, threshold: u8, out: &Path) -> Result<(), C
         );
     }
     Ok(())
-}
-
-/// Writes a new file (never an existing one) with `mode`, and syncs it.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CliError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| CliError::from_io(e, path))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| CliError::from_io(e, path))
 }

@@ -30,7 +30,7 @@ use super::{
     entry_path, parse_marker, q, raise_fd_limit, refused, sys, Marker, Node, Stats, Tree,
     MARKER_NAME, MAX_MARKER_LEN, MAX_PATH_LEN, MODE_MASK,
 };
-use crate::util::check_interrupt;
+use crate::interrupt::check_interrupt;
 use crate::CliError;
 
 /// Reads a directory backup's tar stream from `input`. With `dest`, the

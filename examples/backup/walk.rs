@@ -26,7 +26,7 @@ use tar::{Builder, EntryType, Header};
 use zeroize::Zeroizing;
 
 use super::{marker_json, over_limits, raise_fd_limit, sys, Node, Stats, Tree, BLOCK, MARKER_NAME};
-use crate::util::check_interrupt;
+use crate::interrupt::check_interrupt;
 use crate::CliError;
 
 /// Options of [`write`].

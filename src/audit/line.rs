@@ -5,7 +5,6 @@ use std::time::SystemTime;
 use ring::{digest, hmac};
 use serde_json::Value;
 
-use super::verify::Problem;
 use super::AuditKey;
 use crate::events::codec::{event_from_value, push_event};
 use crate::events::Event;
@@ -199,6 +198,167 @@ pub(crate) fn make_line(mac: &Mac, seq: u64, body: &Body, prev: &[u8; 32]) -> (S
     let hash = mac.compute(prev, text.as_bytes());
     finish_line(&mut text, &hash);
     (text, hash)
+}
+
+/// What is wrong with a line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The line has no newline at the end of the file: a write torn by a
+    /// crash, or a file cut short.
+    Incomplete,
+    /// The line is longer than any entry the log writes.
+    TooLong,
+    /// The line is not an audit entry (not JSON, a member missing or of the
+    /// wrong type, an unknown format).
+    Malformed(String),
+    /// The line is valid JSON but not in the canonical encoding the log
+    /// writes (spacing, member order, escaping, an extra member): it was
+    /// edited.
+    NotCanonical,
+    /// The first line of a file is not a header.
+    HeaderExpected,
+    /// A header in the middle of a file.
+    UnexpectedHeader,
+    /// The file is empty.
+    EmptyFile,
+    /// The log does not start with its genesis header (segment 1, seq 0):
+    /// its first lines or files are missing.
+    NotGenesis {
+        /// The segment the first file says it is.
+        segment: u32,
+    },
+    /// A file's header has the wrong segment number: a rotated file is
+    /// missing, duplicated or out of order.
+    SegmentMismatch {
+        /// The segment expected here.
+        expected: u32,
+        /// The segment the header names.
+        found: u32,
+    },
+    /// A header names another MAC or key than the log's first header.
+    MacChanged {
+        /// The log's MAC and key id.
+        expected: String,
+        /// This header's.
+        found: String,
+    },
+    /// An audit key was given but the log is unkeyed: anyone who could
+    /// rewrite it could have recomputed its chain.
+    Unkeyed,
+    /// The log is keyed with another key than the one given.
+    WrongKey {
+        /// The key id of the key given.
+        expected: String,
+        /// The key id in the log.
+        found: String,
+    },
+    /// The sequence number is not the next one: lines before this one were
+    /// deleted, or lines were inserted, duplicated or reordered.
+    SeqMismatch {
+        /// The sequence number expected here.
+        expected: u64,
+        /// The one the line carries.
+        found: u64,
+    },
+    /// The line's `prev` is not the hash of the line before it: the line
+    /// before was edited (and rehashed) or replaced, or this one was moved
+    /// or inserted.
+    PrevMismatch,
+    /// The line's hash does not verify: the line was edited (or, on line 1,
+    /// the key is wrong).
+    HashMismatch,
+    /// The line at the anchor's `seq` has another hash than the anchor: the
+    /// log was rewritten up to here.
+    AnchorMismatch {
+        /// The anchor's sequence number.
+        seq: u64,
+    },
+    /// The log ends before the anchor's `seq`: lines (or whole files) were
+    /// removed from its end.
+    MissingTail {
+        /// The last sequence number in the log, if any.
+        last_seq: Option<u64>,
+        /// The anchor's sequence number.
+        anchor_seq: u64,
+    },
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::Incomplete => f.write_str(
+                "incomplete line (no newline at the end of the file): a write torn by a crash, or the file was cut short",
+            ),
+            Problem::TooLong => write!(f, "line longer than {MAX_LINE} bytes: not an audit entry"),
+            Problem::Malformed(why) => write!(f, "not a valid audit entry: {why}"),
+            Problem::NotCanonical => f.write_str(
+                "the entry is not in the canonical form the log writes: it was edited",
+            ),
+            Problem::HeaderExpected => f.write_str("the first line of a file must be a header"),
+            Problem::UnexpectedHeader => f.write_str("a header in the middle of a file"),
+            Problem::EmptyFile => f.write_str("the file is empty"),
+            Problem::NotGenesis { segment } => write!(
+                f,
+                "the log does not start at its beginning (this file is segment {segment}): earlier files or lines are missing; give them too, or a start anchor"
+            ),
+            Problem::SegmentMismatch { expected, found } => write!(
+                f,
+                "expected the header of segment {expected}, found segment {found}: a rotated file is missing, duplicated or out of order"
+            ),
+            Problem::MacChanged { expected, found } => write!(
+                f,
+                "this file is {found} but the log is {expected}: files of different logs were mixed, or the header was edited"
+            ),
+            Problem::Unkeyed => f.write_str(
+                "an audit key was given but the log is unkeyed (sha256): anyone able to rewrite the files could have recomputed its chain",
+            ),
+            Problem::WrongKey { expected, found } => write!(
+                f,
+                "the log is keyed with key id {found}, not with the given key (key id {expected})"
+            ),
+            Problem::SeqMismatch { expected, found } => {
+                if found > expected {
+                    write!(
+                        f,
+                        "sequence number {found}, expected {expected}: {} entr{} missing before this line (deleted), or lines were reordered",
+                        found - expected,
+                        if found - expected == 1 { "y is" } else { "ies are" }
+                    )
+                } else {
+                    write!(
+                        f,
+                        "sequence number {found}, expected {expected}: this line was inserted, duplicated or moved"
+                    )
+                }
+            }
+            Problem::PrevMismatch => f.write_str(
+                "does not chain to the line before it (prev is not that line's hash): the line before was edited or replaced, or this line was inserted or moved",
+            ),
+            Problem::HashMismatch => f.write_str(
+                "the hash does not verify: this line was edited (or the audit key is wrong)",
+            ),
+            Problem::AnchorMismatch { seq } => write!(
+                f,
+                "the anchor says entry {seq} has another hash: the log was rewritten up to here"
+            ),
+            Problem::MissingTail {
+                last_seq,
+                anchor_seq,
+            } => match last_seq {
+                Some(last) => write!(
+                    f,
+                    "the log ends at entry {last} but the anchor expects entry {anchor_seq}: {} entr{} removed from the end",
+                    anchor_seq - last,
+                    if anchor_seq - last == 1 { "y was" } else { "ies were" }
+                ),
+                None => write!(
+                    f,
+                    "the log has no entries but the anchor expects entry {anchor_seq}"
+                ),
+            },
+        }
+    }
 }
 
 /// Decodes one line (without its newline). Returns the line and its body
