@@ -168,7 +168,10 @@ fn an_hsm_backup_restores_from_3_of_5_shares_after_the_token_is_deleted_and_not_
     ]);
     assert_ne!(code(&o), 0, "the deleted token still decrypted");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(TOKEN), "the error does not name the token: {err}");
+    assert!(
+        err.contains(TOKEN),
+        "the error does not name the token: {err}"
+    );
     assert!(!env.path("gone").exists());
 
     let share = |i: u32| format!("custody/share-{i}-of-5.txt");
