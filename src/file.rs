@@ -137,7 +137,8 @@ impl FileOptions {
 
     /// Number of worker threads doing the AEAD work; `0` means one per
     /// available core (the default). `1` runs everything on the calling
-    /// thread. The output does not depend on it.
+    /// thread. The output does not depend on it. At most [`MAX_THREADS`]
+    /// workers run, and an input of one batch (1 MiB) never starts a thread.
     pub fn threads(mut self, threads: usize) -> FileOptions {
         self.threads = NonZeroUsize::new(threads);
         self
@@ -194,7 +195,7 @@ pub struct FileReport {
     pub ciphertext_len: u64,
     /// Chunks sealed or opened (the final, short chunk included).
     pub chunks: u64,
-    /// Worker threads used.
+    /// Worker threads asked for (at most [`MAX_THREADS`] run).
     pub threads: usize,
 }
 
@@ -945,8 +946,16 @@ fn run_parallel<R: Read + Send, W: Write + Send>(
         stopped: AtomicBool::new(false),
     };
     std::thread::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(|| work(keys, mode, &shared, None));
+        // The calling thread holds batch 0, which every other worker waits
+        // for: if anything below unwinds before it is written, the guard
+        // stops the others instead of leaving them waiting for ever.
+        let _guard = StopOnPanic(&shared);
+        for _ in 1..threads.min(MAX_THREADS) {
+            // A thread that cannot be started (a process or container
+            // limit) leaves fewer workers; the output is the same.
+            if spawn_worker(s, || work(keys, mode, &shared, None)).is_err() {
+                break;
+            }
         }
         work(keys, mode, &shared, Some(first));
     });
@@ -963,6 +972,28 @@ fn run_parallel<R: Read + Send, W: Write + Send>(
             "the file engine stopped before the final chunk",
         ))),
     }
+}
+
+/// The most worker threads one call starts, whatever it asks for: memory is
+/// one batch buffer (about 1 MiB) per worker.
+pub const MAX_THREADS: usize = 64;
+
+/// Starts one more worker.
+fn spawn_worker<'scope, F>(s: &'scope std::thread::Scope<'scope, '_>, f: F) -> io::Result<()>
+where
+    F: FnOnce() + Send + 'scope,
+{
+    #[cfg(test)]
+    if let Some(left) = tests::SPAWNS_LEFT.with(std::cell::Cell::get) {
+        if left == 0 {
+            return Err(io::Error::other("no thread for this test"));
+        }
+        tests::SPAWNS_LEFT.with(|l| l.set(Some(left - 1)));
+    }
+    std::thread::Builder::new()
+        .name("phi-envelope-file".into())
+        .spawn_scoped(s, f)
+        .map(drop)
 }
 
 /// What the workers share.
@@ -1319,6 +1350,37 @@ mod tests {
         };
         let (reads, writes) = (reads.lock().unwrap(), writes.lock().unwrap());
         assert!(distinct(&reads) <= 3 && distinct(&writes) <= 3);
+    }
+
+    thread_local! {
+        /// How many more worker threads may start (`None`: no limit), for
+        /// calls made on this thread.
+        pub(super) static SPAWNS_LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    #[test]
+    fn workers_that_cannot_start_leave_the_calling_thread_to_do_the_work() {
+        // Before, a spawn that failed panicked on the calling thread while
+        // it held batch 0, and the workers already started waited for its
+        // turn for ever.
+        let (dek, key) = sealing_key();
+        let salt = [9; 24];
+        let pt = data(5 * BATCH_PT + 77);
+        let want = sequential(&key, &salt, &pt);
+        // One worker starts and waits for batch 0; the next cannot start.
+        SPAWNS_LEFT.with(|l| l.set(Some(1)));
+        let mut got = Vec::new();
+        let sealed = encrypt_with_key_and_salt(&key, &salt, &pt[..], &mut got, &ctx(), 4);
+        SPAWNS_LEFT.with(|l| l.set(Some(1)));
+        let (header, used) = Header::parse(&want).unwrap();
+        let opening = OpeningKey::new(&dek, &header).unwrap();
+        let mut back = Vec::new();
+        let opts = FileOptions::new().threads(4);
+        let opened = decrypt_with_key(&opening, &want[used..], &mut back, &ctx(), &opts);
+        SPAWNS_LEFT.with(|l| l.set(None));
+        sealed.unwrap();
+        opened.unwrap();
+        assert!(got == want && back == pt);
     }
 
     /// A writer that panics on its `n`th write.
