@@ -429,3 +429,31 @@ fn aggregated_events_have_the_documented_encoding() {
         assert!(Event::from_json(&bad).is_err(), "{bad}");
     }
 }
+
+/// A receipt's `on_complete` function runs on the writer thread. One that
+/// panics must not take the writer down with it: before, the thread died,
+/// the queue kept taking entries nobody wrote, and every later key use
+/// waited for its event for ever.
+#[test]
+fn a_panicking_completion_function_does_not_stop_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = Arc::new(AuditLog::builder().audit_key(key()).open(&path).unwrap());
+    log.submit(&ev(0))
+        .on_complete(|_| panic!("a careless completion function"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        let results: Vec<_> = (1..4u64).map(|i| l.submit(&ev(i)).wait()).collect();
+        let _ = tx.send(results);
+    });
+    let results = rx
+        .recv_timeout(HANG)
+        .expect("the writer stopped: later entries were never answered");
+    for r in results {
+        r.unwrap();
+    }
+    drop(log);
+    let report = Verifier::new().key(key()).verify(&path).unwrap();
+    assert_eq!(report.entries, 4);
+}

@@ -1412,6 +1412,22 @@ impl Inner {
     /// The writer thread: takes every queued entry as one group, commits
     /// it, answers its receipts; until the queue is closed and empty.
     fn run_writer(&self, queue: &Queue) {
+        /// If the thread unwinds, nothing will write what is queued: close
+        /// the queue, so that later entries are refused at once, and answer
+        /// what waits with an error (dropping a completion does).
+        struct Closing<'q>(&'q Queue);
+        impl Drop for Closing<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let mut jobs = lock(&self.0.jobs);
+                    jobs.closed = true;
+                    let waiting: Vec<Job> = jobs.pending.drain(..).collect();
+                    drop(jobs);
+                    drop(waiting);
+                }
+            }
+        }
+        let _closing = Closing(queue);
         loop {
             let group: Vec<Job> = {
                 let mut jobs = lock(&queue.jobs);
@@ -1555,9 +1571,15 @@ impl AuditLog {
         let Some(w) = writer.as_ref() else {
             return Err(SinkError("audit log writer missing".into()));
         };
-        lock(&w.queue.jobs)
-            .pending
-            .push_back(Job { event_json, done });
+        let mut jobs = lock(&w.queue.jobs);
+        if jobs.closed {
+            return Err(SinkError(format!(
+                "audit log {}: its writer thread stopped; reopen the log",
+                self.inner.cfg.base.display()
+            )));
+        }
+        jobs.pending.push_back(Job { event_json, done });
+        drop(jobs);
         w.queue.ready.notify_one();
         Ok(())
     }

@@ -106,7 +106,9 @@ impl Receipt {
 
     /// Runs `f` with the answer once it is known: at once if it is, else
     /// on the thread that answers it. For places that cannot await (a
-    /// drop), and to combine receipts.
+    /// drop), and to combine receipts. `f` must be quick and must not
+    /// block: it may run on a sink's writer thread, which answers nothing
+    /// else while `f` runs (a panic in `f` is contained).
     pub fn on_complete(self, f: impl FnOnce(Result<(), SinkError>) + Send + 'static) {
         match self.0 {
             Kind::Ready(r) => f(r.unwrap_or_else(|| Err(taken()))),
@@ -211,12 +213,16 @@ impl Drop for Completion {
     }
 }
 
+/// Answers the receipt. Whatever its owner attached (an `on_complete`
+/// function, a waker) runs here, on the answering thread (for the audit
+/// log, its writer thread): a panic in it is contained, so that it cannot
+/// take that thread, and every later receipt it would answer, down.
 fn answer(slot: &Slot, result: Result<(), SinkError>) {
     let mut st = lock(slot);
     if let Some(f) = st.callback.take() {
         st.taken = true;
         drop(st);
-        f(result);
+        contained(move || f(result));
         return;
     }
     st.result = Some(result);
@@ -224,8 +230,14 @@ fn answer(slot: &Slot, result: Result<(), SinkError>) {
     drop(st);
     slot.done.notify_all();
     if let Some(w) = waker {
-        w.wake();
+        contained(move || w.wake());
     }
+}
+
+/// Runs `f`, stopping a panic in it at this frame (the default hook has
+/// already reported it).
+fn contained(f: impl FnOnce()) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
 }
 
 #[cfg(test)]
