@@ -805,6 +805,41 @@ pub(crate) enum Join<'a> {
 }
 
 impl Flights {
+    /// Single flight around a lookup: the value `find` gives, else one
+    /// load however many tasks miss `id` at once. `found` handles a value
+    /// found, `load` fetches (and stores) a missing one; both give the
+    /// answer. A task that misses joins the flight of `id`: the leader
+    /// looks again (a leader may have finished just before) and loads,
+    /// holding the flight until `found` or `load` is done; the others wait
+    /// for it, then look again, so when the leader fails or is cancelled
+    /// the next one loads.
+    pub(crate) async fn find_or_load<H, T, FutH, FutL>(
+        &self,
+        id: &[u8],
+        mut find: impl FnMut() -> Option<H>,
+        found: impl FnOnce(H) -> FutH,
+        load: impl FnOnce() -> FutL,
+    ) -> T
+    where
+        FutH: Future<Output = T>,
+        FutL: Future<Output = T>,
+    {
+        loop {
+            if let Some(value) = find() {
+                return found(value).await;
+            }
+            match self.join(id) {
+                Join::Leader(_flight) => {
+                    if let Some(value) = find() {
+                        return found(value).await;
+                    }
+                    return load().await;
+                }
+                Join::Waiter(wait) => wait.await,
+            }
+        }
+    }
+
     /// Joins the flight `id`, or starts it.
     pub(crate) fn join(&self, id: &[u8]) -> Join<'_> {
         let mut map = lock(&self.map);

@@ -268,21 +268,10 @@ impl Keyring {
         };
         let mut id = b"describe\x00".to_vec();
         id.extend_from_slice(key.as_str().as_bytes());
-        loop {
-            if let Some(info) = fresh() {
-                return Ok(info);
-            }
-            match self.flights.join(&id) {
-                Join::Leader(_flight) => {
-                    if let Some(info) = fresh() {
-                        return Ok(info);
-                    }
-                    let info = self.describe(key, caller).await?;
-                    return Ok(Arc::new(info));
-                }
-                Join::Waiter(wait) => wait.await,
-            }
-        }
+        let load = || async { Ok(Arc::new(self.describe(key, caller).await?)) };
+        self.flights
+            .find_or_load(&id, fresh, |info| std::future::ready(Ok(info)), load)
+            .await
     }
 
     pub(super) fn remember(&self, key: &KeyRef, info: &KeyInfo) {

@@ -3,7 +3,7 @@
 //! the opening key from the data-key cache, and the check of every entry of
 //! a rewrapped header.
 
-use crate::cache::{Join, KeyTag, KeyUse};
+use crate::cache::{KeyTag, KeyUse};
 use crate::error::{Error, Result};
 use crate::events::{Operation, Outcome};
 use crate::format::{EncryptionContext, Header, WrappedKey, MAX_RECIPIENTS};
@@ -160,33 +160,24 @@ impl Keyring {
             .await?;
             Ok(KeyUse::Cached(key))
         };
-        loop {
-            if let Some(found) = cache.take_opening(&id, len) {
-                return hit(found).await;
-            }
-            match self.flights.join(&id) {
-                Join::Leader(_flight) => {
-                    if let Some(found) = cache.take_opening(&id, len) {
-                        return hit(found).await;
-                    }
-                    let epoch = cache.epoch();
-                    let (dek, key, index) =
-                        self.unwrap_header_entry(header, context, caller).await?;
-                    drop(dek);
-                    let used = &header.recipients()[index];
-                    let keys = self.open_tags(header, index).await;
-                    return Ok(cache.put_opening(
-                        id,
-                        key,
-                        (used.key_ref.clone(), used.key_version),
-                        keys,
-                        len,
-                        epoch,
-                    ));
-                }
-                Join::Waiter(wait) => wait.await,
-            }
-        }
+        let load = || async {
+            let epoch = cache.epoch();
+            let (dek, key, index) = self.unwrap_header_entry(header, context, caller).await?;
+            drop(dek);
+            let used = &header.recipients()[index];
+            let keys = self.open_tags(header, index).await;
+            Ok(cache.put_opening(
+                id,
+                key,
+                (used.key_ref.clone(), used.key_version),
+                keys,
+                len,
+                epoch,
+            ))
+        };
+        self.flights
+            .find_or_load(&id, || cache.take_opening(&id, len), hit, load)
+            .await
     }
 
     /// What an opening-cache entry involves: every header entry; the

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::cache::{Join, KeyTag, KeyUse};
+use crate::cache::{KeyTag, KeyUse};
 use crate::error::{Error, Result};
 use crate::events::{Operation, Outcome};
 use crate::format::{EncryptionContext, Header, WrappedKey, MAX_RECIPIENTS};
@@ -112,25 +112,15 @@ impl Keyring {
             .await?;
             Ok(KeyUse::Cached(key))
         };
-        loop {
-            if let Some(key) = cache.take_sealing(&id, len) {
-                return hit(key).await;
-            }
-            match self.flights.join(&id) {
-                Join::Leader(_flight) => {
-                    // Another leader may have finished just before we joined.
-                    if let Some(key) = cache.take_sealing(&id, len) {
-                        return hit(key).await;
-                    }
-                    let epoch = cache.epoch();
-                    let (key, deadline) =
-                        self.fresh_sealing_key(recipients, context, caller).await?;
-                    let keys = self.seal_tags(recipients, key.header()).await;
-                    return Ok(cache.put_sealing(id, key, deadline, keys, len, epoch));
-                }
-                Join::Waiter(wait) => wait.await,
-            }
-        }
+        let load = || async {
+            let epoch = cache.epoch();
+            let (key, deadline) = self.fresh_sealing_key(recipients, context, caller).await?;
+            let keys = self.seal_tags(recipients, key.header()).await;
+            Ok(cache.put_sealing(id, key, deadline, keys, len, epoch))
+        };
+        self.flights
+            .find_or_load(&id, || cache.take_sealing(&id, len), hit, load)
+            .await
     }
 
     /// What a sealing-cache entry involves: each recipient and the header
