@@ -381,24 +381,40 @@ fn hit(keys: &[KeyTag], target: &FlushTarget<'_>) -> bool {
     keys.iter().any(|k| k.hit_by(target))
 }
 
-struct SealEntry {
-    key: Arc<CachedKey<SealingKey>>,
+/// One cached key of either cache, with what it has served so far.
+struct Entry<K, M> {
+    key: Arc<CachedKey<K>>,
     created: Instant,
-    /// The earliest end of a recipient primary's cryptoperiod.
-    not_after: Option<SystemTime>,
-    messages: u64,
-    bytes: u64,
-    keys: Vec<KeyTag>,
-}
-
-struct OpenEntry {
-    key: Arc<CachedKey<OpeningKey>>,
-    created: Instant,
+    /// Messages served.
     uses: u64,
     bytes: u64,
     keys: Vec<KeyTag>,
-    /// The entry whose unwrap made the key (for events).
-    used: (String, u32),
+    /// What the cache keeps beside the key ([`SealEntry`], [`OpenEntry`]).
+    meta: M,
+}
+
+/// An encryption-cache entry; beside the key, the earliest end of a
+/// recipient primary's cryptoperiod.
+type SealEntry = Entry<SealingKey, Option<SystemTime>>;
+
+/// A decryption-cache entry; beside the key, the header entry whose unwrap
+/// made it (for events).
+type OpenEntry = Entry<OpeningKey, (String, u32)>;
+
+/// Whether a sealing key is still inside its recipients' cryptoperiods.
+fn in_period(not_after: &Option<SystemTime>) -> bool {
+    not_after.is_none_or(|t| SystemTime::now() < t)
+}
+
+/// One of the two caches as [`DataKeyCache::take`] and
+/// [`DataKeyCache::put`] see it: its limits, entries and counters, and
+/// whether an entry is still usable by what it keeps beside the key.
+struct Shelf<'a, K, M> {
+    limits: Option<CacheLimits>,
+    lru: &'a Mutex<Lru<Entry<K, M>>>,
+    hits: &'a AtomicU64,
+    misses: &'a AtomicU64,
+    usable: fn(&M) -> bool,
 }
 
 struct Slot<E> {
@@ -598,22 +614,7 @@ impl DataKeyCache {
         id: &EntryId,
         len: u64,
     ) -> Option<Arc<CachedKey<SealingKey>>> {
-        let limits = self.encrypt?;
-        let mut lru = lock(&self.seal);
-        let entry = lru.get_mut(id)?;
-        let in_period = entry.not_after.is_none_or(|t| SystemTime::now() < t);
-        if in_period && limits.admits(entry.created, entry.messages, entry.bytes, len) {
-            entry.messages += 1;
-            entry.bytes += len;
-            self.encrypt_hits.fetch_add(1, Ordering::Relaxed);
-            Some(entry.key.clone())
-        } else {
-            let old = lru.remove(id);
-            drop(lru);
-            drop(old);
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-            None
-        }
+        self.take(self.sealing(), id, len, |e| e.key.clone())
     }
 
     /// Puts a fresh sealing key (already used for one message of `len`
@@ -628,61 +629,13 @@ impl DataKeyCache {
         len: u64,
         epoch: u64,
     ) -> KeyUse<SealingKey> {
-        self.encrypt_misses.fetch_add(1, Ordering::Relaxed);
-        let Some(limits) = self.encrypt else {
-            return KeyUse::Fresh(key);
-        };
-        let now = Instant::now();
-        let reusable = limits.admits(now, 1, len, 0)
-            && not_after.is_none_or(|t| SystemTime::now() < t)
-            && epoch == self.epoch();
-        if !reusable {
-            return KeyUse::Fresh(key);
-        }
-        let key = Arc::new(CachedKey {
-            key,
-            released: self.released.clone(),
-        });
-        self.cached.fetch_add(1, Ordering::Relaxed);
-        let entry = SealEntry {
-            key: key.clone(),
-            created: now,
-            not_after,
-            messages: 1,
-            bytes: len,
-            keys,
-        };
-        let evicted = {
-            let mut lru = lock(&self.seal);
-            // Checked again under the lock: a flush that ran meanwhile wins.
-            if epoch == self.epoch() {
-                lru.insert(id, entry)
-            } else {
-                0
-            }
-        };
-        self.evictions.fetch_add(evicted, Ordering::Relaxed);
-        KeyUse::Cached(key)
+        self.put(self.sealing(), id, (key, not_after, keys), len, epoch)
     }
 
     /// A cached opening key for one more message of `len` body bytes, and
     /// the header entry (key reference, version) that first unwrapped it.
     pub(crate) fn take_opening(&self, id: &EntryId, len: u64) -> Option<OpeningHit> {
-        let limits = self.decrypt?;
-        let mut lru = lock(&self.open);
-        let entry = lru.get_mut(id)?;
-        if limits.admits(entry.created, entry.uses, entry.bytes, len) {
-            entry.uses += 1;
-            entry.bytes += len;
-            self.decrypt_hits.fetch_add(1, Ordering::Relaxed);
-            Some((entry.key.clone(), entry.used.clone()))
-        } else {
-            let old = lru.remove(id);
-            drop(lru);
-            drop(old);
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-            None
-        }
+        self.take(self.opening(), id, len, |e| (e.key.clone(), e.meta.clone()))
     }
 
     /// Puts an opening key (already used once, for `len` body bytes) into
@@ -697,12 +650,82 @@ impl DataKeyCache {
         len: u64,
         epoch: u64,
     ) -> KeyUse<OpeningKey> {
-        self.decrypt_misses.fetch_add(1, Ordering::Relaxed);
-        let Some(limits) = self.decrypt else {
+        self.put(self.opening(), id, (key, used, keys), len, epoch)
+    }
+
+    /// The encryption cache, for [`take`](Self::take) and [`put`](Self::put).
+    fn sealing(&self) -> Shelf<'_, SealingKey, Option<SystemTime>> {
+        Shelf {
+            limits: self.encrypt,
+            lru: &self.seal,
+            hits: &self.encrypt_hits,
+            misses: &self.encrypt_misses,
+            usable: in_period,
+        }
+    }
+
+    /// The decryption cache, for [`take`](Self::take) and [`put`](Self::put).
+    fn opening(&self) -> Shelf<'_, OpeningKey, (String, u32)> {
+        Shelf {
+            limits: self.decrypt,
+            lru: &self.open,
+            hits: &self.decrypt_hits,
+            misses: &self.decrypt_misses,
+            usable: |_| true,
+        }
+    }
+
+    /// What [`take_sealing`](Self::take_sealing) and
+    /// [`take_opening`](Self::take_opening) share: the entry `id` of
+    /// `shelf` for one more message of `len` bytes, counted against its
+    /// limits (and as a hit) while it is usable, and handed out by `hit`;
+    /// an entry past a limit is evicted.
+    fn take<K, M, H>(
+        &self,
+        shelf: Shelf<'_, K, M>,
+        id: &EntryId,
+        len: u64,
+        hit: impl FnOnce(&Entry<K, M>) -> H,
+    ) -> Option<H> {
+        let limits = shelf.limits?;
+        let mut lru = lock(shelf.lru);
+        let entry = lru.get_mut(id)?;
+        let usable = (shelf.usable)(&entry.meta);
+        if usable && limits.admits(entry.created, entry.uses, entry.bytes, len) {
+            entry.uses += 1;
+            entry.bytes += len;
+            shelf.hits.fetch_add(1, Ordering::Relaxed);
+            Some(hit(entry))
+        } else {
+            let old = lru.remove(id);
+            drop(lru);
+            drop(old);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// What [`put_sealing`](Self::put_sealing) and
+    /// [`put_opening`](Self::put_opening) share: puts `entry` (the key,
+    /// what is kept beside it, the keys it involves) into `shelf` as used
+    /// once, for `len` bytes (a miss), unless its limits leave no second
+    /// use, it is not usable, or a flush happened since `epoch`.
+    fn put<K, M>(
+        &self,
+        shelf: Shelf<'_, K, M>,
+        id: EntryId,
+        entry: (K, M, Vec<KeyTag>),
+        len: u64,
+        epoch: u64,
+    ) -> KeyUse<K> {
+        let (key, meta, keys) = entry;
+        shelf.misses.fetch_add(1, Ordering::Relaxed);
+        let Some(limits) = shelf.limits else {
             return KeyUse::Fresh(key);
         };
         let now = Instant::now();
-        if !(limits.admits(now, 1, len, 0) && epoch == self.epoch()) {
+        let reusable = limits.admits(now, 1, len, 0) && (shelf.usable)(&meta);
+        if !(reusable && epoch == self.epoch()) {
             return KeyUse::Fresh(key);
         }
         let key = Arc::new(CachedKey {
@@ -710,16 +733,17 @@ impl DataKeyCache {
             released: self.released.clone(),
         });
         self.cached.fetch_add(1, Ordering::Relaxed);
-        let entry = OpenEntry {
+        let entry = Entry {
             key: key.clone(),
             created: now,
             uses: 1,
             bytes: len,
             keys,
-            used,
+            meta,
         };
         let evicted = {
-            let mut lru = lock(&self.open);
+            let mut lru = lock(shelf.lru);
+            // Checked again under the lock: a flush that ran meanwhile wins.
             if epoch == self.epoch() {
                 lru.insert(id, entry)
             } else {
@@ -805,6 +829,41 @@ pub(crate) enum Join<'a> {
 }
 
 impl Flights {
+    /// Single flight around a lookup: the value `find` gives, else one
+    /// load however many tasks miss `id` at once. `found` handles a value
+    /// found, `load` fetches (and stores) a missing one; both give the
+    /// answer. A task that misses joins the flight of `id`: the leader
+    /// looks again (a leader may have finished just before) and loads,
+    /// holding the flight until `found` or `load` is done; the others wait
+    /// for it, then look again, so when the leader fails or is cancelled
+    /// the next one loads.
+    pub(crate) async fn find_or_load<H, T, FutH, FutL>(
+        &self,
+        id: &[u8],
+        mut find: impl FnMut() -> Option<H>,
+        found: impl FnOnce(H) -> FutH,
+        load: impl FnOnce() -> FutL,
+    ) -> T
+    where
+        FutH: Future<Output = T>,
+        FutL: Future<Output = T>,
+    {
+        loop {
+            if let Some(value) = find() {
+                return found(value).await;
+            }
+            match self.join(id) {
+                Join::Leader(_flight) => {
+                    if let Some(value) = find() {
+                        return found(value).await;
+                    }
+                    return load().await;
+                }
+                Join::Waiter(wait) => wait.await,
+            }
+        }
+    }
+
     /// Joins the flight `id`, or starts it.
     pub(crate) fn join(&self, id: &[u8]) -> Join<'_> {
         let mut map = lock(&self.map);

@@ -215,34 +215,8 @@ impl Envelope {
         context: &EncryptionContext,
         options: &FileOptions,
     ) -> Result<FileReport> {
-        self.encrypt_file_via(input, output, context, options, None)
+        self.file_via(Mode::Seal, input, output, context, options, None)
             .await
-    }
-
-    /// [`encrypt_file`](Self::encrypt_file); with `fail_after`, writing the
-    /// output fails after that many bytes (a test seam).
-    async fn encrypt_file_via(
-        &self,
-        input: &Path,
-        output: &Path,
-        context: &EncryptionContext,
-        options: &FileOptions,
-        fail_after: Option<u64>,
-    ) -> Result<FileReport> {
-        check_associated_data(options.associated_data_bytes())?;
-        let reader = open_input(input)?;
-        let len = reader.metadata().map_err(|e| with_path(e, input))?.len();
-        let mut out = AtomicFile::create(output, options.overwrite)?;
-        let threads = options.thread_count().min(batches(len));
-        let mut writer = Counting::new(out.file());
-        writer.fail_after = fail_after;
-        let enc = self
-            .encryptor_with(writer, context, options.associated_data_bytes())
-            .await
-            .map_err(|e| tag(e, Side::Write))?;
-        let report = seal_body(enc, reader, threads)?;
-        out.commit()?;
-        Ok(report)
     }
 
     /// Decrypts the file `input` into `output`, on [`FileOptions::threads`]
@@ -265,51 +239,60 @@ impl Envelope {
         context: &EncryptionContext,
         options: &FileOptions,
     ) -> Result<FileReport> {
-        self.decrypt_file_via(input, output, context, options, None)
+        self.file_via(Mode::Open, input, output, context, options, None)
             .await
     }
 
-    /// [`decrypt_file`](Self::decrypt_file); with `fail_after`, writing the
-    /// output fails after that many bytes (a test seam).
-    async fn decrypt_file_via(
+    /// The driver of [`encrypt_file`](Self::encrypt_file) and
+    /// [`decrypt_file`](Self::decrypt_file): `input` through `mode` into
+    /// an [`AtomicFile`] at `output`, committed once the whole body is
+    /// done; with `fail_after`, writing the output fails after that many
+    /// bytes (a test seam).
+    async fn file_via(
         &self,
+        mode: Mode,
         input: &Path,
         output: &Path,
         context: &EncryptionContext,
         options: &FileOptions,
         fail_after: Option<u64>,
     ) -> Result<FileReport> {
-        check_associated_data(options.associated_data_bytes())?;
+        let ad = options.associated_data_bytes();
+        check_associated_data(ad)?;
         let file = open_input(input)?;
         let len = file.metadata().map_err(|e| with_path(e, input))?.len();
         let mut out = AtomicFile::create(output, options.overwrite)?;
         let mut reader = Counting::new(file);
-        let (_, keys) = self
-            .decryptor_with(&mut reader, context, options.associated_data_bytes())
-            .await
-            .map_err(|e| tag(e, Side::Read))?
-            .into_keys()?;
-        // The length alone can show truncation. Then nothing is written,
-        // but the chunks are still read and opened, so that the error is
-        // the one a streaming decoder gives for the same bytes (a bad chunk
-        // before the end comes first: docs/FORMAT.md, section 7.3).
-        let body_len = (len - reader.count.min(len)) + cobblestone::PREFIX_LEN as u64;
-        let plaintext = match cobblestone::plaintext_len(body_len) {
-            Ok(n) => n,
-            Err(Error::Truncated) => {
-                let threads = options.thread_count().min(batches(body_len));
-                let sink = Counting::new(io::sink());
-                return Err(match open_body(&keys, reader, sink, threads) {
-                    Err(e) => e,
-                    Ok(_) => Error::Truncated,
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        let threads = options.thread_count().min(batches(plaintext));
         let mut writer = Counting::new(out.file());
         writer.fail_after = fail_after;
-        let report = open_body(&keys, reader, writer, threads)?;
+        let (keys, writer) = self
+            .start_body(mode, &mut reader, writer, context, ad)
+            .await?;
+        let plaintext = match mode {
+            Mode::Seal => len,
+            Mode::Open => {
+                // The length alone can show truncation. Then nothing is
+                // written, but the chunks are still read and opened, so
+                // that the error is the one a streaming decoder gives for
+                // the same bytes (a bad chunk before the end comes first:
+                // docs/FORMAT.md, section 7.3).
+                let body_len = (len - reader.count.min(len)) + cobblestone::PREFIX_LEN as u64;
+                match cobblestone::plaintext_len(body_len) {
+                    Ok(n) => n,
+                    Err(Error::Truncated) => {
+                        let threads = options.thread_count().min(batches(body_len));
+                        let sink = Counting::new(io::sink());
+                        return Err(match run_body(mode, &keys, reader, sink, threads) {
+                            Err(e) => e,
+                            Ok(_) => Error::Truncated,
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let threads = options.thread_count().min(batches(plaintext));
+        let report = run_body(mode, &keys, reader, writer, threads)?;
         out.commit()?;
         Ok(report)
     }
@@ -329,15 +312,8 @@ impl Envelope {
         context: &EncryptionContext,
         options: &FileOptions,
     ) -> Result<FileReport> {
-        let enc = self
-            .encryptor_with(
-                Counting::new(writer),
-                context,
-                options.associated_data_bytes(),
-            )
+        self.stream_via(Mode::Seal, reader, writer, context, options)
             .await
-            .map_err(|e| tag(e, Side::Write))?;
-        seal_body(enc, reader, options.thread_count())
     }
 
     /// Decrypts the message `reader` yields into `writer`, on
@@ -358,13 +334,59 @@ impl Envelope {
         context: &EncryptionContext,
         options: &FileOptions,
     ) -> Result<FileReport> {
-        let mut reader = Counting::new(reader);
-        let (_, keys) = self
-            .decryptor_with(&mut reader, context, options.associated_data_bytes())
+        self.stream_via(Mode::Open, reader, writer, context, options)
             .await
-            .map_err(|e| tag(e, Side::Read))?
-            .into_keys()?;
-        open_body(&keys, reader, Counting::new(writer), options.thread_count())
+    }
+
+    /// The driver of [`encrypt_stream_parallel`](Self::encrypt_stream_parallel)
+    /// and [`decrypt_stream_parallel`](Self::decrypt_stream_parallel):
+    /// `reader` through `mode` into `writer`.
+    async fn stream_via<R: Read + Send, W: Write + Send>(
+        &self,
+        mode: Mode,
+        reader: R,
+        writer: W,
+        context: &EncryptionContext,
+        options: &FileOptions,
+    ) -> Result<FileReport> {
+        let mut reader = Counting::new(reader);
+        let ad = options.associated_data_bytes();
+        let (keys, writer) = self
+            .start_body(mode, &mut reader, Counting::new(writer), context, ad)
+            .await?;
+        run_body(mode, &keys, reader, writer, options.thread_count())
+    }
+
+    /// The header and body prefix of a message through this envelope's
+    /// keyring: sealing, written to `writer` under a fresh data key;
+    /// opening, read from `reader` and its data key unwrapped. Returns the
+    /// body keys and `writer`, both ends positioned at chunk 0.
+    async fn start_body<R: Read, W: Write>(
+        &self,
+        mode: Mode,
+        reader: &mut Counting<R>,
+        writer: Counting<W>,
+        context: &EncryptionContext,
+        ad: &[u8],
+    ) -> Result<(BodyKeys, Counting<W>)> {
+        match mode {
+            Mode::Seal => {
+                let enc = self
+                    .encryptor_with(writer, context, ad)
+                    .await
+                    .map_err(|e| tag(e, Side::Write))?;
+                let (writer, keys) = enc.into_keys()?;
+                Ok((keys, writer))
+            }
+            Mode::Open => {
+                let (_, keys) = self
+                    .decryptor_with(reader, context, ad)
+                    .await
+                    .map_err(|e| tag(e, Side::Read))?
+                    .into_keys()?;
+                Ok((keys, writer))
+            }
+        }
     }
 }
 
@@ -405,40 +427,46 @@ pub fn decrypt_with_key<R: Read + Send, W: Write + Send>(
         .decryptor_with(&mut reader, context, options.associated_data_bytes())
         .map_err(|e| tag(e, Side::Read))?
         .into_keys()?;
-    open_body(&keys, reader, Counting::new(writer), options.thread_count())
+    run_body(
+        Mode::Open,
+        &keys,
+        reader,
+        Counting::new(writer),
+        options.thread_count(),
+    )
 }
 
 /// Seals the chunks behind an [`Encryptor`](cobblestone::Encryptor) that has
 /// written the header and the body prefix, then flushes.
 fn seal_body<R: Read + Send, W: Write + Send>(
     enc: cobblestone::Encryptor<Counting<W>>,
-    mut reader: R,
+    reader: R,
     threads: usize,
 ) -> Result<FileReport> {
-    let (mut writer, keys) = enc.into_keys()?;
-    let counts = run(Mode::Seal, &keys, &mut reader, &mut writer, threads)?;
-    writer.flush().map_err(|e| tag_io(e, Side::Write))?;
-    Ok(FileReport {
-        plaintext_len: counts.plaintext,
-        ciphertext_len: writer.count,
-        chunks: counts.chunks,
-        threads,
-    })
+    let (writer, keys) = enc.into_keys()?;
+    run_body(Mode::Seal, &keys, Counting::new(reader), writer, threads)
 }
 
-/// Opens the chunks after the body prefix (already read from `reader`),
-/// then flushes.
-fn open_body<R: Read + Send, W: Write + Send>(
+/// Runs the chunks of a body through the engine in `mode`, both ends past
+/// the body prefix, then flushes `writer`. The ciphertext side (`writer`
+/// when sealing, `reader` when opening) has counted the header and prefix
+/// too.
+fn run_body<R: Read + Send, W: Write + Send>(
+    mode: Mode,
     keys: &BodyKeys,
     mut reader: Counting<R>,
     mut writer: Counting<W>,
     threads: usize,
 ) -> Result<FileReport> {
-    let counts = run(Mode::Open, keys, &mut reader, &mut writer, threads)?;
+    let counts = run(mode, keys, &mut reader, &mut writer, threads)?;
     writer.flush().map_err(|e| tag_io(e, Side::Write))?;
+    let ciphertext_len = match mode {
+        Mode::Seal => writer.count,
+        Mode::Open => reader.count,
+    };
     Ok(FileReport {
         plaintext_len: counts.plaintext,
-        ciphertext_len: reader.count,
+        ciphertext_len,
         chunks: counts.chunks,
         threads,
     })
@@ -1497,7 +1525,8 @@ mod tests {
         for threads in [1, 2] {
             let opts = FileOptions::new().threads(threads);
             for fail_after in [0, 100, BATCH_CT as u64 + 3] {
-                let e = block_on(env.encrypt_file_via(
+                let e = block_on(env.file_via(
+                    Mode::Seal,
                     &plain,
                     &sealed,
                     &ctx(),
@@ -1510,9 +1539,15 @@ mod tests {
             }
             block_on(env.encrypt_file(&plain, &sealed, &ctx(), &opts)).unwrap();
             for fail_after in [0, 100, BATCH_PT as u64 + 3] {
-                let e =
-                    block_on(env.decrypt_file_via(&sealed, &out, &ctx(), &opts, Some(fail_after)))
-                        .unwrap_err();
+                let e = block_on(env.file_via(
+                    Mode::Open,
+                    &sealed,
+                    &out,
+                    &ctx(),
+                    &opts,
+                    Some(fail_after),
+                ))
+                .unwrap_err();
                 assert!(e.to_string().contains("writing the output"), "{e}");
                 assert_eq!(names(dir.path()), ["plain", "sealed"]);
             }
