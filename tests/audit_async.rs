@@ -457,3 +457,44 @@ fn a_panicking_completion_function_does_not_stop_the_writer() {
     let report = Verifier::new().key(key()).verify(&path).unwrap();
     assert_eq!(report.entries, 4);
 }
+
+/// Uses held in an aggregate are recorded before a later change of the
+/// key: an auditor reading the trail in order never sees uses of a key
+/// after the event that rotated or disabled it when they happened before.
+#[tokio::test]
+async fn aggregated_uses_are_recorded_before_a_later_change_of_the_key() {
+    let sink = Arc::new(MemorySink::new());
+    let kms = Arc::new(MemoryKms::new("kms"));
+    let records = kms.add_key("records");
+    let env = Envelope::new(
+        Keyring::builder()
+            .provider(kms.clone())
+            .recipient(records.clone())
+            .event_sink(sink.clone())
+            .data_key_cache(CacheConfig::new())
+            .cache_hit_events(CacheHitEvents::aggregated(Duration::from_secs(3600)))
+            .build()
+            .unwrap(),
+    )
+    .as_caller("lab-service", "treatment");
+    let c = ctx("tenant-1");
+    for i in 0..5 {
+        env.seal(format!("r {i}").as_bytes(), &c).await.unwrap();
+    }
+    let ops = |sink: &MemorySink| -> Vec<String> {
+        sink.events()
+            .iter()
+            .map(|e| e.operation.as_str().to_owned())
+            .collect()
+    };
+    assert_eq!(ops(&sink), ["generate"]);
+    env.keyring()
+        .rotate(
+            &records,
+            &phi_envelope::Caller::new("key-admin", "rotation"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ops(&sink), ["generate", "cache-hit-encrypt", "rotate"]);
+    assert_eq!(sink.events()[1].uses.map(|u| u.count), Some(4));
+}

@@ -79,7 +79,11 @@
 //! key by one caller (actor and purpose) and context fingerprint within a
 //! flush interval. Its `timestamp` is when it was recorded (flushed), its
 //! `outcome` is `success` (a hit the policy denied is recorded at once, as
-//! a `denied` event of its own) and its `duration_us` is 0. Every other
+//! a `denied` event of its own) and its `duration_us` is 0. The aggregates
+//! held are recorded before the event of any lifecycle verb (rotate, state
+//! change, destroy) of the same keyring, so the uses before a change come
+//! before it in the trail; `first_use` and `last_use` say when they were.
+//! Every other
 //! event, and every event of a keyring with the default
 //! [`CacheHitEvents::EachUse`], has none of the three, and its line is
 //! byte for byte as before they existed:

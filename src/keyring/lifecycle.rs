@@ -34,6 +34,11 @@ impl Keyring {
         } = change;
         let provider = self.provider_for(key)?;
         let changes = operation != Operation::Describe;
+        if changes {
+            // Uses held in aggregated cache-hit events happened before this
+            // change: they go into the trail before its event does.
+            self.flush_events().await?;
+        }
         // The primary a rotation moves away from, as last described.
         let rotated_away = if operation == Operation::Rotate {
             lock(&self.described)
