@@ -221,7 +221,7 @@ impl Esdk {
                 .plaintext(pt.to_vec())
                 .keyring(self.keyring.clone())
                 .encryption_context(self.context.clone())
-                .algorithm_suite_id(self.suite.clone())
+                .algorithm_suite_id(self.suite)
                 .send(),
         )
         .unwrap()
