@@ -279,3 +279,39 @@ fn a_call_from_inside_a_runtime_is_refused() {
     }
     assert_eq!(env.keyring().provider_calls(), calls);
 }
+
+/// The recovery recipient needs no runtime either: a keyring of the local
+/// keystore and a recovery public key seals without one, and the restored
+/// private key opens without one.
+#[test]
+#[cfg(feature = "recovery")]
+fn the_recovery_recipient_needs_no_runtime() {
+    use phi_envelope::provider::recovery::{RecoveryPrivateKey, RecoveryProvider};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key, store) = local_envelope(dir.path(), false);
+    let recovery = RecoveryPrivateKey::generate().unwrap();
+    let public = recovery.public_key().clone();
+    let sealing = BlockingEnvelope::new(Envelope::new(
+        Keyring::builder()
+            .provider(store)
+            .provider(Arc::new(
+                RecoveryProvider::new().with_public_key(public.clone()),
+            ))
+            .recipient(key)
+            .recipient(public.key_ref())
+            .build()
+            .unwrap(),
+    ))
+    .unwrap();
+    let c = ctx("st-mary");
+    let sealed = sealing.seal(b"PHI", &c).unwrap();
+    let opening = BlockingEnvelope::new(Envelope::new(
+        Keyring::builder()
+            .provider(Arc::new(RecoveryProvider::new().with_private_key(recovery)))
+            .build()
+            .unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(opening.open(&sealed, &c).unwrap(), b"PHI");
+}
