@@ -7,6 +7,7 @@
 //! profile record-floor N SIZE    N times: salt, HKDF-Expand, key setup, seal
 //! profile record-open N SIZE     N message::open with the DEK in hand
 //! profile envelope-cached N SIZE N Envelope::seal through the data-key cache
+//! profile envelope-open N SIZE  N Envelope::open through the decryption cache
 //! profile raw-seal MIB           ring seal over MIB MiB in 16 KiB chunks
 //! profile stream-seal MIB        Encryptor over MIB MiB to io::sink()
 //! profile engine-seal MIB T      file engine over MIB MiB, T threads
@@ -110,6 +111,13 @@ fn main() {
             let pt = data(arg(&args, 2, 1024));
             for _ in 0..arg(&args, 1, 100_000) {
                 std::hint::black_box(block_on(env.seal(&pt, &ctx)).unwrap());
+            }
+        }
+        Some("envelope-open") => {
+            let env = support::cached_envelope();
+            let sealed = block_on(env.seal(&data(arg(&args, 2, 1024)), &ctx)).unwrap();
+            for _ in 0..arg(&args, 1, 100_000) {
+                std::hint::black_box(block_on(env.open(&sealed, &ctx)).unwrap());
             }
         }
         Some("record-open") => {

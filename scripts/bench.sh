@@ -139,7 +139,7 @@ for op in ("seal", "open"):
         g = f"record-{op}"
         names = ["raw-aead", "floor", "ours-cached", "ours-cached-hdr", "envelope-cached", "ours-fresh",
                  "envelopers-cached", "envelopers-fresh", "envelopers-cached-bytes",
-                 "kms-aead-cached", "kms-aead-fresh"]
+                 "kms-aead-cached", "kms-aead-fresh", "esdk-committing", "esdk-default"]
         ns = {n: median_ns(g, f"{n}/{size}") for n in names}
         floor = ns["floor"] if op == "seal" else median_ns("record-seal", f"floor/{size}")
         for n in names:

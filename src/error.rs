@@ -156,6 +156,13 @@ pub enum Error {
     #[error("recovery share: {0}")]
     RecoveryShare(String),
 
+    /// A call of the [blocking facade](crate::blocking) was refused: made
+    /// from inside an async runtime (where it would block a worker), or
+    /// without a runtime for a keyring whose providers need one. The text
+    /// says which and what to do instead.
+    #[error("blocking call refused: {0}")]
+    Blocking(String),
+
     /// An I/O error from the underlying reader, writer or file system.
     #[error("I/O error: {0}")]
     Io(#[source] io::Error),

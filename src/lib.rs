@@ -7,6 +7,7 @@
 pub mod approval;
 pub mod atomic;
 pub mod audit;
+pub mod blocking;
 pub mod cache;
 pub mod cobblestone;
 pub mod envelope;

@@ -1547,3 +1547,89 @@ async fn per_record_associated_data_costs_one_generate_per_cache_window() {
         .is_decrypt());
     assert_eq!(proxy.calls("Decrypt"), windows + 1);
 }
+
+/// The blocking facade on the KMS endpoint: a plain thread with no runtime
+/// of its own hands the facade a multi-threaded runtime's handle; the
+/// runtime-free facade refuses this keyring, and a call from inside the
+/// runtime is refused before any key is used.
+#[test]
+fn blocking_facade_with_a_runtime_handle() {
+    use phi_envelope::blocking::BlockingEnvelope;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (provider, key) = rt.block_on(async {
+        let key = create_key(&admin().await, "blocking facade").await;
+        (provider_at(None, config()).await, key)
+    });
+    let env = envelope(provider, &key.by_id());
+
+    let refused = BlockingEnvelope::new(env.clone()).unwrap_err();
+    assert!(
+        matches!(refused, Error::Blocking(_)) && refused.to_string().contains("with_runtime"),
+        "{refused}"
+    );
+
+    let facade = BlockingEnvelope::with_runtime(env.clone(), rt.handle().clone()).unwrap();
+    let context = ctx("blocking");
+    let sealed = facade.seal(b"potassium 4.1", &context).unwrap();
+    assert_eq!(facade.open(&sealed, &context).unwrap(), b"potassium 4.1");
+    assert!(facade
+        .open(&sealed, &ctx("other"))
+        .unwrap_err()
+        .is_decrypt());
+    let bound = facade.seal_with(b"sodium 140", &context, b"row 7").unwrap();
+    assert_eq!(
+        facade.open_with(&bound, &context, b"row 7").unwrap(),
+        b"sodium 140"
+    );
+    assert!(facade
+        .open_with(&bound, &context, b"row 8")
+        .unwrap_err()
+        .is_decrypt());
+    // What the facade sealed is an ordinary message: the async API opens it.
+    assert_eq!(
+        rt.block_on(env.open(&sealed, &context)).unwrap(),
+        b"potassium 4.1"
+    );
+
+    let mut stream = Vec::new();
+    let mut w = facade.encryptor(&mut stream, &context).unwrap();
+    w.write_all(&[5u8; 40_000]).unwrap();
+    w.finish().unwrap();
+    let mut back = Vec::new();
+    facade
+        .decryptor(&stream[..], &context)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back, vec![5u8; 40_000]);
+
+    let rewrapped = facade.rewrap(&sealed, &context).unwrap();
+    assert_eq!(facade.open(&rewrapped, &context).unwrap(), b"potassium 4.1");
+    let calls = env.keyring().provider_calls();
+
+    // Inside the runtime (a worker of it, here through block_on) the call
+    // is refused, and no provider is called.
+    let inside = rt
+        .block_on(async { facade.seal(b"x", &context) })
+        .unwrap_err();
+    assert!(matches!(inside, Error::Blocking(_)), "{inside}");
+    assert!(
+        inside.to_string().contains("inside a tokio runtime"),
+        "{inside}"
+    );
+    let spawned = rt
+        .block_on(rt.spawn({
+            let facade = facade.clone();
+            let context = context.clone();
+            async move { facade.open(&sealed, &context) }
+        }))
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(spawned, Error::Blocking(_)), "{spawned}");
+    assert_eq!(env.keyring().provider_calls(), calls);
+}

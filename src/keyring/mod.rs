@@ -197,6 +197,12 @@ impl Keyring {
         self.providers.iter().find(|p| p.id() == id)
     }
 
+    /// True when any provider's futures may need a runtime
+    /// ([`KeyProvider::needs_runtime`]).
+    pub(crate) fn needs_runtime(&self) -> bool {
+        self.providers.iter().any(|p| p.needs_runtime())
+    }
+
     pub(super) fn provider_for(&self, key: &KeyRef) -> Result<&Arc<dyn KeyProvider>> {
         self.provider(key.scheme()).ok_or_else(|| {
             Error::InvalidArgument(format!(

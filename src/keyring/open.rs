@@ -167,7 +167,7 @@ impl Keyring {
             let used = &header.recipients()[index];
             let keys = self.open_tags(header, index).await;
             Ok(cache.put_opening(
-                id,
+                id.clone(),
                 key,
                 (used.key_ref.clone(), used.key_version),
                 keys,

@@ -116,7 +116,7 @@ impl Keyring {
             let epoch = cache.epoch();
             let (key, deadline) = self.fresh_sealing_key(recipients, context, caller).await?;
             let keys = self.seal_tags(recipients, key.header()).await;
-            Ok(cache.put_sealing(id, key, deadline, keys, len, epoch))
+            Ok(cache.put_sealing(id.clone(), key, deadline, keys, len, epoch))
         };
         self.flights
             .find_or_load(&id, || cache.take_sealing(&id, len), hit, load)

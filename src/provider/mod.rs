@@ -342,6 +342,19 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
         true
     }
 
+    /// True when this provider's futures may need an async runtime to
+    /// complete: a reactor for network I/O (AWS KMS, Vault), a blocking
+    /// pool (PKCS#11's `spawn_blocking`), timers. False only for a provider
+    /// whose futures always complete on their first poll, without waiting
+    /// for anything (the local keystore, the recovery recipient): the
+    /// [blocking facade](crate::blocking) then runs them on the calling
+    /// thread with no runtime at all, and refuses a keyring holding any
+    /// provider that answers true unless it is given a runtime. The default
+    /// is true, which is always safe.
+    fn needs_runtime(&self) -> bool {
+        true
+    }
+
     /// True when [`rewrap`](Self::rewrap) is implemented.
     fn supports_rewrap(&self) -> bool {
         false

@@ -887,6 +887,12 @@ impl KeyProvider for LocalKeystore {
         PROVIDER_ID
     }
 
+    /// Every future of this provider completes on its first poll (its work
+    /// is local and runs inline), so the blocking facade needs no runtime.
+    fn needs_runtime(&self) -> bool {
+        false
+    }
+
     fn wrap<'a>(
         &'a self,
         key: &'a KeyRef,
