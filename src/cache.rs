@@ -111,6 +111,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
+use zeroize::Zeroize;
 
 use crate::error::Result;
 use crate::message::{OpeningKey, SealingKey};
@@ -331,16 +332,30 @@ impl<K> fmt::Debug for KeyUse<K> {
 /// first unwrapped it.
 pub(crate) type OpeningHit = (Arc<CachedKey<OpeningKey>>, (String, u32));
 
-/// The identity of a cache entry: the exact bytes of an injective encoding
-/// of everything that must match (see [`DataKeyCache::seal_id`] and
+/// The key of a cache entry: an exact, injective encoding of everything
+/// that must match (see [`DataKeyCache::seal_id`] and
 /// [`DataKeyCache::open_id`]), compared in full by the map. Two entries
 /// share an id only when every field is equal, so no hash collision can
-/// make one partition's DEK serve another. The context enters as the
-/// keyring's keyed fingerprint, never as its canonical bytes, so the cache
-/// keeps no context value (which can be PHI) and no guessable digest of
-/// one; everything else in an id (key references, actor, partition name,
-/// header bytes) is metadata that events and messages carry anyway.
-pub(crate) type EntryId = Vec<u8>;
+/// make one partition's DEK serve another. The context enters as its
+/// canonical bytes: a hit then costs no keyed digest of it (the keyring
+/// computes the context's fingerprint only when an event or the policy
+/// needs it). Context values can be PHI, so an id is zeroized when it is
+/// dropped, and it never leaves the cache: no event, error or `Debug`
+/// output shows it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct EntryId(pub(crate) Vec<u8>);
+
+impl fmt::Debug for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EntryId({} bytes)", self.0.len())
+    }
+}
+
+impl Drop for EntryId {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
 
 /// A key that a cache entry involves: its provider, a spelling of it, and
 /// its identity where the provider reported one.
@@ -557,7 +572,7 @@ impl DataKeyCache {
     }
 
     /// The encryption partition: recipients in order, actor, partition
-    /// string, encryption context (its keyed fingerprint), as exact bytes.
+    /// string, encryption context (its canonical pairs), as exact bytes.
     ///
     /// The encoding is injective: a fixed label, the recipient count, then
     /// every variable field length-prefixed and each optional one behind a
@@ -589,11 +604,11 @@ impl DataKeyCache {
             }
         }
         field(&mut enc, context);
-        enc
+        EntryId(enc)
     }
 
     /// The decryption entry: exact header bytes and encryption context (its
-    /// keyed fingerprint), as exact bytes, injective like
+    /// canonical pairs), as exact bytes, injective like
     /// [`seal_id`](Self::seal_id)'s (the labels differ, so a seal id is
     /// never an open id).
     pub(crate) fn open_id(&self, header: &[u8], context: &[u8]) -> EntryId {
@@ -601,7 +616,7 @@ impl DataKeyCache {
         enc.extend_from_slice(b"phi-envelope cache: open\x00");
         field(&mut enc, header);
         field(&mut enc, context);
-        enc
+        EntryId(enc)
     }
 
     /// The current flush epoch; capture it before a provider call.
@@ -810,7 +825,7 @@ struct FlightState {
 /// registers its waker and returns `Pending`.
 #[derive(Default)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<Vec<u8>, Arc<Flight>>>,
+    map: Mutex<HashMap<EntryId, Arc<Flight>>>,
 }
 
 impl fmt::Debug for Flights {
@@ -841,7 +856,7 @@ impl Flights {
     /// the next one loads.
     pub(crate) async fn find_or_load<H, T, FutH, FutL>(
         &self,
-        id: &[u8],
+        id: &EntryId,
         mut find: impl FnMut() -> Option<H>,
         found: impl FnOnce(H) -> FutH,
         load: impl FnOnce() -> FutL,
@@ -867,16 +882,16 @@ impl Flights {
     }
 
     /// Joins the flight `id`, or starts it.
-    pub(crate) fn join(&self, id: &[u8]) -> Join<'_> {
+    pub(crate) fn join(&self, id: &EntryId) -> Join<'_> {
         let mut map = lock(&self.map);
         if let Some(f) = map.get(id) {
             return Join::Waiter(FlightWait(f.clone()));
         }
         let flight = Arc::new(Flight::default());
-        map.insert(id.to_vec(), flight.clone());
+        map.insert(id.clone(), flight.clone());
         Join::Leader(FlightGuard {
             flights: self,
-            id: id.to_vec(),
+            id: id.clone(),
             flight,
         })
     }
@@ -885,7 +900,7 @@ impl Flights {
 /// Held by the leader of a flight.
 pub(crate) struct FlightGuard<'a> {
     flights: &'a Flights,
-    id: Vec<u8>,
+    id: EntryId,
     flight: Arc<Flight>,
 }
 
@@ -1010,7 +1025,7 @@ mod tests {
     #[test]
     fn message_and_byte_limits_retire_an_entry() {
         let c = cache(CacheLimits::new(Duration::from_secs(60), 3, 100), 8);
-        let id: EntryId = vec![1; 32];
+        let id = EntryId(vec![1; 32]);
         assert!(matches!(put(&c, id.clone(), 10), KeyUse::Cached(_)));
         assert!(c.take_sealing(&id, 10).is_some());
         assert!(c.take_sealing(&id, 10).is_some());
@@ -1026,7 +1041,7 @@ mod tests {
     fn lru_capacity_and_release_counting() {
         let c = cache(CacheLimits::default(), 2);
         for i in 0..5u8 {
-            let _ = put(&c, vec![i; 32], 1);
+            let _ = put(&c, EntryId(vec![i; 32]), 1);
         }
         let s = c.stats();
         assert_eq!(s.entries, 2);
@@ -1034,11 +1049,11 @@ mod tests {
         assert_eq!(s.keys_cached, 5);
         assert_eq!(s.keys_released, 3);
         assert!(
-            c.take_sealing(&[0; 32].to_vec(), 1).is_none(),
+            c.take_sealing(&EntryId(vec![0; 32]), 1).is_none(),
             "oldest evicted"
         );
         assert!(
-            c.take_sealing(&[4; 32].to_vec(), 1).is_some(),
+            c.take_sealing(&EntryId(vec![4; 32]), 1).is_some(),
             "newest kept"
         );
         c.flush_all();
@@ -1050,9 +1065,9 @@ mod tests {
         let c = cache(CacheLimits::default(), 8);
         let epoch = c.epoch();
         c.flush_key(&target("t:k", None));
-        let k = c.put_sealing(vec![9; 32], sealing_key(), None, vec![], 1, epoch);
+        let k = c.put_sealing(EntryId(vec![9; 32]), sealing_key(), None, vec![], 1, epoch);
         assert!(matches!(k, KeyUse::Fresh(_)));
-        assert!(c.take_sealing(&[9; 32].to_vec(), 1).is_none());
+        assert!(c.take_sealing(&EntryId(vec![9; 32]), 1).is_none());
     }
 
     #[test]

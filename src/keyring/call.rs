@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::error::{Error, Result};
 use crate::events::aggregate::dek_id;
 use crate::events::{Event, Operation, Outcome};
+use crate::format::EncryptionContext;
 use crate::policy::{Decision, PolicyRequest};
 use crate::provider::{KeyRef, KeyState, ProviderError};
 
@@ -319,13 +320,15 @@ impl Keyring {
         key_ref: &str,
         version: u32,
         caller: &Caller,
-        fingerprint: &[u8; 16],
+        context: &EncryptionContext,
         header: &[u8],
     ) -> Result<()> {
         self.note_caller(operation, caller);
         if !self.records_events && !self.checks_policy {
             return Ok(());
         }
+        // Only now: a hit that neither records nor asks pays no digest.
+        let fingerprint = self.fingerprint_bytes(context);
         let call = Call {
             operation,
             provider: provider_of(key_ref),
@@ -334,7 +337,7 @@ impl Keyring {
             key_state: None,
             approvers: &[],
             caller,
-            fingerprint: Some(hex(fingerprint)),
+            fingerprint: Some(hex(&fingerprint)),
         };
         self.authorize(&call).await?;
         if let (Some(agg), true) = (&self.hit_events, self.records_events) {

@@ -212,6 +212,7 @@ impl Keyring {
     async fn rotate_once(&self, key: &KeyRef, expired: PrimaryId, caller: &Caller) -> Result<()> {
         let mut id = b"rotate\x00".to_vec();
         id.extend_from_slice(key.as_str().as_bytes());
+        let id = crate::cache::EntryId(id);
         loop {
             let done = |info: &KeyInfo| {
                 self.was_rotated_away(key, expired)
@@ -268,6 +269,7 @@ impl Keyring {
         };
         let mut id = b"describe\x00".to_vec();
         id.extend_from_slice(key.as_str().as_bytes());
+        let id = crate::cache::EntryId(id);
         let load = || async { Ok(Arc::new(self.describe(key, caller).await?)) };
         self.flights
             .find_or_load(&id, fresh, |info| std::future::ready(Ok(info)), load)

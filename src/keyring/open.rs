@@ -146,15 +146,15 @@ impl Keyring {
                 return Ok(KeyUse::Fresh(key));
             }
         };
-        let fingerprint = self.fingerprint_bytes(context);
-        let id = cache.open_id(header.as_bytes(), &fingerprint);
+        let pairs = context.canonical_pairs();
+        let id = cache.open_id(header.as_bytes(), &pairs);
         let hit = |(key, (key_ref, version)): crate::cache::OpeningHit| async move {
             self.record_cache_hit(
                 Operation::CacheHitDecrypt,
                 &key_ref,
                 version,
                 caller,
-                &fingerprint,
+                context,
                 header.as_bytes(),
             )
             .await?;

@@ -97,8 +97,8 @@ impl Keyring {
                 ))
             }
         };
-        let fingerprint = self.fingerprint_bytes(context);
-        let id = cache.seal_id(recipients, caller.actor.as_deref(), partition, &fingerprint);
+        let pairs = context.canonical_pairs();
+        let id = cache.seal_id(recipients, caller.actor.as_deref(), partition, &pairs);
         let hit = |key: Arc<crate::cache::CachedKey<SealingKey>>| async move {
             let version = key.header().recipients()[0].key_version;
             self.record_cache_hit(
@@ -106,7 +106,7 @@ impl Keyring {
                 recipients[0].as_str(),
                 version,
                 caller,
-                &fingerprint,
+                context,
                 key.header().as_bytes(),
             )
             .await?;
