@@ -630,3 +630,82 @@ fn download_survives_cut_bodies_and_5xx_and_fails_cleanly_past_them() {
     assert!(!e.path("again").exists());
     assert!(cli_support::temps(e.dir.path()).is_empty());
 }
+
+#[test]
+fn retain_until_locks_the_new_object() {
+    let name = format!("phi-lock-{}", std::process::id());
+    let s3 = client();
+    rt().block_on(
+        s3.create_bucket()
+            .bucket(&name)
+            .object_lock_enabled_for_bucket(true)
+            .send(),
+    )
+    .unwrap();
+    let e = env();
+    std::fs::write(e.path("a"), data(PART + 10, 12)).unwrap();
+    let url = format!("s3://{name}/locked.phi");
+    ok(
+        &e,
+        &[
+            "encrypt",
+            "--retain-until",
+            "2099-01-02",
+            "--retain-mode",
+            "compliance",
+            "-o",
+            &url,
+            "a",
+        ],
+    );
+    let h = rt()
+        .block_on(s3.head_object().bucket(&name).key("locked.phi").send())
+        .unwrap();
+    assert_eq!(
+        h.object_lock_mode(),
+        Some(&aws_sdk_s3::types::ObjectLockMode::Compliance)
+    );
+    assert_eq!(
+        h.object_lock_retain_until_date()
+            .unwrap()
+            .fmt(aws_smithy_types::date_time::Format::DateTime)
+            .unwrap(),
+        "2099-01-02T00:00:00Z"
+    );
+    ok(&e, &["verify", &url]);
+    // Refused before anything is written: a past date, a local output.
+    let b = Bucket::new("lockusage");
+    let err = fails(
+        &e,
+        &[
+            "encrypt",
+            "--retain-until",
+            "2001-01-01",
+            "-o",
+            &b.url("x"),
+            "a",
+        ],
+        1,
+    );
+    assert!(err.contains("in the past"), "{err}");
+    let err = fails(
+        &e,
+        &[
+            "encrypt",
+            "--retain-until",
+            "2099-01-01",
+            "-o",
+            "x.phi",
+            "a",
+        ],
+        1,
+    );
+    assert!(err.contains("s3://"), "{err}");
+    let err = fails(
+        &e,
+        &["encrypt", "--retain-until", "soon", "-o", &b.url("x"), "a"],
+        1,
+    );
+    assert!(err.contains("YYYY-MM-DD"), "{err}");
+    b.assert_clean("x");
+}

@@ -309,6 +309,7 @@ impl Store {
             id,
             tuning: self.tuning,
             force: o.force,
+            retain: o.retain_until,
             if_match: None,
             buf: Vec::new(),
             next_part: 1,
@@ -502,12 +503,15 @@ fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
             s.err().code().unwrap_or("error"),
             s.err().message().unwrap_or_default()
         ),
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            format!(
-                "the endpoint did not answer ({}); the SDK retried with backoff up to AWS_MAX_ATTEMPTS (default 3) times",
-                DisplayErrorContext(e)
-            )
+        // (Never the raw answer in a message: it may be a body of
+        // ciphertext, and it is no use to an operator.)
+        SdkError::ServiceError(_) | SdkError::ResponseError(_) => {
+            "an answer that is not S3's (malformed or cut off)".to_owned()
         }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => format!(
+            "the endpoint did not answer ({}); the SDK retried with backoff up to AWS_MAX_ATTEMPTS (default 3) times",
+            DisplayErrorContext(e)
+        ),
         _ => DisplayErrorContext(e).to_string(),
     };
     let what = match st {
@@ -538,6 +542,9 @@ pub struct Upload {
     id: String,
     tuning: Tuning,
     force: bool,
+    /// `--retain-until`: checked (and set where the store ignored it at
+    /// creation) once the object exists.
+    retain: Option<(ObjectLockMode, aws_smithy_types::DateTime)>,
     /// `rewrap`: complete only if the object is still this ETag.
     if_match: Option<String>,
     buf: Vec<u8>,
@@ -725,15 +732,76 @@ impl Upload {
         match r {
             Ok(_) => {
                 self.finished = true;
-                Ok(())
+                self.ensure_retention()
             }
             Err(e) if completed_anyway(&e) => {
                 self.finished = true;
-                Ok(())
+                self.ensure_retention()
             }
             // Dropped unfinished: aborted.
             Err(e) => Err(s3_error(&loc, "CompleteMultipartUpload", &e)),
         }
+    }
+}
+
+impl Upload {
+    /// With `--retain-until`: S3 applies the retention asked for at
+    /// CreateMultipartUpload, so the object is locked from its first
+    /// instant; it is set again now (PutObjectRetention, the same mode and
+    /// date: allowed on a locked object, since it shortens nothing) for a
+    /// store that ignored it there (moto does), and read back
+    /// (HeadObject). A store that refuses either fails the command (exit
+    /// 4: the object exists, and the message says it is not locked).
+    fn ensure_retention(&self) -> Result<(), CliError> {
+        let Some((mode, until)) = self.retain.clone() else {
+            return Ok(());
+        };
+        let unlocked = |message: String| {
+            CliError::new(
+                exit::IO,
+                format!(
+                    "{message}; the backup was written but is NOT under the retention asked for"
+                ),
+            )
+        };
+        let m = match mode {
+            ObjectLockMode::Compliance => aws_sdk_s3::types::ObjectLockRetentionMode::Compliance,
+            _ => aws_sdk_s3::types::ObjectLockRetentionMode::Governance,
+        };
+        let (c, l) = (self.client.clone(), self.loc.clone());
+        let put = wait_on(&self.handle, async move {
+            c.put_object_retention()
+                .bucket(&l.bucket)
+                .key(&l.key)
+                .retention(
+                    aws_sdk_s3::types::ObjectLockRetention::builder()
+                        .mode(m)
+                        .retain_until_date(until)
+                        .build(),
+                )
+                .send()
+                .await
+        });
+        put.map_err(|e| unlocked(s3_error(&self.loc, "PutObjectRetention", &e).message))?;
+        let (c, l) = (self.client.clone(), self.loc.clone());
+        let head = wait_on(&self.handle, async move {
+            c.head_object().bucket(&l.bucket).key(&l.key).send().await
+        })
+        .map_err(|e| unlocked(s3_error(&self.loc, "HeadObject", &e).message))?;
+        let locked = head.object_lock_mode() == Some(&mode)
+            && head
+                .object_lock_retain_until_date()
+                .is_some_and(|d| d.secs() >= until.secs());
+        if !locked {
+            return Err(unlocked(format!(
+                "{}: the store reports no retention until {} on the new object",
+                self.loc,
+                until
+                    .fmt(aws_smithy_types::date_time::Format::DateTime)
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(())
     }
 }
 
