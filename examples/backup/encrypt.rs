@@ -31,6 +31,7 @@ pub struct EncryptArgs {
     /// `--retain-until` and `--retain-mode`: object-lock retention of an
     /// `s3://` output.
     pub retain_until: Option<String>,
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
     pub retain_mode: String,
 }
 
