@@ -709,3 +709,25 @@ fn retain_until_locks_the_new_object() {
     assert!(err.contains("YYYY-MM-DD"), "{err}");
     b.assert_clean("x");
 }
+
+#[test]
+fn plaintext_never_goes_to_object_storage_and_urls_are_checked() {
+    let b = Bucket::new("usage");
+    let e = env();
+    std::fs::write(e.path("a"), b"x").unwrap();
+    let url = b.url("a.phi");
+    ok(&e, &["encrypt", "-o", &url, "a"]);
+    let err = fails(&e, &["decrypt", "-o", &b.url("plain"), &url], 1);
+    assert!(err.contains("plaintext"), "{err}");
+    let err = fails(&e, &["encrypt", "-o", "x.phi", &url], 1);
+    assert!(err.contains("plaintext"), "{err}");
+    for bad in ["s3://", "s3://Bad_Bucket/k", &b.url("")] {
+        let err = fails(&e, &["inspect", bad], 1);
+        assert!(err.contains("s3://BUCKET/KEY"), "{bad}: {err}");
+    }
+    let err = fails(&e, &["decrypt", "-o", "out", &b.url("missing.phi")], 4);
+    assert!(err.contains("not found"), "{err}");
+    let err = fails(&e, &["ls", "/tmp"], 1);
+    assert!(err.contains("s3://BUCKET/PREFIX"), "{err}");
+    assert_eq!(b.keys(), ["a.phi"]);
+}

@@ -153,6 +153,20 @@ pub fn remote_header(input: &Path) -> Result<Option<(Header, u64)>, CliError> {
     Ok(None)
 }
 
+/// Plaintext never goes to or comes from object storage: an `s3://` path
+/// where plaintext is read or written (the input of `encrypt`, the output
+/// of `decrypt`) is refused before anything is done.
+pub fn refuse_plaintext_in_s3(path: &Path, what: &str) -> Result<(), CliError> {
+    if path.to_str().is_some_and(|p| p.starts_with("s3://")) {
+        return Err(CliError::usage(format!(
+            "{}: the {what} is plaintext, which stays on this machine; s3:// is for backups \
+             (the -o of encrypt, the input of decrypt, verify, inspect and rewrap)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// An input the engine reads: a file, stdin, or an object in S3.
 pub type Input = Box<dyn std::io::Read + Send>;
 

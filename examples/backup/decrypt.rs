@@ -265,6 +265,7 @@ pub struct DecryptArgs {
 
 pub fn decrypt(g: &Global, a: DecryptArgs) -> Result<(), CliError> {
     let ctx = context(&a.context)?;
+    crate::commands::refuse_plaintext_in_s3(&a.output, "output of decrypt")?;
     refuse_existing(&a.output, a.force)?;
     let (input, len, header) = open_any(&a.input)?;
     let schemes = match &header {

@@ -62,6 +62,7 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
             .collect::<Result<_, _>>()?
     };
     // Everything that can be refused without keys is refused first.
+    crate::commands::refuse_plaintext_in_s3(&a.input, "input of encrypt")?;
     let kind = if is_std(&a.input) {
         Kind::File
     } else {
