@@ -271,42 +271,17 @@ impl Store {
         Ok((h, size, etag))
     }
 
-    /// Starts a multipart upload to `loc`.
+    /// A multipart upload to `loc`, started (CreateMultipartUpload) when
+    /// its first part is ready: a command that fails before it has a part
+    /// of ciphertext (a refused key, a provider down) leaves nothing in
+    /// the store, even if it is killed.
     pub fn upload(&self, loc: &Location, o: UploadOptions) -> Result<Upload, CliError> {
-        let c = self.client.clone();
-        let l = loc.clone();
-        let retain = o.retain_until.clone();
-        let r = self.wait(async move {
-            let mut req = c
-                .create_multipart_upload()
-                .bucket(&l.bucket)
-                .key(&l.key)
-                .content_type("application/octet-stream")
-                .checksum_algorithm(ChecksumAlgorithm::Crc32);
-            if let Some((mode, date)) = retain {
-                req = req
-                    .object_lock_mode(mode)
-                    .object_lock_retain_until_date(date);
-            }
-            req.send().await
-        });
-        let id = r
-            .map_err(|e| s3_error(loc, "CreateMultipartUpload", &e))?
-            .upload_id()
-            .unwrap_or_default()
-            .to_owned();
-        if id.is_empty() {
-            return Err(CliError::new(
-                exit::IO,
-                format!("{loc}: the store answered CreateMultipartUpload without an upload id"),
-            ));
-        }
         let (tx, rx) = mpsc::channel();
         Ok(Upload {
             handle: self.rt.handle().clone(),
             client: self.client.clone(),
             loc: loc.clone(),
-            id,
+            id: String::new(),
             tuning: self.tuning,
             force: o.force,
             retain: o.retain_until,
@@ -524,6 +499,13 @@ fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
     CliError::new(exit::IO, format!("{loc}: {op} failed: {}", what.trim()))
 }
 
+/// An I/O error for the engine from a message about `loc`, without the
+/// location (the engine's error names it already).
+fn bare(loc: &Location, message: &str) -> io::Error {
+    let prefix = format!("{loc}: ");
+    io::Error::other(message.strip_prefix(&prefix).unwrap_or(message).to_owned())
+}
+
 fn io_error(loc: &Location, e: io::Error) -> CliError {
     CliError::new(exit::IO, format!("{loc}: {e}"))
 }
@@ -539,6 +521,7 @@ pub struct Upload {
     handle: tokio::runtime::Handle,
     client: Client,
     loc: Location,
+    /// The upload id; empty until the first part starts the upload.
     id: String,
     tuning: Tuning,
     force: bool,
@@ -560,6 +543,44 @@ pub struct Upload {
 }
 
 impl Upload {
+    /// CreateMultipartUpload, once.
+    fn start(&mut self) -> Result<(), CliError> {
+        if !self.id.is_empty() {
+            return Ok(());
+        }
+        let (c, l, retain) = (self.client.clone(), self.loc.clone(), self.retain.clone());
+        let r = wait_on(&self.handle, async move {
+            let mut req = c
+                .create_multipart_upload()
+                .bucket(&l.bucket)
+                .key(&l.key)
+                .content_type("application/octet-stream")
+                .checksum_algorithm(ChecksumAlgorithm::Crc32);
+            if let Some((mode, date)) = retain {
+                req = req
+                    .object_lock_mode(mode)
+                    .object_lock_retain_until_date(date);
+            }
+            req.send().await
+        });
+        let id = r
+            .map_err(|e| s3_error(&self.loc, "CreateMultipartUpload", &e))?
+            .upload_id()
+            .unwrap_or_default()
+            .to_owned();
+        if id.is_empty() {
+            return Err(CliError::new(
+                exit::IO,
+                format!(
+                    "{}: the store answered CreateMultipartUpload without an upload id",
+                    self.loc
+                ),
+            ));
+        }
+        self.id = id;
+        Ok(())
+    }
+
     /// Waits for one part in flight.
     fn wait_one(&mut self) -> io::Result<()> {
         let r = self
@@ -573,21 +594,27 @@ impl Upload {
                 Ok(())
             }
             Err(e) => {
-                self.failed.get_or_insert(e.clone());
-                Err(io::Error::other(e))
+                let err = bare(&self.loc, &e);
+                self.failed.get_or_insert(e);
+                Err(err)
             }
         }
     }
 
     fn check_failed(&self) -> io::Result<()> {
         match &self.failed {
-            Some(e) => Err(io::Error::other(e.clone())),
+            Some(e) => Err(bare(&self.loc, e)),
             None => Ok(()),
         }
     }
 
     fn reserve_part(&mut self) -> io::Result<i32> {
         self.check_failed()?;
+        if let Err(e) = self.start() {
+            let err = bare(&self.loc, &e.message);
+            self.failed.get_or_insert(e.message);
+            return Err(err);
+        }
         while self.in_flight >= self.tuning.parallel {
             self.wait_one()?;
         }
@@ -598,16 +625,16 @@ impl Upload {
             match r {
                 Ok(p) => self.done.push(p),
                 Err(e) => {
-                    self.failed.get_or_insert(e.clone());
-                    return Err(io::Error::other(e));
+                    let err = bare(&self.loc, &e);
+                    self.failed.get_or_insert(e);
+                    return Err(err);
                 }
             }
         }
         let n = self.next_part;
         if n > MAX_PARTS {
             return Err(io::Error::other(format!(
-                "{}: the backup needs more than {MAX_PARTS} parts; raise PHI_ENVELOPE_S3_PART_SIZE",
-                self.loc
+                "the backup needs more than {MAX_PARTS} parts; raise PHI_ENVELOPE_S3_PART_SIZE"
             )));
         }
         self.next_part += 1;
@@ -828,7 +855,7 @@ impl Write for Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        if self.finished {
+        if self.finished || self.id.is_empty() {
             return;
         }
         // Parts still in flight would be stored after an abort: wait.
@@ -978,7 +1005,7 @@ impl Read for Download {
             let r = rx
                 .recv()
                 .map_err(|_| io::Error::other("internal error: the S3 runtime stopped"))?;
-            self.current = r.map_err(io::Error::other)?;
+            self.current = r.map_err(|m| bare(&self.loc, &m))?;
             self.fill();
         }
         let n = buf.len().min(self.current.len());
