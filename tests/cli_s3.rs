@@ -731,3 +731,33 @@ fn plaintext_never_goes_to_object_storage_and_urls_are_checked() {
     assert!(err.contains("s3://BUCKET/PREFIX"), "{err}");
     assert_eq!(b.keys(), ["a.phi"]);
 }
+
+#[test]
+fn an_interrupt_mid_download_leaves_no_output() {
+    let b = Bucket::new("intrdown");
+    let p = Proxy::start();
+    let e = env();
+    std::fs::write(e.path("a"), data(4 * PART, 13)).unwrap();
+    let url = b.url("a.phi");
+    ok(&e, &["encrypt", "-o", &url, "a"]);
+    // The header and the first range come at once, the rest slowly: the
+    // restore is under way (its temporary file exists) when the signal
+    // comes.
+    p.rules(serde_json::json!([
+        {"action": "delay", "seconds": 3, "method": "GET", "skip": 2},
+    ]));
+    let mut child = cmd(&e, Some(&p.url))
+        .args(["decrypt", "-o", "out", &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the restore started", || {
+        !cli_support::temps(e.dir.path()).is_empty()
+    });
+    signal(child.id(), "-INT");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 130, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!e.path("out").exists());
+    assert!(cli_support::temps(e.dir.path()).is_empty());
+}
