@@ -746,7 +746,7 @@ fn an_interrupt_mid_download_leaves_no_output() {
     p.rules(serde_json::json!([
         {"action": "delay", "seconds": 3, "method": "GET", "skip": 2},
     ]));
-    let mut child = cmd(&e, Some(&p.url))
+    let child = cmd(&e, Some(&p.url))
         .args(["decrypt", "-o", "out", &url])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
