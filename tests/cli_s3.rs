@@ -761,3 +761,38 @@ fn an_interrupt_mid_download_leaves_no_output() {
     assert!(!e.path("out").exists());
     assert!(cli_support::temps(e.dir.path()).is_empty());
 }
+
+#[test]
+fn an_object_replaced_while_it_is_read_is_refused() {
+    let b = Bucket::new("swap");
+    let p = Proxy::start();
+    let e = env();
+    std::fs::write(e.path("a"), data(4 * PART, 14)).unwrap();
+    std::fs::write(e.path("b"), data(4 * PART, 15)).unwrap();
+    let url = b.url("a.phi");
+    ok(&e, &["encrypt", "-o", &url, "a"]);
+    ok(&e, &["encrypt", "-o", &b.url("b.phi"), "b"]);
+    let other = b.get("b.phi").unwrap();
+    p.rules(serde_json::json!([
+        {"action": "delay", "seconds": 3, "method": "GET", "skip": 2},
+    ]));
+    let child = cmd(&e, Some(&p.url))
+        .args(["decrypt", "-o", "out", &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the restore started", || {
+        !cli_support::temps(e.dir.path()).is_empty()
+    });
+    // Another authentic backup under the same key, mid-read: the ranges
+    // still to come are refused (If-Match), never mixed in.
+    b.put("a.phi", other);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(code(&o), 4, "{err}");
+    cli_support::assert_friendly(&err);
+    assert!(err.contains("changed while it was read"), "{err}");
+    assert!(!e.path("out").exists());
+    assert!(cli_support::temps(e.dir.path()).is_empty());
+}
