@@ -47,6 +47,11 @@ mod providers;
 mod recovery;
 #[path = "backup/rewrap.rs"]
 mod rewrap;
+#[cfg(feature = "s3")]
+#[path = "backup/s3.rs"]
+mod s3;
+#[path = "backup/s3cmd.rs"]
+mod s3cmd;
 #[path = "backup/streams.rs"]
 mod streams;
 #[path = "backup/verify.rs"]
@@ -183,6 +188,15 @@ enum Command {
         /// output (files and stdin, not directories)
         #[arg(long, value_name = "BYTES")]
         expect_size: Option<u64>,
+        /// Object-lock retention of an s3:// output until DATE (YYYY-MM-DD,
+        /// UTC, or RFC 3339), where the bucket has object lock enabled
+        #[arg(long, value_name = "DATE")]
+        retain_until: Option<String>,
+        /// The object-lock mode of --retain-until: governance (users with
+        /// s3:BypassGovernanceRetention can lift it) or compliance (nobody
+        /// can, not even the account's root user)
+        #[arg(long, value_name = "MODE", default_value = "governance", value_parser = ["governance", "compliance"])]
+        retain_mode: String,
         /// A file, a directory, or - for stdin
         #[arg(value_name = "INPUT")]
         input: PathBuf,
@@ -246,6 +260,16 @@ enum Command {
         #[arg(value_name = "INPUT", required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// List the backups under s3://BUCKET/PREFIX: size, keys and key
+    /// versions from their headers (no key needed)
+    Ls {
+        /// One JSON document on stdout
+        #[arg(long)]
+        json: bool,
+        /// s3://BUCKET/ or s3://BUCKET/PREFIX
+        #[arg(value_name = "URL")]
+        prefix: PathBuf,
+    },
     /// Check audit logs
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -280,6 +304,8 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             force,
             skip_outside_links,
             expect_size,
+            retain_until,
+            retain_mode,
             input,
         } => encrypt::encrypt(
             g,
@@ -291,6 +317,8 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
                 force,
                 skip_outside_links,
                 expect_size,
+                retain_until,
+                retain_mode,
             },
         ),
         Command::Decrypt {
@@ -333,6 +361,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             context,
             inputs,
         } => rewrap::rewrap(g, &keys, &context, &inputs),
+        Command::Ls { json, prefix } => s3cmd::ls(&prefix, json),
         Command::Audit(a) => audit::run(g, a),
         Command::Clean { dry_run, dirs } => clean::clean(&dirs, dry_run),
         #[cfg(feature = "recovery")]

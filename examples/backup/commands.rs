@@ -129,6 +129,63 @@ pub fn open_input(input: &Path) -> Result<(File, Option<u64>, Option<Header>), C
     Ok((f, Some(md.len()), Some(info.header)))
 }
 
+/// Refuses an `s3://` path in a build without the `s3` feature (with it,
+/// the callers handle those paths before they get here).
+pub fn no_s3(path: &Path) -> Result<(), CliError> {
+    if path.to_str().is_some_and(|p| p.starts_with("s3://")) {
+        return Err(CliError::usage(format!(
+            "{}: this build has no object-storage support (build the CLI with --features s3)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The header and size of a backup in object storage, read with ranged
+/// GETs of the header only; `None` for a local path.
+pub fn remote_header(input: &Path) -> Result<Option<(Header, u64)>, CliError> {
+    #[cfg(feature = "s3")]
+    if let Some(loc) = crate::s3::parse(input, false) {
+        let (h, size, _) = crate::s3::Store::connect()?.header(&loc?)?;
+        return Ok(Some((h, size)));
+    }
+    no_s3(input)?;
+    Ok(None)
+}
+
+/// Plaintext never goes to or comes from object storage: an `s3://` path
+/// where plaintext is read or written (the input of `encrypt`, the output
+/// of `decrypt`) is refused before anything is done.
+pub fn refuse_plaintext_in_s3(path: &Path, what: &str) -> Result<(), CliError> {
+    if path.to_str().is_some_and(|p| p.starts_with("s3://")) {
+        return Err(CliError::usage(format!(
+            "{}: the {what} is plaintext, which stays on this machine; s3:// is for backups \
+             (the -o of encrypt, the input of decrypt, verify, inspect and rewrap)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// An input the engine reads: a file, stdin, or an object in S3.
+pub type Input = Box<dyn std::io::Read + Send>;
+
+/// [`open_input`] for any backup path: a file, `-`, or `s3://BUCKET/KEY`
+/// (its header read with a ranged GET before any key is touched).
+pub fn open_any(input: &Path) -> Result<(Input, Option<u64>, Option<Header>), CliError> {
+    #[cfg(feature = "s3")]
+    if let Some(loc) = crate::s3::parse(input, false) {
+        let loc = loc?;
+        let store = crate::s3::Store::connect()?;
+        let (header, size, etag) = store.header(&loc)?;
+        let reader = store.download(&loc, size, &etag, store.tuning.part_size);
+        return Ok((Box::new(reader), Some(size), Some(header)));
+    }
+    no_s3(input)?;
+    let (f, len, h) = open_input(input)?;
+    Ok((Box::new(f), len, h))
+}
+
 pub fn schemes_of_header(h: &Header) -> BTreeSet<String> {
     h.recipients().iter().map(|r| r.provider.clone()).collect()
 }

@@ -15,7 +15,7 @@ use phi_envelope::file::FileReport;
 
 use crate::archive::{self, Stats};
 use crate::commands::{
-    context, file_options, join, open_input, refuse_existing, remove_tree, schemes_of_header, Kind,
+    context, file_options, join, open_any, refuse_existing, remove_tree, schemes_of_header, Kind,
 };
 use crate::connect::{self, Local};
 use crate::output::{human_bytes, human_duration, human_rate, shown};
@@ -265,8 +265,9 @@ pub struct DecryptArgs {
 
 pub fn decrypt(g: &Global, a: DecryptArgs) -> Result<(), CliError> {
     let ctx = context(&a.context)?;
+    crate::commands::refuse_plaintext_in_s3(&a.output, "output of decrypt")?;
     refuse_existing(&a.output, a.force)?;
-    let (input, len, header) = open_input(&a.input)?;
+    let (input, len, header) = open_any(&a.input)?;
     let schemes = match &header {
         Some(h) => schemes_of_header(h),
         None => ["local".to_owned()].into_iter().collect(),

@@ -28,6 +28,11 @@ pub struct EncryptArgs {
     pub skip_outside_links: bool,
     /// `--expect-size`: the plaintext's exact length.
     pub expect_size: Option<u64>,
+    /// `--retain-until` and `--retain-mode`: object-lock retention of an
+    /// `s3://` output.
+    pub retain_until: Option<String>,
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    pub retain_mode: String,
 }
 
 /// The `--expect-size` refusal.
@@ -57,6 +62,7 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
             .collect::<Result<_, _>>()?
     };
     // Everything that can be refused without keys is refused first.
+    crate::commands::refuse_plaintext_in_s3(&a.input, "input of encrypt")?;
     let kind = if is_std(&a.input) {
         Kind::File
     } else {
@@ -86,13 +92,21 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
             a.input.display()
         )));
     }
-    refuse_existing(&a.output, a.force)?;
+    let remote = remote_output(&a)?;
+    if remote.is_none() {
+        if a.retain_until.is_some() {
+            return Err(CliError::usage(
+                "--retain-until is object-lock retention, for an s3:// output".into(),
+            ));
+        }
+        refuse_existing(&a.output, a.force)?;
+    }
     if is_std(&a.output) && io::stdout().is_terminal() {
         return Err(CliError::usage(
             "refusing to write encrypted data to a terminal: redirect stdout or use -o FILE".into(),
         ));
     }
-    if kind == Kind::Directory && !is_std(&a.output) {
+    if kind == Kind::Directory && !is_std(&a.output) && remote.is_none() {
         let out_dir = fs::canonicalize(streams::parent_dir(&a.output))
             .map_err(|e| CliError::from_io(e, &a.output))?;
         let in_dir = fs::canonicalize(&a.input).map_err(|e| CliError::from_io(e, &a.input))?;
@@ -112,7 +126,9 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
     let out_name = named(&a.output, "stdout");
     let in_name = named(&a.input, "stdin");
 
-    let mut out = if is_std(&a.output) {
+    let mut out = if let Some(r) = remote {
+        r.start()?
+    } else if is_std(&a.output) {
         Output::Stdout(stdout_file().map_err(|e| CliError::from_io(e, &a.output))?)
     } else {
         Output::File(
@@ -238,13 +254,18 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
 enum Output {
     File(AtomicFile),
     Stdout(File),
+    /// A multipart upload, aborted when dropped before it completed.
+    #[cfg(feature = "s3")]
+    S3(Box<crate::s3::Upload>),
 }
 
 impl Output {
-    fn writer(&mut self) -> &mut File {
+    fn writer(&mut self) -> &mut (dyn Write + Send) {
         match self {
             Output::File(f) => f.file(),
             Output::Stdout(f) => f,
+            #[cfg(feature = "s3")]
+            Output::S3(u) => &mut **u,
         }
     }
 
@@ -259,6 +280,66 @@ impl Output {
         match self {
             Output::File(f) => f.commit().map_err(|e| CliError::from_lib(e, target)),
             Output::Stdout(mut f) => f.flush().map_err(|e| CliError::from_io(e, target)),
+            #[cfg(feature = "s3")]
+            Output::S3(u) => u.complete(),
         }
     }
+}
+
+/// An `s3://` output, checked (existing object, retention date) before any
+/// key is touched.
+#[cfg(feature = "s3")]
+struct Remote {
+    store: crate::s3::Store,
+    loc: crate::s3::Location,
+    options: crate::s3::UploadOptions,
+}
+
+#[cfg(feature = "s3")]
+impl Remote {
+    fn start(self) -> Result<Output, CliError> {
+        Ok(Output::S3(Box::new(
+            self.store.upload(&self.loc, self.options)?,
+        )))
+    }
+}
+
+#[cfg(feature = "s3")]
+fn remote_output(a: &EncryptArgs) -> Result<Option<Remote>, CliError> {
+    let Some(loc) = crate::s3::parse(&a.output, false) else {
+        return Ok(None);
+    };
+    let loc = loc?;
+    let retain_until = a
+        .retain_until
+        .as_deref()
+        .map(|d| crate::s3::retain_until(d, &a.retain_mode))
+        .transpose()?;
+    let store = crate::s3::Store::connect()?;
+    store.refuse_existing(&loc, a.force)?;
+    Ok(Some(Remote {
+        store,
+        loc,
+        options: crate::s3::UploadOptions {
+            force: a.force,
+            retain_until,
+        },
+    }))
+}
+
+/// Without the `s3` feature there are no remote outputs.
+#[cfg(not(feature = "s3"))]
+enum Remote {}
+
+#[cfg(not(feature = "s3"))]
+impl Remote {
+    fn start(self) -> Result<Output, CliError> {
+        match self {}
+    }
+}
+
+#[cfg(not(feature = "s3"))]
+fn remote_output(a: &EncryptArgs) -> Result<Option<Remote>, CliError> {
+    crate::commands::no_s3(&a.output)?;
+    Ok(None)
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use phi_envelope::KeyRef;
 
-use crate::commands::{context, open_input, schemes_of_header, wrapped_to};
+use crate::commands::{context, open_input, remote_header, schemes_of_header, wrapped_to};
 use crate::connect::{self, Local};
 use crate::streams::is_std;
 use crate::{CliError, Global};
@@ -30,8 +30,10 @@ pub fn rewrap(
                 "rewrap works in place on files, not on stdin".into(),
             ));
         }
-        let (_, _, h) = open_input(p)?;
-        let h = h.expect("a file has a header");
+        let h = match remote_header(p)? {
+            Some((h, _)) => h,
+            None => open_input(p)?.2.expect("a file has a header"),
+        };
         schemes.extend(schemes_of_header(&h));
         headers.push(h);
     }
@@ -61,6 +63,27 @@ pub fn rewrap(
         };
         let envelope = base.to_recipients(recipients);
         let before = wrapped_to(&h);
+        #[cfg(feature = "s3")]
+        if crate::s3::is_s3(p) {
+            match crate::s3cmd::rewrap_object(&keys, &envelope, p, &ctx) {
+                Ok(r) if r.changed => println!(
+                    "rewrapped {}: {} -> {}",
+                    p.display(),
+                    before.join(", "),
+                    wrapped_to(&r.new_header).join(", ")
+                ),
+                Ok(r) => println!(
+                    "unchanged {}: already wrapped to {}",
+                    p.display(),
+                    wrapped_to(&r.new_header).join(", ")
+                ),
+                Err(e) => {
+                    println!("FAILED    {}: {}", p.display(), e.message);
+                    first_failure.get_or_insert(e.code);
+                }
+            }
+            continue;
+        }
         match keys.block_on(envelope.rewrap_file(p, &ctx)) {
             Ok(report) => {
                 let after = wrapped_to(&report.new_header);

@@ -2,7 +2,6 @@
 //! and `backup inspect` (a header, no key needed).
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -10,7 +9,10 @@ use phi_envelope::envelope::inspect_reader;
 use phi_envelope::{EncryptionContext, Header};
 
 use crate::archive::Stats;
-use crate::commands::{context, file_options, open_input, schemes_of_header, wrapped_to, Kind};
+use crate::commands::{
+    context, file_options, open_any, open_input, remote_header, schemes_of_header, wrapped_to,
+    Input, Kind,
+};
 use crate::connect::{self, Keys, Local};
 use crate::decrypt::{Plan, Router};
 use crate::output::{human_bytes, json_str, shown};
@@ -41,7 +43,7 @@ pub fn verify(g: &Global, a: VerifyArgs) -> Result<(), CliError> {
     let mut opened = Vec::new();
     let mut schemes = BTreeSet::new();
     for p in &a.inputs {
-        let o = open_input(p);
+        let o = open_any(p);
         if let Ok((_, _, Some(h))) = &o {
             schemes.extend(schemes_of_header(h));
         } else if o.is_ok() {
@@ -98,7 +100,7 @@ pub fn verify(g: &Global, a: VerifyArgs) -> Result<(), CliError> {
 fn verify_one(
     g: &Global,
     keys: &Keys,
-    input: File,
+    input: Input,
     len: Option<u64>,
     header: Option<Header>,
     ctx: &EncryptionContext,
@@ -167,7 +169,14 @@ fn verified_json(p: &Path, r: &Result<Verified, CliError>) -> String {
 // inspect
 
 pub fn inspect(_g: &Global, input: &Path, json: bool) -> Result<(), CliError> {
-    let (info, file_len) = if is_std(input) {
+    let (info, file_len) = if let Some((header, size)) = remote_header(input)? {
+        let body = size.saturating_sub(header.len() as u64);
+        (
+            phi_envelope::message::MessageInfo::new(header, Some(body))
+                .map_err(|e| CliError::from_lib(e, input))?,
+            size,
+        )
+    } else if is_std(input) {
         let mut stdin = stdin_file().map_err(|e| CliError::from_io(e, input))?;
         let header = Header::read_from(&mut stdin).map_err(|e| CliError::from_lib(e, input))?;
         let body =

@@ -72,7 +72,10 @@ pub fn bin() -> &'static Path {
         if cfg!(feature = "recovery") {
             features.push("recovery");
         }
-        if features.len() == 7 {
+        if cfg!(feature = "s3") {
+            features.push("s3");
+        }
+        if features.len() == 8 {
             cmd.arg("--all-features");
         } else {
             cmd.arg("--features").arg(features.join(","));
