@@ -209,6 +209,8 @@
 
 mod line;
 mod log;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "tracing")]
 mod tracing_sink;
 mod verify;
