@@ -1,5 +1,7 @@
-//! The audit log: its HMAC key (`--audit-key-file`), opening it as the
-//! keyring's event sink, and the `audit` commands (`backup audit verify`).
+//! The audit trail: its HMAC key (`--audit-key-file`), opening the file log
+//! (`--audit-log`) and the PostgreSQL trail (`--audit-db`) as the keyring's
+//! event sinks, and the `audit` commands (`backup audit verify`,
+//! `backup audit init-db`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -7,7 +9,8 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use std::sync::Arc;
 
-use phi_envelope::audit::{AuditKey, AuditLog, Verifier};
+use phi_envelope::audit::{AuditKey, AuditLog, Verifier, VerifyReport};
+use phi_envelope::events::{EventSink, FanOut};
 
 use crate::output::json_str;
 use crate::{exit, CliError, Global};
@@ -15,12 +18,13 @@ use crate::{exit, CliError, Global};
 // The grammar of `backup audit ...` (docs/CLI.md).
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
-    /// Verify an audit log's hash chain (and its rotated files); names the
-    /// first bad line
+    /// Verify an audit trail's hash chain: a file log (and its rotated
+    /// files), or the PostgreSQL trail of --audit-db; names the first bad
+    /// entry
     Verify {
-        /// The log's first file
+        /// The log's first file (or none, with --audit-db)
         #[arg(value_name = "LOG")]
-        log: PathBuf,
+        log: Option<PathBuf>,
         /// Also require this entry (SEQ:HASH, printed by the last verify)
         /// to be present: detects lines removed from the end
         #[arg(long, value_name = "SEQ:HASH")]
@@ -33,6 +37,15 @@ pub enum AuditCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Create the PostgreSQL trail's schema, table, functions and roles
+    /// (phi_audit_owner, phi_audit_writer, phi_audit_verifier) in the
+    /// database at URL, connected as a superuser; running it again changes
+    /// nothing (docs/AUDIT-DB.md)
+    InitDb {
+        /// The database, as a superuser (default: --audit-db)
+        #[arg(value_name = "URL")]
+        url: Option<String>,
+    },
 }
 
 /// Runs an `audit` command.
@@ -43,7 +56,21 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
             anchor,
             start_after,
             json,
-        } => verify(g, &log, anchor.as_deref(), start_after.as_deref(), json),
+        } => match (log, &g.audit_db) {
+            (Some(log), _) => verify(g, &log, anchor.as_deref(), start_after.as_deref(), json),
+            (None, Some(url)) => verify_db(g, url, anchor.as_deref(), start_after.as_deref(), json),
+            (None, None) => Err(CliError::new(
+                exit::USAGE,
+                "audit verify needs a LOG file or --audit-db URL".into(),
+            )),
+        },
+        AuditCmd::InitDb { url } => match url.as_ref().or(g.audit_db.as_ref()) {
+            Some(url) => init_db(url),
+            None => Err(CliError::new(
+                exit::USAGE,
+                "audit init-db needs a URL (or --audit-db)".into(),
+            )),
+        },
     }
 }
 
@@ -84,6 +111,139 @@ fn audit_key(g: &Global) -> Result<Option<AuditKey>, CliError> {
     })
 }
 
+/// The keyring's event sink: the audit log of `--audit-log`, the
+/// PostgreSQL trail of `--audit-db`, both (every event to each; a key use
+/// is refused unless both recorded it), or none.
+pub fn open_sink(g: &Global) -> Result<Option<Arc<dyn EventSink>>, CliError> {
+    let log = open_log(g)?.map(|l| l as Arc<dyn EventSink>);
+    let db = open_db(g)?;
+    Ok(match (log, db) {
+        (Some(l), Some(d)) => Some(Arc::new(FanOut(vec![l, d]))),
+        (l, d) => l.or(d),
+    })
+}
+
+/// The PostgreSQL trail of `--audit-db`, when one is configured.
+#[cfg(feature = "postgres")]
+fn open_db(g: &Global) -> Result<Option<Arc<dyn EventSink>>, CliError> {
+    use phi_envelope::audit::postgres::PgAuditLog;
+    let Some(url) = &g.audit_db else {
+        return Ok(None);
+    };
+    let Some(key) = audit_key(g)? else {
+        return Err(CliError::new(
+            exit::AUDIT,
+            "the PostgreSQL audit trail is keyed: pass --audit-key-file FILE (or PHI_ENVELOPE_AUDIT_KEY_FILE); no key was used".into(),
+        ));
+    };
+    let log = PgAuditLog::builder()
+        .audit_key(key)
+        .open(url)
+        .map_err(|e| CliError::new(exit::AUDIT, format!("{e}; no key was used")))?;
+    Ok(Some(Arc::new(log)))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn open_db(g: &Global) -> Result<Option<Arc<dyn EventSink>>, CliError> {
+    match &g.audit_db {
+        None => Ok(None),
+        Some(_) => Err(no_postgres()),
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+fn no_postgres() -> CliError {
+    CliError::new(
+        exit::USAGE,
+        "this build has no PostgreSQL audit trail (build with --features postgres)".into(),
+    )
+}
+
+/// `backup audit init-db URL`.
+#[cfg(feature = "postgres")]
+fn init_db(url: &str) -> Result<(), CliError> {
+    use phi_envelope::audit::postgres;
+    let target =
+        postgres::describe_url(url).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    postgres::init_db(url).map_err(|e| CliError::new(exit::AUDIT, e.to_string()))?;
+    println!(
+        "OK {target}: schema phi_audit ready; grant phi_audit_writer to the services' login roles and phi_audit_verifier to the auditors' (docs/AUDIT-DB.md)"
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "postgres"))]
+fn init_db(_url: &str) -> Result<(), CliError> {
+    Err(no_postgres())
+}
+
+/// `backup audit verify --audit-db URL`.
+#[cfg(feature = "postgres")]
+fn verify_db(
+    g: &Global,
+    url: &str,
+    anchor: Option<&str>,
+    start_after: Option<&str>,
+    json: bool,
+) -> Result<(), CliError> {
+    use phi_envelope::audit::postgres::{self, PgError};
+    if start_after.is_some() {
+        return Err(CliError::new(
+            exit::USAGE,
+            "--start-after applies to file logs only (a database trail keeps its genesis)".into(),
+        ));
+    }
+    let target = format!(
+        "postgresql {}",
+        postgres::describe_url(url).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?
+    );
+    let v = verifier(g, anchor, None)?;
+    match postgres::verify(&v, url) {
+        Ok(report) => {
+            print_ok(&target, &report, json);
+            Ok(())
+        }
+        Err(PgError::Verify(e)) => Err(verify_failed(&target, e, json)),
+        Err(e) => {
+            let code = match e {
+                PgError::Invalid(_) => exit::USAGE,
+                _ => exit::IO,
+            };
+            Err(CliError::new(code, e.to_string()))
+        }
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+fn verify_db(
+    _g: &Global,
+    _url: &str,
+    _anchor: Option<&str>,
+    _start_after: Option<&str>,
+    _json: bool,
+) -> Result<(), CliError> {
+    Err(no_postgres())
+}
+
+/// The verifier of `--audit-key-file`, `--anchor` and `--start-after`.
+fn verifier(
+    g: &Global,
+    anchor: Option<&str>,
+    start_after: Option<&str>,
+) -> Result<Verifier, CliError> {
+    let mut v = Verifier::new();
+    if let Some(k) = audit_key(g)? {
+        v = v.key(k);
+    }
+    if let Some(a) = anchor {
+        v = v.anchor(a.parse().map_err(CliError::from)?);
+    }
+    if let Some(a) = start_after {
+        v = v.start_after(a.parse().map_err(CliError::from)?);
+    }
+    Ok(v)
+}
+
 /// The audit log of `--audit-log`, when one is configured.
 pub fn open_log(g: &Global) -> Result<Option<Arc<AuditLog>>, CliError> {
     let Some(path) = &g.audit_log else {
@@ -117,80 +277,84 @@ pub fn verify(
     start_after: Option<&str>,
     json: bool,
 ) -> Result<(), CliError> {
-    let mut v = Verifier::new();
-    if let Some(k) = audit_key(g)? {
-        v = v.key(k);
-    }
-    if let Some(a) = anchor {
-        v = v.anchor(a.parse().map_err(CliError::from)?);
-    }
-    if let Some(a) = start_after {
-        v = v.start_after(a.parse().map_err(CliError::from)?);
-    }
+    let v = verifier(g, anchor, start_after)?;
+    let target = log.display().to_string();
     match v.verify(log) {
         Ok(report) => {
-            if json {
-                println!(
-                    "{{\"ok\":true,\"log\":{},\"files\":{},\"lines\":{},\"entries\":{},\"lost_events\":{},\"mac\":{},\"keyed\":{},\"anchor\":{}}}",
-                    json_str(&log.display().to_string()),
-                    report.files.len(),
-                    report.lines,
-                    report.entries,
-                    report.lost_events(),
-                    json_str(&report.mac),
-                    report.keyed,
-                    json_str(&report.last.to_string())
-                );
-            } else {
-                println!(
-                    "OK {}: {} entries in {} file(s), chain intact ({}{})",
-                    log.display(),
-                    report.entries,
-                    report.files.len(),
-                    report.mac,
-                    if report.keyed {
-                        ""
-                    } else {
-                        ", unkeyed: a checksum only"
-                    }
-                );
-                if report.lost_events() > 0 {
-                    println!(
-                        "warning: the log records {} event(s) that could not be written at the time (gap lines)",
-                        report.lost_events()
-                    );
-                }
-                println!(
-                    "anchor {} (keep it elsewhere; pass it as --anchor next time)",
-                    report.last
-                );
-            }
+            print_ok(&target, &report, json);
             Ok(())
         }
-        Err(e) => {
-            let code = match &e {
-                phi_envelope::audit::VerifyError::BadLine(_) => exit::INTEGRITY,
-                phi_envelope::audit::VerifyError::Io { .. } => exit::IO,
-                _ => exit::USAGE,
-            };
-            let msg = match e.bad_line() {
-                Some(b) => format!("audit log TAMPERED or damaged: first bad line is {b}"),
-                None => match &e {
-                    phi_envelope::audit::VerifyError::KeyRequired { .. } => {
-                        format!("{e} (pass --audit-key-file FILE)")
-                    }
-                    _ => e.to_string(),
-                },
-            };
-            if json {
-                println!(
-                    "{{\"ok\":false,\"log\":{},\"error\":{},\"line\":{}}}",
-                    json_str(&log.display().to_string()),
-                    json_str(&msg),
-                    e.bad_line().map_or("null".into(), |b| b.line.to_string())
-                );
-            }
-            Err(CliError::new(code, msg))
-        }
+        Err(e) => Err(verify_failed(&target, e, json)),
     }
+}
+
+/// What a successful verification prints.
+fn print_ok(target: &str, report: &VerifyReport, json: bool) {
+    if json {
+        println!(
+            "{{\"ok\":true,\"log\":{},\"files\":{},\"lines\":{},\"entries\":{},\"lost_events\":{},\"mac\":{},\"keyed\":{},\"anchor\":{}}}",
+            json_str(target),
+            report.files.len(),
+            report.lines,
+            report.entries,
+            report.lost_events(),
+            json_str(&report.mac),
+            report.keyed,
+            json_str(&report.last.to_string())
+        );
+    } else {
+        let place = if report.files.is_empty() {
+            "the table".to_owned()
+        } else {
+            format!("{} file(s)", report.files.len())
+        };
+        println!(
+            "OK {target}: {} entries in {place}, chain intact ({}{})",
+            report.entries,
+            report.mac,
+            if report.keyed {
+                ""
+            } else {
+                ", unkeyed: a checksum only"
+            }
+        );
+        if report.lost_events() > 0 {
+            println!(
+                "warning: the log records {} event(s) that could not be written at the time (gap lines)",
+                report.lost_events()
+            );
+        }
+        println!(
+            "anchor {} (keep it elsewhere; pass it as --anchor next time)",
+            report.last
+        );
+    }
+}
+
+/// The error (and, with `--json`, the line on stdout) of a failed
+/// verification.
+fn verify_failed(target: &str, e: phi_envelope::audit::VerifyError, json: bool) -> CliError {
+    let code = match &e {
+        phi_envelope::audit::VerifyError::BadLine(_) => exit::INTEGRITY,
+        phi_envelope::audit::VerifyError::Io { .. } => exit::IO,
+        _ => exit::USAGE,
+    };
+    let msg = match e.bad_line() {
+        Some(b) => format!("audit log TAMPERED or damaged: first bad line is {b}"),
+        None => match &e {
+            phi_envelope::audit::VerifyError::KeyRequired { .. } => {
+                format!("{e} (pass --audit-key-file FILE)")
+            }
+            _ => e.to_string(),
+        },
+    };
+    if json {
+        println!(
+            "{{\"ok\":false,\"log\":{},\"error\":{},\"line\":{}}}",
+            json_str(target),
+            json_str(&msg),
+            e.bad_line().map_or("null".into(), |b| b.line.to_string())
+        );
+    }
+    CliError::new(code, msg)
 }

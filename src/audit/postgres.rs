@@ -549,6 +549,12 @@ impl PgAuditLogBuilder {
     }
 }
 
+/// `user@host:port/db` of a connection string, for messages and reports:
+/// never its password (or any other setting).
+pub fn describe_url(url: &str) -> Result<String, PgError> {
+    parse_url(url).map(|c| describe(&c))
+}
+
 /// `user@host:port/db`, for messages (never a password).
 fn describe(cfg: &tokio_postgres::Config) -> String {
     let host = match cfg.get_hosts().first() {

@@ -72,7 +72,10 @@ pub fn bin() -> &'static Path {
         if cfg!(feature = "recovery") {
             features.push("recovery");
         }
-        if features.len() == 7 {
+        if cfg!(feature = "postgres") {
+            features.push("postgres");
+        }
+        if features.len() == 8 {
             cmd.arg("--all-features");
         } else {
             cmd.arg("--features").arg(features.join(","));
@@ -111,6 +114,7 @@ impl Env {
             .env("PHI_ENVELOPE_PASSPHRASE", PASSPHRASE)
             .env("PHI_ENVELOPE_ACTOR", "cli-test")
             .env_remove("PHI_ENVELOPE_AUDIT_LOG")
+            .env_remove("PHI_ENVELOPE_AUDIT_DB")
             .env_remove("PHI_ENVELOPE_AUDIT_KEY_FILE")
             .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY")
             .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY_FILE")
