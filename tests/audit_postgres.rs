@@ -702,24 +702,39 @@ fn keys_are_checked_and_unkeyed_must_be_asked_for() {
         .open("postgresql://nobody@127.0.0.1:1/none")
         .unwrap_err();
     assert!(matches!(e, PgError::Database(_)), "{e:?}");
+    // No TLS stack: a connection that asks for TLS is refused, never sent
+    // in clear.
+    let e = PgAuditLog::builder()
+        .audit_key(key())
+        .open(&format!("{writer}?sslmode=require"))
+        .unwrap_err();
+    assert!(matches!(e, PgError::Database(_)), "{e:?}");
 }
 
-/// Appends/s and p99 latency of `record` for 1, 8 and 64 writers (each
-/// its own connection, as separate processes would be), printed for
-/// docs/PERFORMANCE.md; the chain verifies after each run.
+/// Appends/s and p99 latency of `record` for 1, 8 and 64 writers, each
+/// with its own connection (as separate processes or machines would be),
+/// and for 64 threads of one process sharing one log (its group commit),
+/// printed for docs/PERFORMANCE.md; the chain verifies after each run.
 #[test]
 fn throughput_for_1_8_and_64_writers() {
     let _s = SERVER.read().unwrap_or_else(|p| p.into_inner());
-    for (writers, each) in [(1usize, 2000usize), (8, 500), (64, 100)] {
-        let db = format!("phi_t_perf{writers}");
+    for (writers, each, shared) in [
+        (1usize, 2000usize, false),
+        (8, 500, false),
+        (64, 100, false),
+        (64, 100, true),
+    ] {
+        let db = format!("phi_t_perf{writers}{}", if shared { "s" } else { "" });
         let (_su, writer, verifier) = setup(&db);
-        let logs: Vec<Arc<PgAuditLog>> = (0..writers).map(|_| Arc::new(open(&writer))).collect();
+        let logs: Vec<Arc<PgAuditLog>> = if shared {
+            vec![Arc::new(open(&writer))]
+        } else {
+            (0..writers).map(|_| Arc::new(open(&writer))).collect()
+        };
         let start = Instant::now();
-        let hs: Vec<_> = logs
-            .iter()
-            .enumerate()
-            .map(|(k, log)| {
-                let log = log.clone();
+        let hs: Vec<_> = (0..writers)
+            .map(|k| {
+                let log = logs[k % logs.len()].clone();
                 std::thread::spawn(move || {
                     (0..each)
                         .map(|i| {
@@ -737,11 +752,14 @@ fn throughput_for_1_8_and_64_writers() {
         let n = lat.len();
         let p50 = lat[n / 2];
         let p99 = lat[(n * 99 / 100).min(n - 1)];
+        let commits: u64 = logs.iter().map(|l| l.stats().commits).sum();
         println!(
-            "pg-audit writers={writers} appends={n} appends/s={:.0} p50={:.2}ms p99={:.2}ms",
+            "pg-audit writers={writers} connections={} appends={n} appends/s={:.0} p50={:.2}ms p99={:.2}ms entries/commit={:.1}",
+            logs.len(),
             n as f64 / elapsed.as_secs_f64(),
             p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3
+            p99.as_secs_f64() * 1e3,
+            n as f64 / commits as f64
         );
         drop(logs);
         assert_eq!(verify(&verifier).unwrap().entries as usize, n);
