@@ -575,9 +575,15 @@ fn superuser_tampering_is_detected_at_the_right_entry() {
 /// A writer that finds the last entry rewritten refuses every entry (and
 /// so the keyring refuses the key use), with a message that says what to
 /// do.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_writer_refuses_a_rewritten_head_and_the_keyring_fails_closed() {
+#[test]
+fn a_writer_refuses_a_rewritten_head_and_the_keyring_fails_closed() {
     let _s = SERVER.read().unwrap_or_else(|p| p.into_inner());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(a_writer_refuses_a_rewritten_head_and_the_keyring_fails_closed_async());
+}
+
+async fn a_writer_refuses_a_rewritten_head_and_the_keyring_fails_closed_async() {
     let (su, writer, _verifier) = setup("phi_t_head");
     let log = Arc::new(open(&writer));
     let kms = Arc::new(MemoryKms::new("kms"));
@@ -614,9 +620,15 @@ async fn a_writer_refuses_a_rewritten_head_and_the_keyring_fails_closed() {
 
 /// A database that stops answering: the key use is refused; once it is
 /// back, the writer reconnects and a gap line records what was refused.
-#[tokio::test(flavor = "multi_thread")]
-async fn an_unreachable_database_fails_closed_and_the_gap_is_recorded() {
+#[test]
+fn an_unreachable_database_fails_closed_and_the_gap_is_recorded() {
     let _s = SERVER.read().unwrap_or_else(|p| p.into_inner());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(an_unreachable_database_fails_closed_and_the_gap_is_recorded_async());
+}
+
+async fn an_unreachable_database_fails_closed_and_the_gap_is_recorded_async() {
     let (su, writer, verifier) = setup("phi_t_down");
     let log = Arc::new(open(&writer));
     let kms = Arc::new(MemoryKms::new("kms"));
@@ -633,12 +645,10 @@ async fn an_unreachable_database_fails_closed_and_the_gap_is_recorded() {
     let c = ctx("1");
     let sealed = env.seal(b"potassium 4.1", &c).await.unwrap();
     let admin = env_admin();
-    let down = format!(
-        "ALTER DATABASE phi_t_down ALLOW_CONNECTIONS false;
-         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'phi_t_down' AND pid <> pg_backend_pid()"
-    );
+    let down = "ALTER DATABASE phi_t_down ALLOW_CONNECTIONS false;
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'phi_t_down' AND pid <> pg_backend_pid()";
     let a = admin.clone();
-    tokio::task::spawn_blocking(move || sql(&a, &down))
+    tokio::task::spawn_blocking(move || sql(&a, down))
         .await
         .unwrap()
         .unwrap();
