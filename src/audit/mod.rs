@@ -207,6 +207,7 @@
 //!    (a new genesis header at `seq` 0), or configure a new path. Record in
 //!    your ticket which old log and anchor the new one follows.
 
+pub mod checkpoint;
 mod line;
 mod log;
 #[cfg(feature = "postgres")]

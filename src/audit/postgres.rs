@@ -281,6 +281,59 @@ pub fn verify(verifier: &Verifier, url: &str) -> Result<VerifyReport, PgError> {
     })
 }
 
+/// The lines of the table in `seq` order (one read-only snapshot), as a
+/// member of `phi_audit_verifier`.
+fn read_lines(url: &str) -> Result<Vec<String>, PgError> {
+    let cfg = parse_url(url)?;
+    on_own_runtime(move |rt| {
+        rt.block_on(async move {
+            let mut client = connect(&cfg, Duration::from_secs(30))
+                .await
+                .map_err(PgError::Database)?;
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(|e| PgError::Database(db_err("cannot begin", &e)))?;
+            let rows = tx
+                .query("SELECT line FROM phi_audit.entries ORDER BY seq", &[])
+                .await
+                .map_err(|e| PgError::Database(db_err("cannot read the trail", &e)))?;
+            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        })
+    })
+}
+
+/// Signs a checkpoint of the trail at `url` as it is now (see
+/// [`checkpoint`](super::checkpoint)); needs only `SELECT`.
+pub fn checkpoint(
+    url: &str,
+    key: &super::checkpoint::CheckpointKey,
+) -> Result<super::checkpoint::Checkpoint, PgError> {
+    let mut state = super::checkpoint::TrailDigest::new();
+    for l in read_lines(url)? {
+        state
+            .update(l.as_bytes())
+            .map_err(|e| PgError::Invalid(e.to_string()))?;
+    }
+    key.sign(&state, SystemTime::now())
+        .ok_or_else(|| PgError::Invalid("the trail is empty".into()))
+}
+
+/// Checks the trail at `url` against signed checkpoints, with their
+/// public key only ([`checkpoint::verify_lines`](super::checkpoint::verify_lines)).
+pub fn verify_checkpoints(
+    url: &str,
+    checkpoints: &[super::checkpoint::Checkpoint],
+    public_key: &[u8; 32],
+) -> Result<super::checkpoint::CheckpointReport, super::checkpoint::CheckpointError> {
+    let lines =
+        read_lines(url).map_err(|e| super::checkpoint::CheckpointError::Io(e.to_string()))?;
+    super::checkpoint::verify_lines(lines.into_iter().map(Ok), checkpoints, public_key)
+}
+
 /// The verification of rows in `seq` order.
 struct ChainCheck {
     key: Option<AuditKey>,
