@@ -775,3 +775,46 @@ fn throughput_for_1_8_and_64_writers() {
         assert_eq!(verify(&verifier).unwrap().entries as usize, n);
     }
 }
+
+/// A checkpoint of the table, made and checked by the verifier role with
+/// the public key only, finds a history rewritten by a superuser who also
+/// holds the audit key (the HMAC chain then verifies), and refuses a
+/// checkpoint signed under another key.
+#[test]
+fn checkpoints_find_a_rewritten_table() {
+    use phi_envelope::audit::checkpoint::{CheckpointError, CheckpointKey};
+    let _s = SERVER.read().unwrap_or_else(|p| p.into_inner());
+    let (su, writer, verifier) = setup("phi_t_checkpoint");
+    let log = open(&writer);
+    for a in ["alice", "bob", "carol"] {
+        log.record(&ev(a)).unwrap();
+    }
+    drop(log);
+    let (signer, _) = CheckpointKey::generate().unwrap();
+    let pk = signer.public_key();
+    let cp = postgres::checkpoint(&verifier, &signer).unwrap();
+    assert_eq!(cp.seq, 3);
+    postgres::verify_checkpoints(&verifier, std::slice::from_ref(&cp), &pk).unwrap();
+    let (other, _) = CheckpointKey::generate().unwrap();
+    let foreign = postgres::checkpoint(&verifier, &other).unwrap();
+    let e = postgres::verify_checkpoints(&verifier, &[foreign], &pk).unwrap_err();
+    assert!(matches!(e, CheckpointError::WrongSigner { .. }), "{e:?}");
+
+    // Everything deleted and written anew, without bob, with the key.
+    sql(
+        &su,
+        "SET session_replication_role = replica; DELETE FROM phi_audit.entries",
+    )
+    .unwrap();
+    let log = open(&writer);
+    for a in ["alice", "mallory", "carol"] {
+        log.record(&ev(a)).unwrap();
+    }
+    drop(log);
+    verify(&verifier).unwrap();
+    let e = postgres::verify_checkpoints(&verifier, &[cp], &pk).unwrap_err();
+    assert!(
+        matches!(e, CheckpointError::Mismatch { seq: 3, .. }),
+        "{e:?}"
+    );
+}

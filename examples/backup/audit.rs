@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use std::sync::Arc;
 
+use phi_envelope::audit::checkpoint::{self, CheckpointKey};
 use phi_envelope::audit::{AuditKey, AuditLog, Verifier, VerifyReport};
 use phi_envelope::events::{EventSink, FanOut};
 
@@ -36,6 +37,34 @@ pub enum AuditCmd {
         /// JSON on stdout
         #[arg(long)]
         json: bool,
+        /// Also check the trail against these signed checkpoints (a file of
+        /// checkpoint lines); without --audit-key-file, only against them
+        /// (no secret needed)
+        #[arg(long, value_name = "FILE", requires = "checkpoint_public_key")]
+        checkpoints: Option<PathBuf>,
+        /// The checkpoints' Ed25519 public key (64 hex digits)
+        #[arg(long, value_name = "HEX", requires = "checkpoints")]
+        checkpoint_public_key: Option<String>,
+    },
+    /// Make an Ed25519 checkpoint signing key: its seed into FILE (mode
+    /// 0600, never overwritten); prints the public key to give auditors
+    CheckpointKeygen {
+        /// Where to write the seed
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Sign a checkpoint of the trail (LOG, or the table of --audit-db) as
+    /// it is now, and append it to --out (or print it)
+    Checkpoint {
+        /// The log's first file (or none, with --audit-db)
+        #[arg(value_name = "LOG")]
+        log: Option<PathBuf>,
+        /// The signing key's seed file (checkpoint-keygen)
+        #[arg(long, value_name = "FILE")]
+        signing_key: PathBuf,
+        /// The checkpoints file to append to
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Create the PostgreSQL trail's schema, table, functions and roles
     /// (phi_audit_owner, phi_audit_writer, phi_audit_verifier) in the
@@ -56,6 +85,29 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
             anchor,
             start_after,
             json,
+            checkpoints: Some(file),
+            checkpoint_public_key: Some(pk),
+        } => {
+            let trail = trail(log.as_deref(), g)?;
+            verify_checkpoints(&trail, &file, &pk, json)?;
+            if g.audit_key_file.is_none() {
+                return Ok(());
+            }
+            match trail {
+                Trail::File(log) => {
+                    verify(g, &log, anchor.as_deref(), start_after.as_deref(), json)
+                }
+                Trail::Db(url) => {
+                    verify_db(g, &url, anchor.as_deref(), start_after.as_deref(), json)
+                }
+            }
+        }
+        AuditCmd::Verify {
+            log,
+            anchor,
+            start_after,
+            json,
+            ..
         } => match (log, &g.audit_db) {
             (Some(log), _) => verify(g, &log, anchor.as_deref(), start_after.as_deref(), json),
             (None, Some(url)) => verify_db(g, url, anchor.as_deref(), start_after.as_deref(), json),
@@ -64,6 +116,15 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
                 "audit verify needs a LOG file or --audit-db URL".into(),
             )),
         },
+        AuditCmd::CheckpointKeygen { out } => checkpoint_keygen(&out),
+        AuditCmd::Checkpoint {
+            log,
+            signing_key,
+            out,
+        } => {
+            let trail = trail(log.as_deref(), g)?;
+            checkpoint(&trail, &signing_key, out.as_deref())
+        }
         AuditCmd::InitDb { url } => match url.as_ref().or(g.audit_db.as_ref()) {
             Some(url) => init_db(url),
             None => Err(CliError::new(
@@ -72,6 +133,186 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
             )),
         },
     }
+}
+
+/// A trail: a file log, or the PostgreSQL table.
+enum Trail {
+    File(PathBuf),
+    Db(String),
+}
+
+fn trail(log: Option<&Path>, g: &Global) -> Result<Trail, CliError> {
+    match (log, &g.audit_db) {
+        (Some(l), _) => Ok(Trail::File(l.to_path_buf())),
+        (None, Some(u)) => Ok(Trail::Db(u.clone())),
+        (None, None) => Err(CliError::new(
+            exit::USAGE,
+            "name the trail: a LOG file or --audit-db URL".into(),
+        )),
+    }
+}
+
+fn audit_err(e: impl std::fmt::Display) -> CliError {
+    CliError::new(exit::AUDIT, e.to_string())
+}
+
+/// `backup audit checkpoint-keygen --out FILE`.
+fn checkpoint_keygen(out: &Path) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (key, seed) = CheckpointKey::generate().map_err(CliError::from)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| {
+            CliError::new(
+                exit::IO,
+                format!("cannot create {} (never overwritten): {e}", out.display()),
+            )
+        })?;
+    let text = zeroize::Zeroizing::new(format!("{}\n", hex_of(&seed[..])));
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| CliError::new(exit::IO, format!("cannot write {}: {e}", out.display())))?;
+    println!(
+        "checkpoint public key {} (id {}): give it to the auditors; keep {} away from the log's host",
+        hex_of(&key.public_key()),
+        key.id(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// 64 hex digits into 32 bytes.
+fn unhex32(s: &str, what: &str) -> Result<zeroize::Zeroizing<[u8; 32]>, CliError> {
+    let s = s.trim();
+    let bad = || CliError::new(exit::USAGE, format!("{what} must be 64 hex digits"));
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut out = zeroize::Zeroizing::new([0u8; 32]);
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// `backup audit checkpoint [LOG] --signing-key FILE [--out FILE]`.
+fn checkpoint(trail: &Trail, signing_key: &Path, out: Option<&Path>) -> Result<(), CliError> {
+    let text = zeroize::Zeroizing::new(fs::read_to_string(signing_key).map_err(|e| {
+        CliError::new(
+            exit::IO,
+            format!("cannot read the signing key {}: {e}", signing_key.display()),
+        )
+    })?);
+    let seed = unhex32(&text, "the signing key file")?;
+    let key = CheckpointKey::from_seed(&seed).map_err(CliError::from)?;
+    let cp = match trail {
+        Trail::File(log) => checkpoint::sign_log(log, &key).map_err(audit_err)?,
+        Trail::Db(url) => db_checkpoint(url, &key)?,
+    };
+    let line = cp.to_line();
+    match out {
+        Some(path) => {
+            use std::io::Write;
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map_err(|e| CliError::new(exit::IO, format!("{}: {e}", path.display())))?;
+            f.write_all(format!("{line}\n").as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| CliError::new(exit::IO, format!("{}: {e}", path.display())))?;
+            println!(
+                "checkpoint of seq {} appended to {} (signer {})",
+                cp.seq,
+                path.display(),
+                cp.signer
+            );
+        }
+        None => println!("{line}"),
+    }
+    Ok(())
+}
+
+#[cfg(feature = "postgres")]
+fn db_checkpoint(url: &str, key: &CheckpointKey) -> Result<checkpoint::Checkpoint, CliError> {
+    phi_envelope::audit::postgres::checkpoint(url, key).map_err(audit_err)
+}
+
+#[cfg(not(feature = "postgres"))]
+fn db_checkpoint(_url: &str, _key: &CheckpointKey) -> Result<checkpoint::Checkpoint, CliError> {
+    Err(no_postgres())
+}
+
+/// `audit verify --checkpoints FILE --checkpoint-public-key HEX`.
+fn verify_checkpoints(trail: &Trail, file: &Path, pk: &str, json: bool) -> Result<(), CliError> {
+    let pk = *unhex32(pk, "--checkpoint-public-key")?;
+    let text = fs::read_to_string(file)
+        .map_err(|e| CliError::new(exit::IO, format!("{}: {e}", file.display())))?;
+    let cps = checkpoint::parse_checkpoints(&text)
+        .map_err(|e| CliError::new(exit::USAGE, format!("{}: {e}", file.display())))?;
+    let result = match trail {
+        Trail::File(log) => checkpoint::verify_log(log, &cps, &pk),
+        Trail::Db(url) => db_verify_checkpoints(url, &cps, &pk)?,
+    };
+    match result {
+        Ok(r) => {
+            let through = r.covered_through.map_or("none".into(), |s| s.to_string());
+            if json {
+                println!(
+                    "{{\"ok\":true,\"checkpoints\":{},\"lines\":{},\"covered_through\":{}}}",
+                    r.checkpoints,
+                    r.lines,
+                    r.covered_through.map_or("null".into(), |s| s.to_string())
+                );
+            } else {
+                println!(
+                    "OK checkpoints: {} checkpoint(s) signed by {} verify; the trail ({} lines) is what they signed through seq {through}",
+                    r.checkpoints,
+                    checkpoint::signer_id(&pk),
+                    r.lines
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let code = match e {
+                checkpoint::CheckpointError::Io(_) => exit::IO,
+                _ => exit::INTEGRITY,
+            };
+            if json {
+                println!("{{\"ok\":false,\"error\":{}}}", json_str(&e.to_string()));
+            }
+            Err(CliError::new(code, format!("audit trail checkpoints: {e}")))
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn db_verify_checkpoints(
+    url: &str,
+    cps: &[checkpoint::Checkpoint],
+    pk: &[u8; 32],
+) -> Result<Result<checkpoint::CheckpointReport, checkpoint::CheckpointError>, CliError> {
+    Ok(phi_envelope::audit::postgres::verify_checkpoints(
+        url, cps, pk,
+    ))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn db_verify_checkpoints(
+    _url: &str,
+    _cps: &[checkpoint::Checkpoint],
+    _pk: &[u8; 32],
+) -> Result<Result<checkpoint::CheckpointReport, checkpoint::CheckpointError>, CliError> {
+    Err(no_postgres())
 }
 
 /// The audit key from `--audit-key-file`: 64+ hex digits, or 32+ raw bytes.
