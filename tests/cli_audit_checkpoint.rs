@@ -111,3 +111,38 @@ fn checkpoints_through_the_cli() {
     );
     assert!(err.contains("signed by"), "{err}");
 }
+
+/// `backup audit report`: one row per day, key, actor, purpose, operation
+/// and outcome, with its count.
+#[test]
+fn report_summarises_who_used_which_key() {
+    let e = Env::new();
+    let w = ["--audit-log", "audit.jsonl"];
+    let run = |actor: &str, args: &[&str]| {
+        let mut a = w.to_vec();
+        a.extend(["--actor", actor]);
+        a.extend(args);
+        e.ok(&a)
+    };
+    run("alice", &["keys", "init"]);
+    fs::write(e.path("f"), b"phi").unwrap();
+    run("alice", &["encrypt", "-o", "f.phi", "f"]);
+    run("bob", &["decrypt", "-o", "f.out", "f.phi"]);
+    run("bob", &["decrypt", "--force", "-o", "f.out", "f.phi"]);
+    let out = stdout(&e.ok(&["audit", "report", "audit.jsonl", "--json"]));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let count = |actor: &str, op: &str| -> u64 {
+        rows.iter()
+            .filter(|r| r["actor"] == actor && r["operation"] == op)
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(count("bob", "unwrap"), 2, "{out}");
+    assert!(count("alice", "generate") >= 1, "{out}");
+    assert!(rows.iter().all(|r| r["day"].as_str().unwrap().len() == 10));
+    let text = stdout(&e.ok(&["audit", "report", "audit.jsonl"]));
+    assert!(text.contains("\tbob\t"), "{text}");
+}

@@ -113,6 +113,13 @@ fn init_db_record_and_verify_through_the_cli() {
         "no connection string in reports: {out}"
     );
 
+    // The report reads the table too.
+    let out = stdout(&e.ok(&["--audit-db", &verifier, "audit", "report", "--json"]));
+    assert!(
+        out.lines().any(|l| l.contains("\"actor\":\"cli-test\"") && l.contains("\"operation\":\"unwrap\"")),
+        "{out}"
+    );
+
     // A superuser rewrites entry 2: verify names it.
     sql(
         &su,

@@ -46,6 +46,17 @@ pub enum AuditCmd {
         #[arg(long, value_name = "HEX", requires = "checkpoints")]
         checkpoint_public_key: Option<String>,
     },
+    /// Summarise a trail (LOG, or the table of --audit-db) by day, key,
+    /// actor, purpose, operation and outcome: who used which key when
+    /// (reads the lines as they are; verify first for evidence)
+    Report {
+        /// The log's first file (or none, with --audit-db)
+        #[arg(value_name = "LOG")]
+        log: Option<PathBuf>,
+        /// JSON Lines on stdout, one object per row
+        #[arg(long)]
+        json: bool,
+    },
     /// Make an Ed25519 checkpoint signing key: its seed into FILE (mode
     /// 0600, never overwritten); prints the public key to give auditors
     CheckpointKeygen {
@@ -117,6 +128,10 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
             )),
         },
         AuditCmd::CheckpointKeygen { out } => checkpoint_keygen(&out),
+        AuditCmd::Report { log, json } => {
+            let trail = trail(log.as_deref(), g)?;
+            report(&trail, json)
+        }
         AuditCmd::Checkpoint {
             log,
             signing_key,
@@ -154,6 +169,60 @@ fn trail(log: Option<&Path>, g: &Global) -> Result<Trail, CliError> {
 
 fn audit_err(e: impl std::fmt::Display) -> CliError {
     CliError::new(exit::AUDIT, e.to_string())
+}
+
+/// `backup audit report [LOG] [--json]`.
+fn report(trail: &Trail, json: bool) -> Result<(), CliError> {
+    let r = match trail {
+        Trail::File(log) => phi_envelope::audit::report::report_log(log).map_err(audit_err)?,
+        Trail::Db(url) => db_report(url)?,
+    };
+    if json {
+        for (k, n) in &r.rows {
+            println!(
+                "{{\"day\":{},\"key_ref\":{},\"actor\":{},\"purpose\":{},\"operation\":{},\"outcome\":{},\"count\":{n}}}",
+                json_str(&k.day),
+                json_str(&k.key_ref),
+                json_str(&k.actor),
+                json_str(&k.purpose),
+                json_str(&k.operation),
+                json_str(&k.outcome)
+            );
+        }
+        return Ok(());
+    }
+    println!("day\tkey\tactor\tpurpose\toperation\toutcome\tcount");
+    for (k, n) in &r.rows {
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{n}",
+            k.day, k.key_ref, k.actor, k.purpose, k.operation, k.outcome
+        );
+    }
+    println!(
+        "{} event line(s){}{} (not verified: run audit verify for evidence)",
+        r.events,
+        if r.lost > 0 {
+            format!(", {} event(s) recorded as lost (gap lines)", r.lost)
+        } else {
+            String::new()
+        },
+        if r.unreadable > 0 {
+            format!(", {} unreadable line(s) skipped", r.unreadable)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+#[cfg(feature = "postgres")]
+fn db_report(url: &str) -> Result<phi_envelope::audit::report::Report, CliError> {
+    phi_envelope::audit::postgres::report(url).map_err(audit_err)
+}
+
+#[cfg(not(feature = "postgres"))]
+fn db_report(_url: &str) -> Result<phi_envelope::audit::report::Report, CliError> {
+    Err(no_postgres())
 }
 
 /// `backup audit checkpoint-keygen --out FILE`.

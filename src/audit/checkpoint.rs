@@ -444,7 +444,7 @@ where
 /// The lines of the file log whose first file is `path` (and its rotated
 /// files), without newlines; an incomplete last line is left out (it is
 /// no entry).
-fn log_lines(path: &Path) -> Result<Vec<Vec<u8>>, CheckpointError> {
+pub(crate) fn log_lines(path: &Path) -> Result<Vec<Vec<u8>>, CheckpointError> {
     let io = |e: std::io::Error| CheckpointError::Io(format!("{}: {e}", path.display()));
     let mut out = Vec::new();
     for file in super::log_files(path).map_err(io)? {

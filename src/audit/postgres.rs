@@ -306,6 +306,16 @@ fn read_lines(url: &str) -> Result<Vec<String>, PgError> {
     })
 }
 
+/// The report of the trail at `url` ([`report`](super::report)); needs
+/// only `SELECT`.
+pub fn report(url: &str) -> Result<super::report::Report, PgError> {
+    let mut r = super::report::Report::default();
+    for l in read_lines(url)? {
+        r.add_line(l.as_bytes());
+    }
+    Ok(r)
+}
+
 /// Signs a checkpoint of the trail at `url` as it is now (see
 /// [`checkpoint`](super::checkpoint)); needs only `SELECT`.
 pub fn checkpoint(
