@@ -146,7 +146,8 @@ fn a_checkpoint_signed_under_another_key_is_refused() {
     let (auditors, _) = CheckpointKey::generate().unwrap();
     let (other, _) = CheckpointKey::generate().unwrap();
     let cp = checkpoint::sign_log(&path, &other).unwrap();
-    let e = checkpoint::verify_log(&path, &[cp.clone()], &auditors.public_key()).unwrap_err();
+    let e = checkpoint::verify_log(&path, std::slice::from_ref(&cp), &auditors.public_key())
+        .unwrap_err();
     assert!(matches!(e, CheckpointError::WrongSigner { .. }), "{e:?}");
     // The same, claiming to be the auditor's key.
     let forged = cp.to_line().replace(&other.id(), &auditors.id());
