@@ -907,7 +907,7 @@ impl Writer {
             *prev = hash;
             *seq += 1;
         };
-        if lost > 0 && seq > 1 {
+        if lost > 0 {
             let body = line::encode_body(
                 seq,
                 &Body::Gap {
