@@ -103,6 +103,17 @@ pub struct Global {
         hide_env = true
     )]
     pub audit_log: Option<PathBuf>,
+    /// Append every key access to the PostgreSQL audit trail at this URL
+    /// (postgresql://USER@HOST:PORT/DB; see docs/AUDIT-DB.md)
+    /// [env: PHI_ENVELOPE_AUDIT_DB]
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "PHI_ENVELOPE_AUDIT_DB",
+        hide_env = true
+    )]
+    pub audit_db: Option<String>,
     /// The audit log's HMAC key: a file of 64+ hex digits or 32+ bytes
     /// [env: PHI_ENVELOPE_AUDIT_KEY_FILE]
     #[arg(
@@ -270,7 +281,7 @@ enum Command {
         #[arg(value_name = "URL")]
         prefix: PathBuf,
     },
-    /// Check audit logs
+    /// Check audit trails (a file or PostgreSQL), and set up the database
     #[command(subcommand)]
     Audit(audit::AuditCmd),
     /// The offline recovery key: make it and its M-of-N shares

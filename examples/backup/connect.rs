@@ -229,8 +229,8 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
             _ => {} // reported per message as "no provider holds a key"
         }
     }
-    if let Some(log) = crate::audit::open_log(g)? {
-        builder = builder.event_sink(log);
+    if let Some(sink) = crate::audit::open_sink(g)? {
+        builder = builder.event_sink(sink);
     }
     if let Some(dual) = crate::custodian::dual_control(g)? {
         builder = builder.dual_control(dual);

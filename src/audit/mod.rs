@@ -207,8 +207,12 @@
 //!    (a new genesis header at `seq` 0), or configure a new path. Record in
 //!    your ticket which old log and anchor the new one follows.
 
+pub mod checkpoint;
 mod line;
 mod log;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub mod report;
 #[cfg(feature = "tracing")]
 mod tracing_sink;
 mod verify;

@@ -194,6 +194,12 @@ impl Verifier {
         self
     }
 
+    /// The key and the end and start anchors (for the PostgreSQL verifier).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn parts(&self) -> (Option<&AuditKey>, Option<&Anchor>, Option<&Anchor>) {
+        (self.key.as_ref(), self.end.as_ref(), self.start.as_ref())
+    }
+
     /// Verifies the log whose first file is `path` and its rotated files.
     ///
     /// Safe while writers (in this or other processes) append: the files

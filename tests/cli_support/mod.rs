@@ -75,7 +75,10 @@ pub fn bin() -> &'static Path {
         if cfg!(feature = "s3") {
             features.push("s3");
         }
-        if features.len() == 8 {
+        if cfg!(feature = "postgres") {
+            features.push("postgres");
+        }
+        if features.len() == 9 {
             cmd.arg("--all-features");
         } else {
             cmd.arg("--features").arg(features.join(","));
@@ -114,6 +117,7 @@ impl Env {
             .env("PHI_ENVELOPE_PASSPHRASE", PASSPHRASE)
             .env("PHI_ENVELOPE_ACTOR", "cli-test")
             .env_remove("PHI_ENVELOPE_AUDIT_LOG")
+            .env_remove("PHI_ENVELOPE_AUDIT_DB")
             .env_remove("PHI_ENVELOPE_AUDIT_KEY_FILE")
             .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY")
             .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY_FILE")

@@ -1,0 +1,1034 @@
+//! The audit trail in PostgreSQL (feature `postgres`): one hash chain that
+//! many processes on many machines append to, with the line format, the
+//! chain and the fail-closed semantics of the file log.
+//!
+//! [`PgAuditLog`] is an [`EventSink`]: give it to
+//! [`KeyringBuilder::event_sink`](crate::keyring::KeyringBuilder::event_sink).
+//! Its writer thread takes every event queued meanwhile as one group and
+//! appends it in one transaction; each receipt is answered once that
+//! transaction is **committed** (with `synchronous_commit = on`, so on the
+//! server's stable storage), or with an error, and the keyring refuses the
+//! key use whose event was not committed.
+//!
+//! # The chain across writers
+//!
+//! One chain, serialised in the database: every writer's transaction calls
+//! `phi_audit.lock_head()`, which takes a transaction-scoped advisory lock
+//! (`pg_advisory_xact_lock(8099839573455365225)`, the bytes `phi-audi`)
+//! and returns the last row; the writer checks that row's hash under its
+//! audit key, chains its lines to it and inserts them; the commit releases
+//! the lock. Commits are therefore in `seq` order, every snapshot sees a
+//! prefix of the chain, and a writer killed mid-transaction (`SIGKILL`, a
+//! lost connection, a database restart) leaves nothing: its transaction is
+//! rolled back and its lock released by the server. An event whose commit
+//! could not be confirmed is refused (the key use fails); if the commit did
+//! in fact happen, the entry is in the chain like any other.
+//!
+//! Every row's `line` is a line of the file format (module
+//! [`audit`](crate::audit#line-format)) without its newline: `seq` 0 is the
+//! genesis header (segment 1, `prev_file` null), written by the first
+//! writer; every other row is an `event` or a `gap` line. The schema, the
+//! roles and the verification are specified in `docs/AUDIT-DB.md`.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use phi_envelope::audit::{postgres::{self, PgAuditLog}, AuditKey, Verifier};
+//!
+//! let admin = "postgresql://postgres@127.0.0.1/audit";
+//! postgres::init_db(admin)?; // once, as a DBA
+//! let key = AuditKey::new(&[7u8; 32])?; // in production: sealed in a keystore
+//! let log = Arc::new(
+//!     PgAuditLog::builder()
+//!         .audit_key(key.clone())
+//!         .open("postgresql://app_writer@127.0.0.1/audit")?,
+//! );
+//! // Keyring::builder().event_sink(log.clone()) ...
+//! let report = postgres::verify(&Verifier::new().key(key), "postgresql://auditor@127.0.0.1/audit")?;
+//! println!("{} entries", report.entries);
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::{Client, NoTls};
+
+use super::line::{self, Body, Header, Mac, Problem, MAX_LINE};
+use super::verify::{BadLine, GapRecord, Verifier, VerifyError, VerifyReport};
+use super::{Anchor, AuditKey};
+use crate::events::{Completion, Event, EventSink, Receipt, SinkError};
+
+/// The schema every object lives in.
+pub const SCHEMA: &str = "phi_audit";
+
+/// The advisory lock every writer takes (through `phi_audit.lock_head()`)
+/// for the rest of its transaction: the bytes `phi-audi` as a big-endian
+/// `bigint`.
+pub const LOCK_KEY: i64 = 8_099_839_573_455_365_225;
+
+/// The name a verification report gives the table (in [`BadLine::file`]).
+pub const TABLE: &str = "phi_audit.entries";
+
+/// The most entries one group takes.
+const MAX_GROUP: usize = 1024;
+
+/// The migration: roles, schema, table, functions and grants. Idempotent;
+/// run by [`init_db`] as one transaction (docs/AUDIT-DB.md explains each
+/// statement).
+pub const MIGRATION: &str = r#"
+DO $roles$
+BEGIN
+  BEGIN CREATE ROLE phi_audit_owner NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END;
+  BEGIN CREATE ROLE phi_audit_writer NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END;
+  BEGIN CREATE ROLE phi_audit_verifier NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END;
+END
+$roles$;
+CREATE SCHEMA IF NOT EXISTS phi_audit AUTHORIZATION phi_audit_owner;
+REVOKE ALL ON SCHEMA phi_audit FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS phi_audit.entries (
+  seq bigint PRIMARY KEY CHECK (seq >= 0),
+  line text NOT NULL CHECK (octet_length(line) < 65536)
+);
+ALTER TABLE phi_audit.entries OWNER TO phi_audit_owner;
+REVOKE ALL ON phi_audit.entries FROM PUBLIC;
+CREATE OR REPLACE FUNCTION phi_audit.refuse_change() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+  RAISE EXCEPTION 'phi_audit.entries is append-only: % refused', TG_OP
+    USING ERRCODE = 'insufficient_privilege';
+END
+$f$;
+ALTER FUNCTION phi_audit.refuse_change() OWNER TO phi_audit_owner;
+DROP TRIGGER IF EXISTS entries_append_only ON phi_audit.entries;
+CREATE TRIGGER entries_append_only BEFORE UPDATE OR DELETE ON phi_audit.entries
+  FOR EACH ROW EXECUTE FUNCTION phi_audit.refuse_change();
+DROP TRIGGER IF EXISTS entries_no_truncate ON phi_audit.entries;
+CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON phi_audit.entries
+  FOR EACH STATEMENT EXECUTE FUNCTION phi_audit.refuse_change();
+CREATE OR REPLACE FUNCTION phi_audit.lock_head() RETURNS TABLE (seq bigint, line text)
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+  PERFORM pg_catalog.pg_advisory_xact_lock(8099839573455365225);
+  RETURN QUERY SELECT e.seq, e.line FROM phi_audit.entries e ORDER BY e.seq DESC LIMIT 1;
+END
+$f$;
+CREATE OR REPLACE FUNCTION phi_audit.genesis() RETURNS text
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+  SELECT e.line FROM phi_audit.entries e WHERE e.seq = 0
+$f$;
+ALTER FUNCTION phi_audit.lock_head() OWNER TO phi_audit_owner;
+ALTER FUNCTION phi_audit.genesis() OWNER TO phi_audit_owner;
+REVOKE ALL ON FUNCTION phi_audit.lock_head() FROM PUBLIC;
+REVOKE ALL ON FUNCTION phi_audit.genesis() FROM PUBLIC;
+REVOKE ALL ON FUNCTION phi_audit.refuse_change() FROM PUBLIC;
+GRANT USAGE ON SCHEMA phi_audit TO phi_audit_writer, phi_audit_verifier;
+GRANT INSERT ON phi_audit.entries TO phi_audit_writer;
+GRANT EXECUTE ON FUNCTION phi_audit.lock_head() TO phi_audit_writer;
+GRANT EXECUTE ON FUNCTION phi_audit.genesis() TO phi_audit_writer;
+GRANT SELECT ON phi_audit.entries TO phi_audit_verifier;
+"#;
+
+/// What went wrong talking to the database, or with what it holds.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgError {
+    /// The database could not be reached, or refused a statement.
+    #[error("PostgreSQL audit trail: {0}")]
+    Database(String),
+    /// The trail does not verify.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    /// A setting is wrong (a malformed URL, no audit key, an unsupported
+    /// option).
+    #[error("PostgreSQL audit trail: {0}")]
+    Invalid(String),
+}
+
+/// A database error's text, without the connection string (which may hold
+/// a password).
+fn db_err(what: &str, e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{what}: {} ({})", d.message(), d.code().code()),
+        None => format!("{what}: {e}"),
+    }
+}
+
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, PgError> {
+    url.parse::<tokio_postgres::Config>()
+        .map_err(|_| PgError::Invalid("not a PostgreSQL connection string (postgresql://USER@HOST:PORT/DB or key=value pairs)".into()))
+}
+
+/// Runs `f` on a thread of its own with a current-thread runtime (so that
+/// it works from async code too) and returns its result.
+fn on_own_runtime<T: Send + 'static>(
+    f: impl FnOnce(&tokio::runtime::Runtime) -> Result<T, PgError> + Send + 'static,
+) -> Result<T, PgError> {
+    let h = std::thread::Builder::new()
+        .name("phi-envelope-pg".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| PgError::Database(format!("cannot start a runtime: {e}")))?;
+            f(&rt)
+        })
+        .map_err(|e| PgError::Database(format!("cannot start a thread: {e}")))?;
+    h.join()
+        .unwrap_or_else(|_| Err(PgError::Database("the database thread panicked".into())))
+}
+
+/// Connects, spawning the connection's task on `rt`.
+async fn connect(cfg: &tokio_postgres::Config, timeout: Duration) -> Result<Client, String> {
+    let fut = cfg.connect(NoTls);
+    let (client, conn) = match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(db_err("cannot connect", &e)),
+        Err(_) => return Err(format!("cannot connect within {timeout:?}")),
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Creates (or brings up to date) the schema `phi_audit`, its table, its
+/// functions and the roles `phi_audit_owner`, `phi_audit_writer` and
+/// `phi_audit_verifier`, in one transaction, connected as `url` (a
+/// superuser, or a role with `CREATEROLE` that may create schemas in the
+/// database). Running it again changes nothing. Grant the roles to login
+/// roles afterwards (docs/AUDIT-DB.md).
+pub fn init_db(url: &str) -> Result<(), PgError> {
+    let cfg = parse_url(url)?;
+    on_own_runtime(move |rt| {
+        rt.block_on(async move {
+            let mut client = connect(&cfg, Duration::from_secs(30))
+                .await
+                .map_err(PgError::Database)?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(|e| PgError::Database(db_err("cannot begin", &e)))?;
+            tx.batch_execute(MIGRATION)
+                .await
+                .map_err(|e| PgError::Database(db_err("the migration failed", &e)))?;
+            tx.commit()
+                .await
+                .map_err(|e| PgError::Database(db_err("the migration failed", &e)))
+        })
+    })
+}
+
+/// Verifies the trail in the database at `url` (a role with `SELECT` on
+/// `phi_audit.entries`, such as a member of `phi_audit_verifier`), with
+/// the key and end anchor of `verifier`, in one read-only snapshot: row
+/// `seq` 0 is the genesis header, every row's line is canonical, its `seq`
+/// is the row's and follows the one before, its `prev` is the previous
+/// line's hash and its hash verifies. The first bad entry is reported as a
+/// [`BadLine`] whose `file` is [`TABLE`], `line` the 1-based row number and
+/// `seq` the row's `seq` column. A start anchor
+/// ([`Verifier::start_after`]) is refused: the table keeps its genesis.
+pub fn verify(verifier: &Verifier, url: &str) -> Result<VerifyReport, PgError> {
+    let cfg = parse_url(url)?;
+    let (key, end, start) = verifier.parts();
+    if start.is_some() {
+        return Err(PgError::Invalid(
+            "a start anchor does not apply to a database trail (it keeps its genesis)".into(),
+        ));
+    }
+    let (key, end) = (key.cloned(), end.cloned());
+    on_own_runtime(move |rt| {
+        rt.block_on(async move {
+            let mut client = connect(&cfg, Duration::from_secs(30))
+                .await
+                .map_err(PgError::Database)?;
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(|e| PgError::Database(db_err("cannot begin", &e)))?;
+            let stmt = tx
+                .prepare("SELECT seq, line FROM phi_audit.entries ORDER BY seq")
+                .await
+                .map_err(|e| PgError::Database(db_err("cannot read the trail", &e)))?;
+            let portal = tx
+                .bind(&stmt, &[])
+                .await
+                .map_err(|e| PgError::Database(db_err("cannot read the trail", &e)))?;
+            let mut run = ChainCheck::new(key, end);
+            loop {
+                let rows = tx
+                    .query_portal(&portal, 4096)
+                    .await
+                    .map_err(|e| PgError::Database(db_err("cannot read the trail", &e)))?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in rows {
+                    let seq: i64 = row.get(0);
+                    let text: &str = row.get(1);
+                    run.row(seq, text)?;
+                }
+            }
+            Ok(run.finish()?)
+        })
+    })
+}
+
+/// The lines of the table in `seq` order (one read-only snapshot), as a
+/// member of `phi_audit_verifier`.
+fn read_lines(url: &str) -> Result<Vec<String>, PgError> {
+    let cfg = parse_url(url)?;
+    on_own_runtime(move |rt| {
+        rt.block_on(async move {
+            let mut client = connect(&cfg, Duration::from_secs(30))
+                .await
+                .map_err(PgError::Database)?;
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(|e| PgError::Database(db_err("cannot begin", &e)))?;
+            let rows = tx
+                .query("SELECT line FROM phi_audit.entries ORDER BY seq", &[])
+                .await
+                .map_err(|e| PgError::Database(db_err("cannot read the trail", &e)))?;
+            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        })
+    })
+}
+
+/// The report of the trail at `url` ([`report`](super::report)); needs
+/// only `SELECT`.
+pub fn report(url: &str) -> Result<super::report::Report, PgError> {
+    let mut r = super::report::Report::default();
+    for l in read_lines(url)? {
+        r.add_line(l.as_bytes());
+    }
+    Ok(r)
+}
+
+/// Signs a checkpoint of the trail at `url` as it is now (see
+/// [`checkpoint`](super::checkpoint)); needs only `SELECT`.
+pub fn checkpoint(
+    url: &str,
+    key: &super::checkpoint::CheckpointKey,
+) -> Result<super::checkpoint::Checkpoint, PgError> {
+    let mut state = super::checkpoint::TrailDigest::new();
+    for l in read_lines(url)? {
+        state
+            .update(l.as_bytes())
+            .map_err(|e| PgError::Invalid(e.to_string()))?;
+    }
+    key.sign(&state, SystemTime::now())
+        .ok_or_else(|| PgError::Invalid("the trail is empty".into()))
+}
+
+/// Checks the trail at `url` against signed checkpoints, with their
+/// public key only ([`checkpoint::verify_lines`](super::checkpoint::verify_lines)).
+pub fn verify_checkpoints(
+    url: &str,
+    checkpoints: &[super::checkpoint::Checkpoint],
+    public_key: &[u8; 32],
+) -> Result<super::checkpoint::CheckpointReport, super::checkpoint::CheckpointError> {
+    let lines =
+        read_lines(url).map_err(|e| super::checkpoint::CheckpointError::Io(e.to_string()))?;
+    super::checkpoint::verify_lines(lines.into_iter().map(Ok), checkpoints, public_key)
+}
+
+/// The verification of rows in `seq` order.
+struct ChainCheck {
+    key: Option<AuditKey>,
+    end: Option<Anchor>,
+    mac: Option<Mac>,
+    expected: u64,
+    prev: [u8; 32],
+    rows: u64,
+    anchor_seen: bool,
+    report: VerifyReport,
+}
+
+impl ChainCheck {
+    fn new(key: Option<AuditKey>, end: Option<Anchor>) -> ChainCheck {
+        ChainCheck {
+            key,
+            end,
+            mac: None,
+            expected: 0,
+            prev: [0; 32],
+            rows: 0,
+            anchor_seen: false,
+            report: VerifyReport {
+                files: Vec::new(),
+                lines: 0,
+                entries: 0,
+                gaps: Vec::new(),
+                mac: String::new(),
+                keyed: false,
+                last: Anchor {
+                    seq: 0,
+                    hash: line::hex(&[0; 32]),
+                },
+            },
+        }
+    }
+
+    fn bad(&self, seq: Option<u64>, problem: Problem) -> VerifyError {
+        VerifyError::BadLine(BadLine {
+            file: PathBuf::from(TABLE),
+            line: self.rows,
+            seq,
+            problem,
+        })
+    }
+
+    fn row(&mut self, row_seq: i64, text: &str) -> Result<(), VerifyError> {
+        self.rows += 1;
+        let col = u64::try_from(row_seq).ok();
+        if text.len() >= MAX_LINE {
+            return Err(self.bad(col, Problem::TooLong));
+        }
+        let (entry, body) = line::decode(text.as_bytes()).map_err(|p| self.bad(col, p))?;
+        let seq = Some(entry.seq);
+        match (&entry.body, self.rows) {
+            (Body::Header(h), 1) => {
+                if h.segment != 1 || entry.seq != 0 {
+                    return Err(self.bad(seq, Problem::NotGenesis { segment: h.segment }));
+                }
+                let found = Mac::describe(&h.mac, h.key_id.as_deref());
+                let mac = match (h.mac.as_str(), &self.key) {
+                    ("sha256", None) => Mac::Sha256,
+                    ("sha256", Some(_)) => return Err(self.bad(seq, Problem::Unkeyed)),
+                    (_, None) => {
+                        return Err(VerifyError::KeyRequired {
+                            file: PathBuf::from(TABLE),
+                            key_id: h.key_id.clone().unwrap_or_default(),
+                        })
+                    }
+                    (_, Some(key)) => {
+                        if h.key_id.as_deref() != Some(key.key_id()) {
+                            return Err(self.bad(
+                                seq,
+                                Problem::WrongKey {
+                                    expected: key.key_id().to_owned(),
+                                    found: h.key_id.clone().unwrap_or_default(),
+                                },
+                            ));
+                        }
+                        Mac::Hmac(key.clone())
+                    }
+                };
+                self.report.mac = found;
+                self.report.keyed = matches!(mac, Mac::Hmac(_));
+                self.mac = Some(mac);
+            }
+            (Body::Header(_), _) => return Err(self.bad(seq, Problem::UnexpectedHeader)),
+            (_, 1) => return Err(self.bad(seq, Problem::HeaderExpected)),
+            (Body::Event(_), _) => self.report.entries += 1,
+            (Body::Gap { lost, reason, .. }, _) => self.report.gaps.push(GapRecord {
+                file: PathBuf::from(TABLE),
+                line: self.rows,
+                seq: entry.seq,
+                lost: *lost,
+                reason: reason.clone(),
+            }),
+        }
+        if entry.seq != self.expected {
+            return Err(self.bad(
+                seq,
+                Problem::SeqMismatch {
+                    expected: self.expected,
+                    found: entry.seq,
+                },
+            ));
+        }
+        if col != Some(entry.seq) {
+            return Err(self.bad(
+                col,
+                Problem::Malformed(format!(
+                    "the row's seq column is {row_seq} but its line says {}",
+                    entry.seq
+                )),
+            ));
+        }
+        if entry.prev != self.prev {
+            return Err(self.bad(seq, Problem::PrevMismatch));
+        }
+        let Some(mac) = self.mac.as_ref() else {
+            return Err(self.bad(seq, Problem::HeaderExpected));
+        };
+        if !mac.matches(&entry.prev, body, &entry.hash) {
+            return Err(self.bad(seq, Problem::HashMismatch));
+        }
+        if let Some(anchor) = &self.end {
+            if anchor.seq == entry.seq {
+                if line::unhex32(&anchor.hash) != Some(entry.hash) {
+                    return Err(self.bad(seq, Problem::AnchorMismatch { seq: anchor.seq }));
+                }
+                self.anchor_seen = true;
+            }
+        }
+        self.prev = entry.hash;
+        self.expected += 1;
+        self.report.lines += 1;
+        self.report.last = Anchor {
+            seq: entry.seq,
+            hash: line::hex(&entry.hash),
+        };
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<VerifyReport, VerifyError> {
+        if self.rows == 0 {
+            self.rows = 1;
+            return Err(self.bad(None, Problem::EmptyFile));
+        }
+        if let Some(anchor) = &self.end {
+            if !self.anchor_seen {
+                let problem = Problem::MissingTail {
+                    last_seq: self.expected.checked_sub(1),
+                    anchor_seq: anchor.seq,
+                };
+                self.rows += 1;
+                return Err(self.bad(None, problem));
+            }
+        }
+        Ok(self.report)
+    }
+}
+
+/// How a [`PgAuditLog`] is opened.
+#[derive(Debug, Default)]
+pub struct PgAuditLogBuilder {
+    key: Option<AuditKey>,
+    unkeyed: bool,
+    timeout: Option<Duration>,
+}
+
+impl PgAuditLogBuilder {
+    /// Chains with HMAC-SHA-256 under `key` (the trail must be keyed with
+    /// it, or empty).
+    pub fn audit_key(mut self, key: AuditKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Chains with bare SHA-256, a checksum that whoever can write the
+    /// table can recompute. Refused unless asked for: without a key (or
+    /// this), [`open`](Self::open) fails.
+    pub fn unkeyed(mut self, yes: bool) -> Self {
+        self.unkeyed = yes;
+        self
+    }
+
+    /// How long a connection attempt, or one group's transaction, may take
+    /// before its events are refused (default 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Connects to `url` as a member of `phi_audit_writer`, checks that the
+    /// trail's genesis header (if any) names this log's MAC and key, and
+    /// starts the writer thread. Fails if the database cannot be reached or
+    /// has no `phi_audit` schema ([`init_db`]).
+    pub fn open(self, url: &str) -> Result<PgAuditLog, PgError> {
+        let mac = match (self.key, self.unkeyed) {
+            (Some(k), _) => Mac::Hmac(k),
+            (None, true) => Mac::Sha256,
+            (None, false) => {
+                return Err(PgError::Invalid(
+                    "no audit key: a database trail is keyed unless unkeyed(true) is asked for"
+                        .into(),
+                ))
+            }
+        };
+        let cfg = parse_url(url)?;
+        let target = describe(&cfg);
+        let timeout = self.timeout.unwrap_or(Duration::from_secs(30));
+        let queue = Arc::new(Queue::default());
+        let counters = Arc::new(Counters::default());
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), PgError>>();
+        let mut writer = Writer {
+            cfg,
+            mac,
+            timeout,
+            target: target.clone(),
+            client: None,
+            genesis_checked: false,
+            lost: 0,
+            broken: None,
+            counters: counters.clone(),
+        };
+        let q = queue.clone();
+        let thread = std::thread::Builder::new()
+            .name("phi-envelope-pg-audit".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(PgError::Database(format!(
+                            "cannot start a runtime: {e}"
+                        ))));
+                        return;
+                    }
+                };
+                let first = rt.block_on(writer.first_check());
+                let ok = first.is_ok();
+                let _ = ready_tx.send(first);
+                if ok {
+                    writer.run(&rt, &q);
+                }
+            })
+            .map_err(|e| PgError::Database(format!("cannot start the writer thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(PgError::Database("the writer thread stopped".into()));
+            }
+        }
+        Ok(PgAuditLog {
+            queue,
+            thread: Mutex::new(Some(thread)),
+            counters,
+            target,
+        })
+    }
+}
+
+/// `user@host:port/db` of a connection string, for messages and reports:
+/// never its password (or any other setting).
+pub fn describe_url(url: &str) -> Result<String, PgError> {
+    parse_url(url).map(|c| describe(&c))
+}
+
+/// `user@host:port/db`, for messages (never a password).
+fn describe(cfg: &tokio_postgres::Config) -> String {
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{}@{host}:{port}/{}",
+        cfg.get_user().unwrap_or("?"),
+        cfg.get_dbname().unwrap_or("?")
+    )
+}
+
+/// A hash-chained audit trail in PostgreSQL, shared by every process that
+/// appends to it. See the [module documentation](self).
+///
+/// `submit` queues the event and returns a [`Receipt`] answered once the
+/// transaction holding it is committed; `record` waits for it on the
+/// calling thread. Dropping the log lets the writer finish what was
+/// queued.
+pub struct PgAuditLog {
+    queue: Arc<Queue>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    counters: Arc<Counters>,
+    target: String,
+}
+
+impl fmt::Debug for PgAuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgAuditLog")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a [`PgAuditLog`] did so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PgStats {
+    /// Event entries committed.
+    pub entries: u64,
+    /// Transactions committed.
+    pub commits: u64,
+    /// Events refused (not committed, or not confirmed).
+    pub refused: u64,
+    /// Connections opened (the first one included).
+    pub connections: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    entries: AtomicU64,
+    commits: AtomicU64,
+    refused: AtomicU64,
+    connections: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<Jobs>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Jobs {
+    pending: VecDeque<Job>,
+    closed: bool,
+}
+
+struct Job {
+    event_json: String,
+    done: Completion,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The writer thread's state: the connection and where the chain is.
+struct Writer {
+    cfg: tokio_postgres::Config,
+    mac: Mac,
+    timeout: Duration,
+    target: String,
+    client: Option<Client>,
+    genesis_checked: bool,
+    /// Events refused since the last commit: recorded as a `gap` line by
+    /// the next one.
+    lost: u64,
+    /// The chain was found broken, or keyed with another key: sticky.
+    broken: Option<String>,
+    counters: Arc<Counters>,
+}
+
+/// Why a group was not committed.
+enum Failure {
+    /// The connection, a statement or the commit failed: retry with a new
+    /// connection at the next group.
+    Transient(String),
+    /// What the table holds cannot be continued: refuse from now on.
+    Broken(String),
+}
+
+impl Writer {
+    async fn client(&mut self) -> Result<&mut Client, String> {
+        if self.client.as_ref().is_some_and(Client::is_closed) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let c = connect(&self.cfg, self.timeout).await?;
+            c.batch_execute(
+                "SET synchronous_commit = on; SET application_name = 'phi-envelope-audit'",
+            )
+            .await
+            .map_err(|e| db_err("cannot set up the session", &e))?;
+            self.counters.connections.fetch_add(1, Ordering::Relaxed);
+            self.genesis_checked = false;
+            self.client = Some(c);
+        }
+        self.client.as_mut().ok_or_else(|| "no connection".into())
+    }
+
+    /// At open: connects and checks the genesis header, if there is one.
+    async fn first_check(&mut self) -> Result<(), PgError> {
+        let timeout = self.timeout;
+        let r = tokio::time::timeout(timeout, async {
+            let mac = self.mac.clone();
+            let client = self.client().await.map_err(PgError::Database)?;
+            let row = client
+                .query_one("SELECT phi_audit.genesis()", &[])
+                .await
+                .map_err(|e| PgError::Database(db_err("cannot read the trail's genesis", &e)))?;
+            let genesis: Option<String> = row.get(0);
+            if let Some(g) = genesis {
+                check_genesis(&mac, &g).map_err(PgError::Invalid)?;
+            }
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {
+                self.genesis_checked = true;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PgError::Database(format!(
+                "{}: no answer within {timeout:?}",
+                self.target
+            ))),
+        }
+    }
+
+    fn run(&mut self, rt: &tokio::runtime::Runtime, queue: &Queue) {
+        loop {
+            let group: Vec<Job> = {
+                let mut jobs = lock(&queue.jobs);
+                while jobs.pending.is_empty() && !jobs.closed {
+                    jobs = queue.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                }
+                if jobs.pending.is_empty() {
+                    return;
+                }
+                let n = jobs.pending.len().min(MAX_GROUP);
+                jobs.pending.drain(..n).collect()
+            };
+            let n = group.len() as u64;
+            let result = match &self.broken {
+                Some(why) => Err(why.clone()),
+                None => {
+                    let jsons: Vec<&str> = group.iter().map(|j| j.event_json.as_str()).collect();
+                    let timeout = self.timeout;
+                    let r = rt.block_on(async {
+                        match tokio::time::timeout(timeout, self.append(&jsons)).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                Err(Failure::Transient(format!("no commit within {timeout:?}")))
+                            }
+                        }
+                    });
+                    match r {
+                        Ok(()) => Ok(()),
+                        Err(Failure::Transient(why)) => {
+                            // A new connection next time: the server rolls
+                            // back whatever this one left open.
+                            self.client = None;
+                            Err(format!(
+                                "audit trail {} refuses the entry: {why}; the event was not committed (or its commit was not confirmed)",
+                                self.target
+                            ))
+                        }
+                        Err(Failure::Broken(why)) => {
+                            let msg = format!(
+                                "audit trail {} refuses every entry: {why}. Verify it (backup audit verify --audit-db URL) and see docs/AUDIT-DB.md, \"When the chain is broken\"",
+                                self.target
+                            );
+                            self.broken = Some(msg.clone());
+                            self.client = None;
+                            Err(msg)
+                        }
+                    }
+                }
+            };
+            match &result {
+                Ok(()) => {
+                    self.counters.entries.fetch_add(n, Ordering::Relaxed);
+                    self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    self.lost = self.lost.saturating_add(n);
+                    self.counters.refused.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            for job in group {
+                job.done.complete(match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(SinkError(e.clone())),
+                });
+            }
+        }
+    }
+
+    /// One transaction: lock the head, check it, chain the group's lines
+    /// to it, insert them, commit.
+    async fn append(&mut self, jsons: &[&str]) -> Result<(), Failure> {
+        let mac = self.mac.clone();
+        let lost = self.lost;
+        let check_genesis_now = !self.genesis_checked;
+        let client = self.client().await.map_err(Failure::Transient)?;
+        let transient = |what: &str, e: tokio_postgres::Error| Failure::Transient(db_err(what, &e));
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| transient("cannot begin", e))?;
+        let head = tx
+            .query_opt("SELECT seq, line FROM phi_audit.lock_head()", &[])
+            .await
+            .map_err(|e| transient("cannot lock the trail's head", e))?;
+        let mut seqs: Vec<i64> = Vec::with_capacity(jsons.len() + 2);
+        let mut lines: Vec<String> = Vec::with_capacity(jsons.len() + 2);
+        let now = SystemTime::now();
+        let (mut seq, mut prev) = match head {
+            None => {
+                let header = Body::Header(Header {
+                    mac: mac.name().to_owned(),
+                    key_id: mac.key_id().map(str::to_owned),
+                    segment: 1,
+                    prev_file: None,
+                    time: now,
+                });
+                let (mut text, hash) = line::make_line(&mac, 0, &header, &[0; 32]);
+                text.pop(); // the newline
+                seqs.push(0);
+                lines.push(text);
+                (1u64, hash)
+            }
+            Some(row) => {
+                let row_seq: i64 = row.get(0);
+                let text: &str = row.get(1);
+                let hash = check_head(&mac, row_seq, text).map_err(Failure::Broken)?;
+                if check_genesis_now {
+                    let g: Option<String> = tx
+                        .query_one("SELECT phi_audit.genesis()", &[])
+                        .await
+                        .map_err(|e| transient("cannot read the trail's genesis", e))?
+                        .get(0);
+                    match g {
+                        Some(g) => check_genesis(&mac, &g).map_err(Failure::Broken)?,
+                        None => {
+                            return Err(Failure::Broken(
+                                "the trail has entries but no genesis header (seq 0)".into(),
+                            ))
+                        }
+                    }
+                }
+                ((row_seq as u64) + 1, hash)
+            }
+        };
+        let mut push = |seq: &mut u64, prev: &mut [u8; 32], mut text: String| {
+            let hash = mac.compute(prev, text.as_bytes());
+            line::finish_line(&mut text, &hash);
+            text.pop();
+            seqs.push(*seq as i64);
+            lines.push(text);
+            *prev = hash;
+            *seq += 1;
+        };
+        if lost > 0 {
+            let body = line::encode_body(
+                seq,
+                &Body::Gap {
+                    lost,
+                    reason: "write-failed".into(),
+                    time: now,
+                },
+                &prev,
+            );
+            push(&mut seq, &mut prev, body);
+        }
+        for json in jsons {
+            let body = line::event_body(seq, json, &prev);
+            push(&mut seq, &mut prev, body);
+        }
+        tx.execute(
+            "INSERT INTO phi_audit.entries (seq, line) SELECT * FROM unnest($1::int8[], $2::text[])",
+            &[&seqs, &lines],
+        )
+        .await
+        .map_err(|e| transient("cannot insert", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| transient("cannot commit", e))?;
+        self.genesis_checked = true;
+        self.lost = 0;
+        Ok(())
+    }
+}
+
+/// Checks the last row: canonical, its `seq` the row's, its hash verifies
+/// under `mac`. Returns its hash.
+fn check_head(mac: &Mac, row_seq: i64, text: &str) -> Result<[u8; 32], String> {
+    let (entry, body) = line::decode(text.as_bytes())
+        .map_err(|p| format!("the last entry (seq {row_seq}) is not an audit line: {p}"))?;
+    if i64::try_from(entry.seq).ok() != Some(row_seq) {
+        return Err(format!(
+            "the last row (seq {row_seq}) holds the line of seq {}",
+            entry.seq
+        ));
+    }
+    if !mac.matches(&entry.prev, body, &entry.hash) {
+        return Err(format!(
+            "the last entry (seq {row_seq}) does not verify under {}",
+            Mac::describe(mac.name(), mac.key_id())
+        ));
+    }
+    Ok(entry.hash)
+}
+
+/// Checks that the genesis header names `mac` and its key.
+fn check_genesis(mac: &Mac, text: &str) -> Result<(), String> {
+    let (entry, body) = line::decode(text.as_bytes())
+        .map_err(|p| format!("the genesis entry is not an audit line: {p}"))?;
+    let Body::Header(h) = &entry.body else {
+        return Err("the genesis entry (seq 0) is not a header".into());
+    };
+    let ours = Mac::describe(mac.name(), mac.key_id());
+    let theirs = Mac::describe(&h.mac, h.key_id.as_deref());
+    if ours != theirs {
+        return Err(format!(
+            "the trail is chained with {theirs}, this writer with {ours}"
+        ));
+    }
+    if !mac.matches(&entry.prev, body, &entry.hash) {
+        return Err(format!("the genesis entry does not verify under {ours}"));
+    }
+    Ok(())
+}
+
+impl PgAuditLog {
+    /// How a log is opened.
+    pub fn builder() -> PgAuditLogBuilder {
+        PgAuditLogBuilder::default()
+    }
+
+    /// Entries, commits, refusals and connections so far.
+    pub fn stats(&self) -> PgStats {
+        let c = &self.counters;
+        PgStats {
+            entries: c.entries.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            connections: c.connections.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl EventSink for PgAuditLog {
+    fn record(&self, event: &Event) -> Result<(), SinkError> {
+        self.submit(event).wait()
+    }
+
+    /// Queues the entry for the writer thread; the receipt resolves once
+    /// the transaction holding it is committed, or with the reason it was
+    /// not.
+    fn submit(&self, event: &Event) -> Receipt {
+        let (receipt, done) = Receipt::pending();
+        let mut jobs = lock(&self.queue.jobs);
+        if jobs.closed {
+            return Receipt::ready(Err(SinkError(format!(
+                "audit trail {} is closed",
+                self.target
+            ))));
+        }
+        jobs.pending.push_back(Job {
+            event_json: event.to_json(),
+            done,
+        });
+        drop(jobs);
+        self.queue.ready.notify_one();
+        receipt
+    }
+}
+
+impl Drop for PgAuditLog {
+    fn drop(&mut self) {
+        lock(&self.queue.jobs).closed = true;
+        self.queue.ready.notify_all();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
