@@ -67,6 +67,10 @@
 //! # Ok(()) }
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
 //! ```
+//!
+//! Why one file of this size: the approval format, the custodian registry,
+//! the checks in their documented order and the spent-approvals file are one
+//! protocol (docs/APPROVALS.md), read together when it is audited.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;

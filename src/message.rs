@@ -9,6 +9,12 @@
 //!
 //! Most applications use [`crate::Envelope`], which does all of this with
 //! keys from a provider.
+//!
+//! Why one file of this size: records, streams and the seekable reader all
+//! derive their keys from one header and one body context here, so that every
+//! decoder checks the same things in the same order (docs/FORMAT.md section
+//! 7); over 1,000 of its lines are the known-answer and boundary tests that
+//! pin that order.
 
 use std::fmt;
 use std::io::{Read, Seek, Write};

@@ -41,6 +41,10 @@
 //!   failure at any step (provider down, disk full, crash) leaves the old
 //!   file as it was. A file already wrapped to the current primaries is
 //!   left untouched.
+//!
+//! Why one file of this size: rewrap of records, batches and files (one
+//! pass, verified before commit) and its documentation; its tests are the
+//! remainder.
 
 use std::collections::HashMap;
 use std::fmt;

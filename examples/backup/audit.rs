@@ -2,6 +2,9 @@
 //! (`--audit-log`) and the PostgreSQL trail (`--audit-db`) as the keyring's
 //! event sinks, and the `audit` commands (`backup audit verify`,
 //! `backup audit init-db`).
+//!
+//! Why one file of this size: every `backup audit` verb (verify, report,
+//! init-db, checkpoints) with its grammar; each verb is short.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -24,6 +24,10 @@
 //! retries throttling, 5xx answers and dropped connections with
 //! exponential backoff (`AWS_MAX_ATTEMPTS`, `AWS_RETRY_MODE`); a body cut
 //! mid-transfer is retried here, within the same budget.
+//!
+//! Why one file of this size: the multipart upload, the ranged download, the
+//! rewrap by copy and their retries and aborts share one client and one error
+//! mapping; splitting upload and download apart is the next step if it grows.
 
 use std::collections::VecDeque;
 use std::future::Future;

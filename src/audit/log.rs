@@ -1,4 +1,10 @@
 //! The append-only, hash-chained JSON Lines audit log.
+//!
+//! Why one file of this size: the append path (chain, multi-process lock,
+//! catch-up, rotation, torn tails, the broken-log marker) and the writer
+//! thread with group commit all change one state under one lock; splitting
+//! them would spread that invariant over several files. Splitting out
+//! rotation and the writer thread is the next step when this file grows.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};

@@ -48,6 +48,10 @@
 //! println!("{} entries", report.entries);
 //! # Ok(()) }
 //! ```
+//!
+//! Why one file of this size: the schema, its migration, the writer with its
+//! reconnects and the verifier of the table change together whenever the
+//! table changes; its SQL is a third of it.
 
 use std::collections::VecDeque;
 use std::fmt;
