@@ -33,7 +33,8 @@ pub mod exit {
     pub const AUDIT: u8 = 6;
     /// A bug.
     pub const INTERNAL: u8 = 70;
-    /// Interrupted by SIGINT (SIGTERM exits with 143).
+    /// Interrupted by SIGINT, SIGTERM, SIGHUP or SIGQUIT (a second signal
+    /// exits at once, with 128 + its number).
     pub const INTERRUPTED: u8 = 130;
 }
 
