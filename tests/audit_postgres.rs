@@ -818,3 +818,61 @@ fn checkpoints_find_a_rewritten_table() {
         "{e:?}"
     );
 }
+
+/// Roles are the cluster's: one made beforehand under the owner's name
+/// (able to log in, say) must not become the owner of the trail as it is,
+/// and an owner role with members is refused (they could rewrite it).
+#[test]
+fn init_db_takes_no_pre_existing_owner_role_as_it_is() {
+    let (su, _writer, _verifier) = setup("phi_audit_roles");
+    let _ddl = DDL.lock().unwrap_or_else(|p| p.into_inner());
+    sql(
+        &su,
+        "ALTER ROLE phi_audit_owner LOGIN PASSWORD 'taken-over'",
+    )
+    .unwrap();
+    postgres::init_db(&su).unwrap();
+    let can_login = rows(
+        &su,
+        "SELECT 0::bigint, rolcanlogin::text FROM pg_roles WHERE rolname = 'phi_audit_owner'",
+    );
+    assert_eq!(can_login, [(0, "false".to_owned())]);
+    sql(
+        &su,
+        "DO $$ BEGIN CREATE ROLE phi_test_intruder LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT phi_audit_owner TO phi_test_intruder;",
+    )
+    .unwrap();
+    let refused = postgres::init_db(&su);
+    sql(&su, "REVOKE phi_audit_owner FROM phi_test_intruder").unwrap();
+    let e = refused.expect_err("an owner role with members was accepted");
+    assert!(e.to_string().contains("has members"), "{e}");
+    postgres::init_db(&su).unwrap();
+}
+
+/// A rule (or trigger) that swallows inserts must not let a commit confirm
+/// key uses that are not in the table: init-db refuses such a table, and a
+/// writer that stores fewer lines than it sent refuses the event.
+#[test]
+fn entries_that_the_table_did_not_store_are_never_confirmed() {
+    let (su, writer, _verifier) = setup("phi_audit_swallow");
+    let log = open(&writer);
+    log.record(&ev("before")).unwrap();
+    sql(
+        &su,
+        "CREATE RULE swallow AS ON INSERT TO phi_audit.entries DO INSTEAD NOTHING",
+    )
+    .unwrap();
+    let e = log
+        .record(&ev("swallowed"))
+        .expect_err("an entry the table did not store was confirmed");
+    assert!(e.0.contains("stored 0 of"), "{}", e.0);
+    drop(log);
+    let refused = {
+        let _ddl = DDL.lock().unwrap_or_else(|p| p.into_inner());
+        postgres::init_db(&su)
+    };
+    let e = refused.expect_err("init-db accepted a table with a rule");
+    assert!(e.to_string().contains("has rules"), "{e}");
+    sql(&su, "DROP RULE swallow ON phi_audit.entries").unwrap();
+}

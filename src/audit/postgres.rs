@@ -135,6 +135,31 @@ GRANT INSERT ON phi_audit.entries TO phi_audit_writer;
 GRANT EXECUTE ON FUNCTION phi_audit.lock_head() TO phi_audit_writer;
 GRANT EXECUTE ON FUNCTION phi_audit.genesis() TO phi_audit_writer;
 GRANT SELECT ON phi_audit.entries TO phi_audit_verifier;
+ALTER SCHEMA phi_audit OWNER TO phi_audit_owner;
+ALTER ROLE phi_audit_owner NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD NULL;
+ALTER ROLE phi_audit_writer NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+ALTER ROLE phi_audit_verifier NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+DO $check$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m
+             JOIN pg_catalog.pg_roles r ON r.oid = m.roleid
+             JOIN pg_catalog.pg_roles u ON u.oid = m.member
+             WHERE r.rolname = 'phi_audit_owner' AND u.rolname <> current_user) THEN
+    RAISE EXCEPTION 'role phi_audit_owner has members: whoever is one can rewrite the trail; revoke them and run init-db again';
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w WHERE w.ev_class = 'phi_audit.entries'::regclass) THEN
+    RAISE EXCEPTION 'phi_audit.entries has rules: they can swallow or redirect entries; drop them and run init-db again';
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+             WHERE t.tgrelid = 'phi_audit.entries'::regclass AND NOT t.tgisinternal
+               AND t.tgname NOT IN ('entries_append_only', 'entries_no_truncate')) THEN
+    RAISE EXCEPTION 'phi_audit.entries has triggers that init-db did not create; drop them and run init-db again';
+  END IF;
+  IF (SELECT c.relrowsecurity FROM pg_catalog.pg_class c WHERE c.oid = 'phi_audit.entries'::regclass) THEN
+    RAISE EXCEPTION 'phi_audit.entries has row-level security enabled; disable it and run init-db again';
+  END IF;
+END
+$check$;
 "#;
 
 /// What went wrong talking to the database, or with what it holds.
@@ -927,12 +952,21 @@ impl Writer {
             let body = line::event_body(seq, json, &prev);
             push(&mut seq, &mut prev, body);
         }
-        tx.execute(
-            "INSERT INTO phi_audit.entries (seq, line) SELECT * FROM unnest($1::int8[], $2::text[])",
-            &[&seqs, &lines],
-        )
-        .await
-        .map_err(|e| transient("cannot insert", e))?;
+        let stored = tx
+            .execute(
+                "INSERT INTO phi_audit.entries (seq, line) SELECT * FROM unnest($1::int8[], $2::text[])",
+                &[&seqs, &lines],
+            )
+            .await
+            .map_err(|e| transient("cannot insert", e))?;
+        if stored != seqs.len() as u64 {
+            // A rule or trigger that someone added swallowed lines: the
+            // commit would confirm key uses that are not in the trail.
+            return Err(Failure::Broken(format!(
+                "the table stored {stored} of {} lines (a rule or trigger on phi_audit.entries?)",
+                seqs.len()
+            )));
+        }
         tx.commit()
             .await
             .map_err(|e| transient("cannot commit", e))?;
