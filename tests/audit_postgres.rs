@@ -876,3 +876,22 @@ fn entries_that_the_table_did_not_store_are_never_confirmed() {
     assert!(e.to_string().contains("has rules"), "{e}");
     sql(&su, "DROP RULE swallow ON phi_audit.entries").unwrap();
 }
+
+/// An event too large for a row is refused alone: the other events queued
+/// with it are recorded (before, the row's CHECK failed the whole group).
+#[test]
+fn an_oversized_event_is_refused_alone() {
+    let (_su, writer, verifier) = setup("phi_audit_oversized");
+    let log = open(&writer);
+    let big = log.submit(&ev(&"x".repeat(70_000)));
+    let small: Vec<_> = (0..20)
+        .map(|i| log.submit(&ev(&format!("small-{i}"))))
+        .collect();
+    let e = big.wait().expect_err("an oversized event was accepted");
+    assert!(e.0.contains("too large"), "{}", e.0);
+    for r in small {
+        r.wait().unwrap();
+    }
+    drop(log);
+    assert_eq!(verify(&verifier).unwrap().entries, 20);
+}

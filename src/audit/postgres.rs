@@ -1043,6 +1043,18 @@ impl EventSink for PgAuditLog {
     /// the transaction holding it is committed, or with the reason it was
     /// not.
     fn submit(&self, event: &Event) -> Receipt {
+        let event_json = event.to_json();
+        // The row's CHECK would refuse it, and with it the whole group of
+        // other callers' events: refuse this one alone, as the file log
+        // does (the same estimate of the line around the event).
+        if event_json.len() as u64 + 240 > line::MAX_LINE as u64 {
+            return Receipt::ready(Err(SinkError(format!(
+                "audit trail {}: event too large ({} bytes of JSON; the limit is {})",
+                self.target,
+                event_json.len(),
+                line::MAX_LINE
+            ))));
+        }
         let (receipt, done) = Receipt::pending();
         let mut jobs = lock(&self.queue.jobs);
         if jobs.closed {
@@ -1051,10 +1063,7 @@ impl EventSink for PgAuditLog {
                 self.target
             ))));
         }
-        jobs.pending.push_back(Job {
-            event_json: event.to_json(),
-            done,
-        });
+        jobs.pending.push_back(Job { event_json, done });
         drop(jobs);
         self.queue.ready.notify_one();
         receipt
