@@ -216,10 +216,20 @@ impl Store {
         let r =
             self.wait(async move { c.head_object().bucket(&l.bucket).key(&l.key).send().await });
         match r {
-            Ok(o) => Ok(Some((
-                o.content_length().unwrap_or(0).max(0) as u64,
-                o.e_tag().unwrap_or_default().to_owned(),
-            ))),
+            // Every read and replace is pinned to this ETag (If-Match): a
+            // store that sends none would silently unpin them all.
+            Ok(o) => match o.e_tag().filter(|t| !t.is_empty()) {
+                Some(tag) => Ok(Some((
+                    o.content_length().unwrap_or(0).max(0) as u64,
+                    tag.to_owned(),
+                ))),
+                None => Err(CliError::new(
+                    exit::IO,
+                    format!(
+                        "{loc}: the store sent no ETag, so reads cannot be pinned to one version of the object"
+                    ),
+                )),
+            },
             Err(e) if status(&e) == Some(404) => Ok(None),
             Err(e) => Err(s3_error(loc, "HeadObject", &e)),
         }
