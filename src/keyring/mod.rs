@@ -219,12 +219,12 @@ impl Keyring {
         hex(&self.fingerprint_bytes(context))
     }
 
-    /// The fingerprint's 16 bytes. Also the context's identity in the
-    /// data-key cache: keyed, so collisions cannot be searched for.
+    /// The fingerprint's 16 bytes, for events and policy requests (the
+    /// data-key cache compares the canonical pairs themselves).
     pub(super) fn fingerprint_bytes(&self, context: &EncryptionContext) -> [u8; 16] {
         let mut ctx = hmac::Context::with_key(&self.fingerprint_key);
         ctx.update(FINGERPRINT_LABEL);
-        ctx.update(&context.canonical_pairs());
+        ctx.update(&zeroize::Zeroizing::new(context.canonical_pairs()));
         let tag = ctx.sign();
         let mut out = [0u8; 16];
         out.copy_from_slice(&tag.as_ref()[..16]);

@@ -146,7 +146,8 @@ impl Keyring {
                 return Ok(KeyUse::Fresh(key));
             }
         };
-        let pairs = context.canonical_pairs();
+        // The context's values can be PHI: this copy is zeroized.
+        let pairs = zeroize::Zeroizing::new(context.canonical_pairs());
         let id = cache.open_id(header.as_bytes(), &pairs);
         let hit = |(key, (key_ref, version)): crate::cache::OpeningHit| async move {
             self.record_cache_hit(

@@ -97,7 +97,8 @@ impl Keyring {
                 ))
             }
         };
-        let pairs = context.canonical_pairs();
+        // The context's values can be PHI: this copy is zeroized.
+        let pairs = zeroize::Zeroizing::new(context.canonical_pairs());
         let id = cache.seal_id(recipients, caller.actor.as_deref(), partition, &pairs);
         let hit = |key: Arc<crate::cache::CachedKey<SealingKey>>| async move {
             let version = key.header().recipients()[0].key_version;
