@@ -43,7 +43,10 @@ fn checkpoints_through_the_cli() {
     // Never overwritten.
     e.fails(&["audit", "checkpoint-keygen", "--out", "cp.seed"], 4);
 
+    // Signing verifies the keyed chain first: it needs the audit key.
     e.ok(&[
+        "--audit-key-file",
+        "audit.key",
         "audit",
         "checkpoint",
         "audit.jsonl",
@@ -89,6 +92,8 @@ fn checkpoints_through_the_cli() {
     // A checkpoint of another key is refused.
     e.ok(&["audit", "checkpoint-keygen", "--out", "other.seed"]);
     e.ok(&[
+        "--audit-key-file",
+        "audit.key",
         "audit",
         "checkpoint",
         "audit.jsonl",
@@ -145,4 +150,59 @@ fn report_summarises_who_used_which_key() {
     assert!(rows.iter().all(|r| r["day"].as_str().unwrap().len() == 10));
     let text = stdout(&e.ok(&["audit", "report", "audit.jsonl"]));
     assert!(text.contains("\tbob\t"), "{text}");
+}
+
+/// A checkpoint vouches for what it signs to anyone with the public key:
+/// a trail whose keyed chain does not verify (a line changed or inserted
+/// by someone without the audit key) is never signed.
+#[test]
+fn a_chain_that_does_not_verify_is_never_signed() {
+    let e = Env::new();
+    fs::write(e.path("audit.key"), "cd".repeat(32)).unwrap();
+    let keyed = |args: &[&str]| {
+        let mut a = vec![
+            "--audit-log",
+            "audit.jsonl",
+            "--audit-key-file",
+            "audit.key",
+        ];
+        a.extend(args);
+        a.into_iter().map(str::to_owned).collect::<Vec<String>>()
+    };
+    let run = |args: &[&str]| {
+        let a = keyed(args);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        e.ok(&a)
+    };
+    run(&["keys", "init"]);
+    run(&["keys", "list"]);
+    e.ok(&["audit", "checkpoint-keygen", "--out", "cp.seed"]);
+    let sign = [
+        "--audit-key-file",
+        "audit.key",
+        "audit",
+        "checkpoint",
+        "audit.jsonl",
+        "--signing-key",
+        "cp.seed",
+        "--out",
+        "cp.jsonl",
+    ];
+    e.ok(&sign);
+    let signed = fs::read_to_string(e.path("cp.jsonl")).unwrap();
+    // Someone without the audit key changes a line.
+    let log = fs::read_to_string(e.path("audit.jsonl")).unwrap();
+    fs::write(
+        e.path("audit.jsonl"),
+        log.replacen(r#""actor":"cli-test""#, r#""actor":"cli-tesT""#, 1),
+    )
+    .unwrap();
+    assert_ne!(
+        fs::read_to_string(e.path("audit.jsonl")).unwrap(),
+        log,
+        "the test changed nothing"
+    );
+    let err = e.fails(&sign, 2);
+    assert!(err.contains("no checkpoint was signed"), "{err}");
+    assert_eq!(fs::read_to_string(e.path("cp.jsonl")).unwrap(), signed);
 }

@@ -141,7 +141,7 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
             out,
         } => {
             let trail = trail(log.as_deref(), g)?;
-            checkpoint(&trail, &signing_key, out.as_deref())
+            checkpoint(g, &trail, &signing_key, out.as_deref())
         }
         AuditCmd::InitDb { url } => match url.as_ref().or(g.audit_db.as_ref()) {
             Some(url) => init_db(url),
@@ -276,7 +276,17 @@ fn unhex32(s: &str, what: &str) -> Result<zeroize::Zeroizing<[u8; 32]>, CliError
 }
 
 /// `backup audit checkpoint [LOG] --signing-key FILE [--out FILE]`.
-fn checkpoint(trail: &Trail, signing_key: &Path, out: Option<&Path>) -> Result<(), CliError> {
+fn checkpoint(
+    g: &Global,
+    trail: &Trail,
+    signing_key: &Path,
+    out: Option<&Path>,
+) -> Result<(), CliError> {
+    // A checkpoint vouches for the history it signs to anyone with the
+    // public key alone: sign only a chain that verifies, with the audit key
+    // where the trail is keyed, so that a line inserted by someone without
+    // the audit key is never signed into the record.
+    verify_before_signing(g, trail)?;
     let text = zeroize::Zeroizing::new(fs::read_to_string(signing_key).map_err(|e| {
         CliError::new(
             exit::IO,
@@ -311,6 +321,48 @@ fn checkpoint(trail: &Trail, signing_key: &Path, out: Option<&Path>) -> Result<(
         None => println!("{line}"),
     }
     Ok(())
+}
+
+/// The chain of `trail` verifies (with `--audit-key-file` if given).
+fn verify_before_signing(g: &Global, trail: &Trail) -> Result<(), CliError> {
+    let v = verifier(g, None, None)?;
+    match trail {
+        Trail::File(log) => v
+            .verify(log)
+            .map(drop)
+            .map_err(|e| not_signed(&log.display().to_string(), e)),
+        Trail::Db(url) => verify_db_chain(&v, url),
+    }
+}
+
+/// A chain that does not verify, and the checkpoint it kept from being
+/// signed.
+fn not_signed(target: &str, e: phi_envelope::audit::VerifyError) -> CliError {
+    let inner = verify_failed(target, e, false);
+    CliError::new(
+        inner.code,
+        format!("{}; no checkpoint was signed", inner.message),
+    )
+}
+
+#[cfg(feature = "postgres")]
+fn verify_db_chain(v: &Verifier, url: &str) -> Result<(), CliError> {
+    use phi_envelope::audit::postgres::{self, PgError};
+    // The URL may hold a password: errors name the database without it.
+    let target = format!(
+        "postgresql {}",
+        postgres::describe_url(url).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?
+    );
+    match postgres::verify(v, url) {
+        Ok(_) => Ok(()),
+        Err(PgError::Verify(e)) => Err(not_signed(&target, e)),
+        Err(e) => Err(CliError::new(exit::IO, e.to_string())),
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+fn verify_db_chain(_v: &Verifier, _url: &str) -> Result<(), CliError> {
+    Err(no_postgres())
 }
 
 #[cfg(feature = "postgres")]
