@@ -262,7 +262,7 @@ pub fn init_db(url: &str) -> Result<(), PgError> {
 /// `seq` the row's `seq` column. A start anchor
 /// ([`Verifier::start_after`]) is refused: the table keeps its genesis.
 pub fn verify(verifier: &Verifier, url: &str) -> Result<VerifyReport, PgError> {
-    let cfg = parse_url(url)?;
+    parse_url(url)?;
     let (key, end, start) = verifier.parts();
     if start.is_some() {
         return Err(PgError::Invalid(
@@ -270,52 +270,35 @@ pub fn verify(verifier: &Verifier, url: &str) -> Result<VerifyReport, PgError> {
         ));
     }
     let (key, end) = (key.cloned(), end.cloned());
-    on_own_runtime(move |rt| {
-        rt.block_on(async move {
-            let mut client = connect(&cfg, Duration::from_secs(30))
-                .await
-                .map_err(PgError::Database)?;
-            let tx = client
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(|e| PgError::Database(db_err("cannot begin", &e)))?;
-            let stmt = tx
-                .prepare("SELECT seq, line FROM phi_audit.entries ORDER BY seq")
-                .await
-                .map_err(|e| PgError::Database(db_err("cannot read the trail", &e)))?;
-            let portal = tx
-                .bind(&stmt, &[])
-                .await
-                .map_err(|e| PgError::Database(db_err("cannot read the trail", &e)))?;
-            let mut run = ChainCheck::new(key, end);
-            loop {
-                let rows = tx
-                    .query_portal(&portal, 4096)
-                    .await
-                    .map_err(|e| PgError::Database(db_err("cannot read the trail", &e)))?;
-                if rows.is_empty() {
-                    break;
-                }
-                for row in rows {
-                    let seq: i64 = row.get(0);
-                    let text: &str = row.get(1);
-                    run.row(seq, text)?;
-                }
-            }
-            Ok(run.finish()?)
-        })
-    })
+    let run = scan(url, ChainCheck::new(key, end), |run, seq, text| {
+        run.row(seq, text).map_err(PgError::from)
+    })?;
+    Ok(run.finish()?)
 }
 
 /// The lines of the table in `seq` order (one read-only snapshot), as a
-/// member of `phi_audit_verifier`.
+/// member of `phi_audit_verifier`, all in memory (for the checkpoint
+/// verifier, which takes them as one sequence).
 fn read_lines(url: &str) -> Result<Vec<String>, PgError> {
+    scan(url, Vec::new(), |lines, _, text| {
+        lines.push(text.to_owned());
+        Ok(())
+    })
+}
+
+/// Reads the table's rows in `seq` order in one read-only, repeatable-read
+/// snapshot, 4,096 rows at a time (memory stays bounded whatever its
+/// size), handing each row's `seq` and line to `f` with `state`; returns
+/// `state`.
+fn scan<S: Send + 'static>(
+    url: &str,
+    state: S,
+    mut f: impl FnMut(&mut S, i64, &str) -> Result<(), PgError> + Send + 'static,
+) -> Result<S, PgError> {
     let cfg = parse_url(url)?;
     on_own_runtime(move |rt| {
         rt.block_on(async move {
+            let mut state = state;
             let mut client = connect(&cfg, Duration::from_secs(30))
                 .await
                 .map_err(PgError::Database)?;
@@ -326,11 +309,22 @@ fn read_lines(url: &str) -> Result<Vec<String>, PgError> {
                 .start()
                 .await
                 .map_err(|e| PgError::Database(db_err("cannot begin", &e)))?;
-            let rows = tx
-                .query("SELECT line FROM phi_audit.entries ORDER BY seq", &[])
+            let read =
+                |e: tokio_postgres::Error| PgError::Database(db_err("cannot read the trail", &e));
+            let stmt = tx
+                .prepare("SELECT seq, line FROM phi_audit.entries ORDER BY seq")
                 .await
-                .map_err(|e| PgError::Database(db_err("cannot read the trail", &e)))?;
-            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+                .map_err(read)?;
+            let portal = tx.bind(&stmt, &[]).await.map_err(read)?;
+            loop {
+                let rows = tx.query_portal(&portal, 4096).await.map_err(read)?;
+                if rows.is_empty() {
+                    return Ok(state);
+                }
+                for row in rows {
+                    f(&mut state, row.get(0), row.get(1))?;
+                }
+            }
         })
     })
 }
@@ -338,11 +332,10 @@ fn read_lines(url: &str) -> Result<Vec<String>, PgError> {
 /// The report of the trail at `url` ([`report`](super::report)); needs
 /// only `SELECT`.
 pub fn report(url: &str) -> Result<super::report::Report, PgError> {
-    let mut r = super::report::Report::default();
-    for l in read_lines(url)? {
-        r.add_line(l.as_bytes());
-    }
-    Ok(r)
+    scan(url, super::report::Report::default(), |r, _, line| {
+        r.add_line(line.as_bytes());
+        Ok(())
+    })
 }
 
 /// Signs a checkpoint of the trail at `url` as it is now (see
@@ -351,12 +344,10 @@ pub fn checkpoint(
     url: &str,
     key: &super::checkpoint::CheckpointKey,
 ) -> Result<super::checkpoint::Checkpoint, PgError> {
-    let mut state = super::checkpoint::TrailDigest::new();
-    for l in read_lines(url)? {
-        state
-            .update(l.as_bytes())
-            .map_err(|e| PgError::Invalid(e.to_string()))?;
-    }
+    let state = scan(url, super::checkpoint::TrailDigest::new(), |d, _, line| {
+        d.update(line.as_bytes())
+            .map_err(|e| PgError::Invalid(e.to_string()))
+    })?;
     key.sign(&state, SystemTime::now())
         .ok_or_else(|| PgError::Invalid("the trail is empty".into()))
 }
