@@ -6,15 +6,15 @@
 //! them would spread that invariant over several files. Splitting out
 //! rotation and the writer thread is the next step when this file grows.
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use super::line::{self, Body, Header, Line, Mac, MAX_LINE};
+use super::queue::{Job, Queue};
 use super::verify::{BadLine, Problem};
 use super::{segment_path, segments, Anchor, AuditKey};
 use crate::events::{Completion, Event, EventSink, Receipt, SinkError};
@@ -236,24 +236,6 @@ pub struct AuditStats {
 struct Writer {
     queue: Arc<Queue>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct Queue {
-    jobs: Mutex<Jobs>,
-    ready: Condvar,
-}
-
-#[derive(Default)]
-struct Jobs {
-    pending: VecDeque<Job>,
-    closed: bool,
-}
-
-/// One submitted entry: its event's JSON, and who waits for it.
-struct Job {
-    event_json: String,
-    done: Completion,
 }
 
 /// What writing one entry gave: its `seq` and whether it needs an fsync.
@@ -1418,34 +1400,8 @@ impl Inner {
     /// The writer thread: takes every queued entry as one group, commits
     /// it, answers its receipts; until the queue is closed and empty.
     fn run_writer(&self, queue: &Queue) {
-        /// If the thread unwinds, nothing will write what is queued: close
-        /// the queue, so that later entries are refused at once, and answer
-        /// what waits with an error (dropping a completion does).
-        struct Closing<'q>(&'q Queue);
-        impl Drop for Closing<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    let mut jobs = lock(&self.0.jobs);
-                    jobs.closed = true;
-                    let waiting: Vec<Job> = jobs.pending.drain(..).collect();
-                    drop(jobs);
-                    drop(waiting);
-                }
-            }
-        }
-        let _closing = Closing(queue);
-        loop {
-            let group: Vec<Job> = {
-                let mut jobs = lock(&queue.jobs);
-                while jobs.pending.is_empty() && !jobs.closed {
-                    jobs = queue.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
-                }
-                if jobs.pending.is_empty() {
-                    return;
-                }
-                let n = jobs.pending.len().min(MAX_GROUP);
-                jobs.pending.drain(..n).collect()
-            };
+        let _closing = queue.closed_on_unwind();
+        while let Some(group) = queue.take_group(MAX_GROUP) {
             self.commit_group(group);
         }
     }
@@ -1577,17 +1533,12 @@ impl AuditLog {
         let Some(w) = writer.as_ref() else {
             return Err(SinkError("audit log writer missing".into()));
         };
-        let mut jobs = lock(&w.queue.jobs);
-        if jobs.closed {
-            return Err(SinkError(format!(
+        w.queue.push(event_json, done).map_err(|()| {
+            SinkError(format!(
                 "audit log {}: its writer thread stopped; reopen the log",
                 self.inner.cfg.base.display()
-            )));
-        }
-        jobs.pending.push_back(Job { event_json, done });
-        drop(jobs);
-        w.queue.ready.notify_one();
-        Ok(())
+            ))
+        })
     }
 }
 
@@ -1615,8 +1566,7 @@ impl Drop for AuditLog {
         // The writer finishes what was queued, then stops.
         let writer = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = writer.as_mut() {
-            lock(&w.queue.jobs).closed = true;
-            w.queue.ready.notify_all();
+            w.queue.close();
             if let Some(t) = w.thread.take() {
                 let _ = t.join();
             }

@@ -212,6 +212,7 @@ mod line;
 mod log;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod queue;
 pub mod report;
 #[cfg(feature = "tracing")]
 mod tracing_sink;

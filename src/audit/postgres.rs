@@ -53,19 +53,19 @@
 //! reconnects and the verifier of the table change together whenever the
 //! table changes; its SQL is a third of it.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::{Client, NoTls};
 
 use super::line::{self, Body, Header, Mac, Problem, MAX_LINE};
+use super::queue::Queue;
 use super::verify::{BadLine, GapRecord, Verifier, VerifyError, VerifyReport};
 use super::{Anchor, AuditKey};
-use crate::events::{Completion, Event, EventSink, Receipt, SinkError};
+use crate::events::{Event, EventSink, Receipt, SinkError};
 
 /// The schema every object lives in.
 pub const SCHEMA: &str = "phi_audit";
@@ -698,23 +698,6 @@ struct Counters {
     connections: AtomicU64,
 }
 
-#[derive(Default)]
-struct Queue {
-    jobs: Mutex<Jobs>,
-    ready: Condvar,
-}
-
-#[derive(Default)]
-struct Jobs {
-    pending: VecDeque<Job>,
-    closed: bool,
-}
-
-struct Job {
-    event_json: String,
-    done: Completion,
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -794,18 +777,8 @@ impl Writer {
     }
 
     fn run(&mut self, rt: &tokio::runtime::Runtime, queue: &Queue) {
-        loop {
-            let group: Vec<Job> = {
-                let mut jobs = lock(&queue.jobs);
-                while jobs.pending.is_empty() && !jobs.closed {
-                    jobs = queue.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
-                }
-                if jobs.pending.is_empty() {
-                    return;
-                }
-                let n = jobs.pending.len().min(MAX_GROUP);
-                jobs.pending.drain(..n).collect()
-            };
+        let _closing = queue.closed_on_unwind();
+        while let Some(group) = queue.take_group(MAX_GROUP) {
             let n = group.len() as u64;
             let result = match &self.broken {
                 Some(why) => Err(why.clone()),
@@ -1047,24 +1020,19 @@ impl EventSink for PgAuditLog {
             ))));
         }
         let (receipt, done) = Receipt::pending();
-        let mut jobs = lock(&self.queue.jobs);
-        if jobs.closed {
-            return Receipt::ready(Err(SinkError(format!(
+        match self.queue.push(event_json, done) {
+            Ok(()) => receipt,
+            Err(()) => Receipt::ready(Err(SinkError(format!(
                 "audit trail {} is closed",
                 self.target
-            ))));
+            )))),
         }
-        jobs.pending.push_back(Job { event_json, done });
-        drop(jobs);
-        self.queue.ready.notify_one();
-        receipt
     }
 }
 
 impl Drop for PgAuditLog {
     fn drop(&mut self) {
-        lock(&self.queue.jobs).closed = true;
-        self.queue.ready.notify_all();
+        self.queue.close();
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
