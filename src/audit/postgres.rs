@@ -386,18 +386,7 @@ impl ChainCheck {
             prev: [0; 32],
             rows: 0,
             anchor_seen: false,
-            report: VerifyReport {
-                files: Vec::new(),
-                lines: 0,
-                entries: 0,
-                gaps: Vec::new(),
-                mac: String::new(),
-                keyed: false,
-                last: Anchor {
-                    seq: 0,
-                    hash: line::hex(&[0; 32]),
-                },
-            },
+            report: VerifyReport::empty(),
         }
     }
 

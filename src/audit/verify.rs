@@ -128,6 +128,22 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// A report of nothing verified yet: the start of every verification.
+    pub(super) fn empty() -> VerifyReport {
+        VerifyReport {
+            files: Vec::new(),
+            lines: 0,
+            entries: 0,
+            gaps: Vec::new(),
+            mac: String::new(),
+            keyed: false,
+            last: Anchor {
+                seq: 0,
+                hash: line::hex(&[0; 32]),
+            },
+        }
+    }
+
     /// The number of events the gap lines say were lost.
     pub fn lost_events(&self) -> u64 {
         self.gaps.iter().map(|g| g.lost).sum()
@@ -278,18 +294,7 @@ impl Verifier {
             },
             segment: 0,
             anchor_seen: false,
-            report: VerifyReport {
-                files: Vec::new(),
-                lines: 0,
-                entries: 0,
-                gaps: Vec::new(),
-                mac: String::new(),
-                keyed: false,
-                last: Anchor {
-                    seq: 0,
-                    hash: line::hex(&[0; 32]),
-                },
-            },
+            report: VerifyReport::empty(),
         };
         let mut last_line = (files[0].as_ref().to_path_buf(), 0u64);
         for (index, path) in files.iter().enumerate() {
