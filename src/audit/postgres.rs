@@ -238,18 +238,46 @@ pub fn init_db(url: &str) -> Result<(), PgError> {
             let mut client = connect(&cfg, Duration::from_secs(30))
                 .await
                 .map_err(PgError::Database)?;
-            let tx = client
-                .transaction()
-                .await
-                .map_err(|e| PgError::Database(db_err("cannot begin", &e)))?;
-            tx.batch_execute(MIGRATION)
-                .await
-                .map_err(|e| PgError::Database(db_err("the migration failed", &e)))?;
-            tx.commit()
-                .await
-                .map_err(|e| PgError::Database(db_err("the migration failed", &e)))
+            // Roles are the cluster's, not the database's: two migrations
+            // at once (two databases, or two deploy jobs) can race to
+            // create or alter one, and the loser's transaction fails. The
+            // migration is idempotent, so it is run again.
+            let mut attempt = 0u32;
+            loop {
+                match migrate(&mut client).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if attempt < 5 && lost_a_race(&e) => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                    }
+                    Err(e) => return Err(PgError::Database(db_err("the migration failed", &e))),
+                }
+            }
         })
     })
+}
+
+/// [`MIGRATION`] in one transaction.
+async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(MIGRATION).await?;
+    tx.commit().await
+}
+
+/// A failure that a concurrent migration causes: a role (or schema)
+/// created by the other one first, a catalogue row it updated first, a
+/// deadlock between the two.
+fn lost_a_race(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => true,
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE => true,
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => true,
+        Some(c) if *c == SqlState::INTERNAL_ERROR => e
+            .as_db_error()
+            .is_some_and(|d| d.message().contains("concurrently")),
+        _ => false,
+    }
 }
 
 /// Verifies the trail in the database at `url` (a role with `SELECT` on
