@@ -214,6 +214,7 @@ mod log;
 pub mod postgres;
 mod queue;
 pub mod report;
+pub mod sealed;
 #[cfg(feature = "tracing")]
 mod tracing_sink;
 mod verify;
