@@ -17,6 +17,8 @@
 mod archive;
 #[path = "backup/audit.rs"]
 mod audit;
+#[path = "backup/auditkey.rs"]
+mod auditkey;
 #[path = "backup/clean.rs"]
 mod clean;
 #[path = "backup/commands.rs"]
@@ -124,6 +126,33 @@ pub struct Global {
         hide_env = true
     )]
     pub audit_key_file: Option<PathBuf>,
+    /// The audit key, sealed (the default way to key the chain): a
+    /// phi-envelope message made by `audit keygen`, or on the first use of a
+    /// new --audit-log [env: PHI_ENVELOPE_AUDIT_KEY_SEALED; default
+    /// audit-key.phienv beside the keystore]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "PHI_ENVELOPE_AUDIT_KEY_SEALED",
+        hide_env = true
+    )]
+    pub audit_key_sealed: Option<PathBuf>,
+    /// The key that seals a new audit key [env: PHI_ENVELOPE_AUDIT_KEY_REF;
+    /// default local:audit, created in the keystore if missing]
+    #[arg(
+        long,
+        global = true,
+        value_name = "REF",
+        env = "PHI_ENVELOPE_AUDIT_KEY_REF",
+        hide_env = true
+    )]
+    pub audit_key_ref: Option<String>,
+    /// Write (and verify) an unkeyed audit log: a bare SHA-256 checksum
+    /// chain that anyone who can write the file can recompute. Only where
+    /// the log is protected by other means
+    #[arg(long, global = true, conflicts_with = "audit_key_file")]
+    pub audit_unkeyed: bool,
     /// Who runs the command, recorded in audit events [env:
     /// PHI_ENVELOPE_ACTOR; default: the OS user's login name, else uid:N]
     #[arg(

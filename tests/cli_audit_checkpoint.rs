@@ -139,14 +139,18 @@ fn report_summarises_who_used_which_key() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let count = |actor: &str, op: &str| -> u64 {
+    let count = |actor: &str, op: &str, key: &str| -> u64 {
         rows.iter()
-            .filter(|r| r["actor"] == actor && r["operation"] == op)
+            .filter(|r| r["actor"] == actor && r["operation"] == op && r["key_ref"] == key)
             .map(|r| r["count"].as_u64().unwrap())
             .sum()
     };
-    assert_eq!(count("bob", "unwrap"), 2, "{out}");
-    assert!(count("alice", "generate") >= 1, "{out}");
+    assert_eq!(count("bob", "unwrap", "local:backups"), 2, "{out}");
+    assert!(count("alice", "generate", "local:backups") >= 1, "{out}");
+    // The chain is keyed by default: each run unseals the audit key, and
+    // that key use is in the trail too.
+    assert_eq!(count("bob", "unwrap", "local:audit"), 2, "{out}");
+    assert_eq!(count("alice", "create-key", "local:audit"), 1, "{out}");
     assert!(rows.iter().all(|r| r["day"].as_str().unwrap().len() == 10));
     let text = stdout(&e.ok(&["audit", "report", "audit.jsonl"]));
     assert!(text.contains("\tbob\t"), "{text}");

@@ -134,3 +134,70 @@ fn init_db_record_and_verify_through_the_cli() {
         "names the entry: {err}"
     );
 }
+
+/// A fleet's writers share one audit key: made once by `audit keygen`,
+/// sealed, and copied to each writer. Without it the trail is not opened
+/// and no key is used; with it two writers (two machines, each with its
+/// copy of the sealed file and of the keystore that can open it) append to
+/// one chain, which verifies with the sealed key and no key file.
+#[test]
+fn writers_of_a_fleet_share_one_sealed_audit_key() {
+    let admin = env("PHI_PG_URL");
+    sql(
+        &admin,
+        "DROP DATABASE IF EXISTS phi_t_cli_fleet WITH (FORCE)",
+    );
+    sql(&admin, "CREATE DATABASE phi_t_cli_fleet");
+    let a = Env::new();
+    let su = url("postgres", "phi_t_cli_fleet");
+    a.ok(&["audit", "init-db", &su]);
+    a.ok(&["keys", "init"]);
+    let err = a.fails(&["--audit-db", &su, "keys", "list"], 6);
+    assert!(err.contains("audit keygen"), "{err}");
+    let out = stdout(&a.ok(&["--audit-db", &su, "audit", "keygen", "--out", "fleet.key"]));
+    assert!(out.contains("sealed to local:audit"), "{out}");
+    // Never over an existing one.
+    a.fails(&["audit", "keygen", "--out", "fleet.key"], 4);
+
+    let b = Env::new();
+    fs::create_dir_all(b.keystore.parent().unwrap()).unwrap();
+    fs::copy(&a.keystore, &b.keystore).unwrap();
+    fs::copy(a.path("fleet.key"), b.path("fleet.key")).unwrap();
+    for (e, actor) in [(&a, "host-a"), (&b, "host-b")] {
+        fs::write(e.path("f"), actor).unwrap();
+        e.ok(&[
+            "--audit-db",
+            &su,
+            "--audit-key-sealed",
+            "fleet.key",
+            "--actor",
+            actor,
+            "encrypt",
+            "-o",
+            "f.phi",
+            "f",
+        ]);
+    }
+    let out = stdout(&b.ok(&[
+        "--audit-db",
+        &su,
+        "--audit-key-sealed",
+        "fleet.key",
+        "audit",
+        "verify",
+        "--json",
+    ]));
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(j["ok"], true, "{out}");
+    assert_eq!(j["keyed"], true, "{out}");
+    let report = stdout(&a.ok(&["--audit-db", &su, "audit", "report", "--json"]));
+    for host in ["host-a", "host-b"] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.contains(&format!("\"actor\":\"{host}\""))
+                    && l.contains("\"key_ref\":\"local:backups\"")),
+            "{report}"
+        );
+    }
+}

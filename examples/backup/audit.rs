@@ -13,6 +13,7 @@ use clap::Subcommand;
 use std::sync::Arc;
 
 use phi_envelope::audit::checkpoint::{self, CheckpointKey};
+use phi_envelope::audit::sealed::SecretKind as SealedKind;
 use phi_envelope::audit::{AuditKey, AuditLog, Verifier, VerifyReport};
 use phi_envelope::events::{EventSink, FanOut};
 
@@ -60,12 +61,32 @@ pub enum AuditCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Make an Ed25519 checkpoint signing key: its seed into FILE (mode
-    /// 0600, never overwritten); prints the public key to give auditors
+    /// Make a trail's audit key (the HMAC key of its chain), sealed to
+    /// --seal-to, into FILE (default: the sealed audit key's path); for a
+    /// PostgreSQL trail, whose writers share one key
+    Keygen {
+        /// The key that seals it (default --audit-key-ref, else local:audit)
+        #[arg(long, value_name = "REF")]
+        seal_to: Option<String>,
+        /// Where to write it (never overwritten)
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Make an Ed25519 checkpoint signing key: its seed sealed to
+    /// --seal-to into FILE (never overwritten); prints the public key to
+    /// give auditors
     CheckpointKeygen {
-        /// Where to write the seed
+        /// Where to write the sealed seed
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// The key that seals the seed (default --audit-key-ref, else
+        /// local:audit): a keystore, HSM, KMS or Transit key
+        #[arg(long, value_name = "REF", conflicts_with = "unsealed")]
+        seal_to: Option<String>,
+        /// Write the bare seed (64 hex digits, mode 0600) instead, for a
+        /// signer kept offline
+        #[arg(long)]
+        unsealed: bool,
     },
     /// Sign a checkpoint of the trail (LOG, or the table of --audit-db) as
     /// it is now, and append it to --out (or print it)
@@ -73,7 +94,7 @@ pub enum AuditCmd {
         /// The log's first file (or none, with --audit-db)
         #[arg(value_name = "LOG")]
         log: Option<PathBuf>,
-        /// The signing key's seed file (checkpoint-keygen)
+        /// The signing key (checkpoint-keygen): a sealed seed, or a bare one
         #[arg(long, value_name = "FILE")]
         signing_key: PathBuf,
         /// The checkpoints file to append to
@@ -130,7 +151,14 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
                 "audit verify needs a LOG file or --audit-db URL".into(),
             )),
         },
-        AuditCmd::CheckpointKeygen { out } => checkpoint_keygen(&out),
+        AuditCmd::Keygen { seal_to, out } => {
+            crate::auditkey::keygen(g, seal_to.as_deref(), out.as_deref())
+        }
+        AuditCmd::CheckpointKeygen {
+            out,
+            seal_to,
+            unsealed,
+        } => checkpoint_keygen(g, &out, seal_to.as_deref(), unsealed),
         AuditCmd::Report { log, json } => {
             let trail = trail(log.as_deref(), g)?;
             report(&trail, json)
@@ -228,8 +256,50 @@ fn db_report(_url: &str) -> Result<phi_envelope::audit::report::Report, CliError
     Err(no_postgres())
 }
 
-/// `backup audit checkpoint-keygen --out FILE`.
-fn checkpoint_keygen(out: &Path) -> Result<(), CliError> {
+/// `backup audit checkpoint-keygen --out FILE [--seal-to REF | --unsealed]`.
+fn checkpoint_keygen(
+    g: &Global,
+    out: &Path,
+    seal_to: Option<&str>,
+    unsealed: bool,
+) -> Result<(), CliError> {
+    let key = if unsealed {
+        write_bare_seed(out)?
+    } else {
+        if out.symlink_metadata().is_ok() {
+            return Err(CliError::new(
+                exit::IO,
+                format!(
+                    "cannot create {} (never overwritten): it exists",
+                    out.display()
+                ),
+            ));
+        }
+        let key = seal_to.map_or_else(|| g.audit_key_ref.clone(), |k| Some(k.to_owned()));
+        let schemes = std::collections::BTreeSet::from([crate::connect::key_ref(
+            key.as_deref().unwrap_or(crate::auditkey::DEFAULT_SEAL_KEY),
+        )?
+        .scheme()
+        .to_owned()]);
+        let opened = crate::connect::open_providers(g, &schemes, crate::connect::Local::Require)?;
+        let caller = phi_envelope::Caller::new(crate::connect::actor(g), "backup");
+        let (seed, message, _events) =
+            crate::auditkey::make(g, &opened, &caller, seal_to, SealedKind::CheckpointSeed)?;
+        crate::auditkey::write_new(out, &message)?;
+        CheckpointKey::from_seed(&seed).map_err(CliError::from)?
+    };
+    println!(
+        "checkpoint public key {} (id {}): give it to the auditors; keep {} away from the log's host",
+        hex_of(&key.public_key()),
+        key.id(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// The bare seed of a new signing key into `out` (0600, never
+/// overwritten).
+fn write_bare_seed(out: &Path) -> Result<CheckpointKey, CliError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let (key, seed) = CheckpointKey::generate().map_err(CliError::from)?;
@@ -248,13 +318,28 @@ fn checkpoint_keygen(out: &Path) -> Result<(), CliError> {
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(|e| CliError::new(exit::IO, format!("cannot write {}: {e}", out.display())))?;
-    println!(
-        "checkpoint public key {} (id {}): give it to the auditors; keep {} away from the log's host",
-        hex_of(&key.public_key()),
-        key.id(),
-        out.display()
-    );
-    Ok(())
+    Ok(key)
+}
+
+/// The signing key of `audit checkpoint --signing-key FILE`: a sealed seed
+/// (a phi-envelope message, opened with the providers it names), or a bare
+/// one (64 hex digits).
+fn signing_key(g: &Global, file: &Path) -> Result<CheckpointKey, CliError> {
+    let bytes = zeroize::Zeroizing::new(fs::read(file).map_err(|e| {
+        CliError::new(
+            exit::IO,
+            format!("cannot read the signing key {}: {e}", file.display()),
+        )
+    })?);
+    let seed = if bytes.starts_with(&phi_envelope::format::MAGIC) {
+        crate::auditkey::open_sealed(g, file, SealedKind::CheckpointSeed)?
+    } else {
+        unhex32(
+            std::str::from_utf8(&bytes).unwrap_or(""),
+            "the signing key file",
+        )?
+    };
+    CheckpointKey::from_seed(&seed).map_err(CliError::from)
 }
 
 fn hex_of(b: &[u8]) -> String {
@@ -287,14 +372,7 @@ fn checkpoint(
     // where the trail is keyed, so that a line inserted by someone without
     // the audit key is never signed into the record.
     verify_before_signing(g, trail)?;
-    let text = zeroize::Zeroizing::new(fs::read_to_string(signing_key).map_err(|e| {
-        CliError::new(
-            exit::IO,
-            format!("cannot read the signing key {}: {e}", signing_key.display()),
-        )
-    })?);
-    let seed = unhex32(&text, "the signing key file")?;
-    let key = CheckpointKey::from_seed(&seed).map_err(CliError::from)?;
+    let key = self::signing_key(g, signing_key)?;
     let cp = match trail {
         Trail::File(log) => checkpoint::sign_log(log, &key).map_err(audit_err)?,
         Trail::Db(url) => db_checkpoint(url, &key)?,
@@ -439,49 +517,15 @@ fn db_verify_checkpoints(
     Err(no_postgres())
 }
 
-/// The audit key from `--audit-key-file`: 64+ hex digits, or 32+ raw bytes.
-fn audit_key(g: &Global) -> Result<Option<AuditKey>, CliError> {
-    let Some(file) = &g.audit_key_file else {
-        return Ok(None);
-    };
-    let bytes = zeroize::Zeroizing::new(fs::read(file).map_err(|e| {
-        CliError::new(
-            exit::AUDIT,
-            format!("cannot read the audit key file {}: {e}", file.display()),
-        )
-    })?);
-    let text = std::str::from_utf8(&bytes).map(str::trim).unwrap_or("");
-    let key = if text.len() >= 64
-        && text.len().is_multiple_of(2)
-        && text.bytes().all(|b| b.is_ascii_hexdigit())
-    {
-        let raw: zeroize::Zeroizing<Vec<u8>> = zeroize::Zeroizing::new(
-            (0..text.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap_or(0))
-                .collect(),
-        );
-        AuditKey::new(&raw)
-    } else {
-        AuditKey::new(&bytes)
-    };
-    key.map(Some).map_err(|_| {
-        CliError::new(
-            exit::AUDIT,
-            format!(
-                "the audit key file {} must hold at least 32 bytes (or 64 hex digits)",
-                file.display()
-            ),
-        )
-    })
-}
-
 /// The keyring's event sink: the audit log of `--audit-log`, the
 /// PostgreSQL trail of `--audit-db`, both (every event to each; a key use
 /// is refused unless both recorded it), or none.
-pub fn open_sink(g: &Global) -> Result<Option<Arc<dyn EventSink>>, CliError> {
-    let log = open_log(g)?.map(|l| l as Arc<dyn EventSink>);
-    let db = open_db(g)?;
+pub fn open_sink(
+    g: &Global,
+    key: Option<AuditKey>,
+) -> Result<Option<Arc<dyn EventSink>>, CliError> {
+    let log = open_log(g, key.clone())?.map(|l| l as Arc<dyn EventSink>);
+    let db = open_db(g, key)?;
     Ok(match (log, db) {
         (Some(l), Some(d)) => Some(Arc::new(FanOut(vec![l, d]))),
         (l, d) => l.or(d),
@@ -490,15 +534,15 @@ pub fn open_sink(g: &Global) -> Result<Option<Arc<dyn EventSink>>, CliError> {
 
 /// The PostgreSQL trail of `--audit-db`, when one is configured.
 #[cfg(feature = "postgres")]
-fn open_db(g: &Global) -> Result<Option<Arc<dyn EventSink>>, CliError> {
+fn open_db(g: &Global, key: Option<AuditKey>) -> Result<Option<Arc<dyn EventSink>>, CliError> {
     use phi_envelope::audit::postgres::PgAuditLog;
     let Some(url) = &g.audit_db else {
         return Ok(None);
     };
-    let Some(key) = audit_key(g)? else {
+    let Some(key) = key else {
         return Err(CliError::new(
             exit::AUDIT,
-            "the PostgreSQL audit trail is keyed: pass --audit-key-file FILE (or PHI_ENVELOPE_AUDIT_KEY_FILE); no key was used".into(),
+            "the PostgreSQL audit trail is keyed: give it its audit key (the sealed key of `audit keygen`, or --audit-key-file FILE); no key was used".into(),
         ));
     };
     let log = PgAuditLog::builder()
@@ -509,7 +553,7 @@ fn open_db(g: &Global) -> Result<Option<Arc<dyn EventSink>>, CliError> {
 }
 
 #[cfg(not(feature = "postgres"))]
-fn open_db(g: &Global) -> Result<Option<Arc<dyn EventSink>>, CliError> {
+fn open_db(g: &Global, _key: Option<AuditKey>) -> Result<Option<Arc<dyn EventSink>>, CliError> {
     match &g.audit_db {
         None => Ok(None),
         Some(_) => Err(no_postgres()),
@@ -597,7 +641,7 @@ fn verifier(
     start_after: Option<&str>,
 ) -> Result<Verifier, CliError> {
     let mut v = Verifier::new();
-    if let Some(k) = audit_key(g)? {
+    if let Some(k) = crate::auditkey::for_verifier(g)? {
         v = v.key(k);
     }
     if let Some(a) = anchor {
@@ -610,7 +654,7 @@ fn verifier(
 }
 
 /// The audit log of `--audit-log`, when one is configured.
-pub fn open_log(g: &Global) -> Result<Option<Arc<AuditLog>>, CliError> {
+pub fn open_log(g: &Global, key: Option<AuditKey>) -> Result<Option<Arc<AuditLog>>, CliError> {
     let Some(path) = &g.audit_log else {
         return Ok(None);
     };
@@ -618,7 +662,7 @@ pub fn open_log(g: &Global) -> Result<Option<Arc<AuditLog>>, CliError> {
     // lock excludes live writers while it is examined): cut it off and
     // record a `torn-tail` gap line rather than stop every later run.
     let mut b = AuditLog::builder().repair_torn_tail(true);
-    if let Some(k) = audit_key(g)? {
+    if let Some(k) = key {
         b = b.audit_key(k);
     }
     let log = b.open(path).map_err(|e| {

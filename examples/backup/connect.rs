@@ -9,6 +9,8 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use phi_envelope::events::EventSink;
+use phi_envelope::keyring::KeyringBuilder;
 use phi_envelope::provider::local::LocalKeystore;
 use phi_envelope::{Caller, Envelope, KeyProvider, KeyRef, Keyring};
 
@@ -92,7 +94,7 @@ pub enum Local {
 /// library refuses key management without an actor, and an audit trail
 /// needs a name it can be held to. (`$USER` is not used: any process can
 /// set it to anything.)
-fn actor(g: &Global) -> String {
+pub fn actor(g: &Global) -> String {
     if let Some(a) = g.actor.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
         return a.to_owned();
     }
@@ -153,9 +155,97 @@ fn unsupported_hint(scheme: &str) -> String {
     }
 }
 
+/// The providers a command opened, before any keyring is built from them.
+pub struct Opened {
+    pub rt: tokio::runtime::Runtime,
+    pub providers: Vec<Arc<dyn KeyProvider>>,
+    pub local: Option<Arc<LocalKeystore>>,
+    pub keystore_path: PathBuf,
+    /// `keys init`: the local keys to create once the keyring exists.
+    created: Vec<KeyRef>,
+}
+
+impl Opened {
+    /// A keyring builder over these providers, with `sink` as its event
+    /// sink.
+    pub fn builder(&self, sink: Option<Arc<dyn EventSink>>) -> KeyringBuilder {
+        let mut builder = Keyring::builder();
+        for p in &self.providers {
+            builder = builder.provider(p.clone());
+        }
+        match sink {
+            Some(sink) => builder.event_sink(sink),
+            None => builder,
+        }
+    }
+}
+
 /// Opens the providers for `schemes` (provider ids) and builds the keyring,
-/// with the audit log as its event sink when one is configured.
+/// with the audit trail as its event sink when one is configured (and the
+/// providers that unseal its audit key, when the chain is keyed with a
+/// sealed key: see `auditkey`).
 pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<Keys, CliError> {
+    let audit_schemes = crate::auditkey::writer_schemes(g)?;
+    let mut all = schemes.clone();
+    all.extend(audit_schemes.iter().cloned());
+    let local = match local {
+        // The audit key is sealed to a local key: the keystore must open.
+        Local::Open if audit_schemes.contains("local") => Local::Require,
+        l => l,
+    };
+    let opened = open_providers(g, &all, local)?;
+    let caller = Caller::new(actor(g), "backup");
+    let (audit_key, bootstrap_events) = crate::auditkey::for_writer(g, &opened, &caller)?;
+    let sink = crate::audit::open_sink(g, audit_key)?;
+    if let Some(sink) = &sink {
+        // What unsealing (or making) the audit key did goes into the trail
+        // it keys, first: no key use is left out of it.
+        for event in &bootstrap_events {
+            sink.record(event).map_err(|e| {
+                CliError::new(exit::AUDIT, format!("{e}; no key was used for the command"))
+            })?;
+        }
+    }
+    let mut builder = opened.builder(sink);
+    if let Some(dual) = crate::custodian::dual_control(g)? {
+        builder = builder.dual_control(dual);
+    }
+    let keyring = Arc::new(builder.build()?);
+    let Opened {
+        rt,
+        local: store,
+        keystore_path,
+        created,
+        ..
+    } = opened;
+    let keys = Keys {
+        rt,
+        keyring,
+        local: store,
+        keystore_path,
+        caller,
+    };
+    let manager = keys.manager("key-management");
+    for k in created {
+        let info = keys.block_on(keys.keyring.create_key(&k, &manager))?;
+        if !g.quiet {
+            eprintln!(
+                "backup: created key {} (version {}, enabled)",
+                info.key_ref,
+                info.primary_version.unwrap_or(1)
+            );
+        }
+    }
+    Ok(keys)
+}
+
+/// Opens the local keystore (as `local` says) and the providers of
+/// `schemes`.
+pub fn open_providers(
+    g: &Global,
+    schemes: &BTreeSet<String>,
+    local: Local,
+) -> Result<Opened, CliError> {
     if !schemes.is_empty() && schemes.iter().all(|s| !supported(s)) {
         let list: Vec<&str> = schemes.iter().map(String::as_str).collect();
         return Err(CliError::new(
@@ -169,7 +259,7 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
     }
     let rt = runtime()?;
     let path = keystore_path(g)?;
-    let mut builder = Keyring::builder();
+    let mut providers: Vec<Arc<dyn KeyProvider>> = Vec::new();
     let mut store = None;
     let mut created: Vec<KeyRef> = Vec::new();
     let exists = path.symlink_metadata().is_ok();
@@ -212,49 +302,30 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
             None => ks,
         };
         let ks = Arc::new(ks);
-        builder = builder.provider(ks.clone() as Arc<dyn KeyProvider>);
+        providers.push(ks.clone() as Arc<dyn KeyProvider>);
         store = Some(ks);
     }
     for scheme in schemes {
         match scheme.as_str() {
             "local" => {}
             #[cfg(feature = "pkcs11")]
-            "pkcs11" => builder = builder.provider(crate::providers::pkcs11(&rt)?),
+            "pkcs11" => providers.push(crate::providers::pkcs11(&rt)?),
             #[cfg(feature = "aws-kms")]
-            "aws-kms" => builder = builder.provider(crate::providers::aws_kms(&rt)?),
+            "aws-kms" => providers.push(crate::providers::aws_kms(&rt)?),
             #[cfg(feature = "vault")]
-            "vault-transit" => builder = builder.provider(crate::providers::vault()?),
+            "vault-transit" => providers.push(crate::providers::vault()?),
             #[cfg(feature = "recovery")]
-            "hpke-recovery" => builder = builder.provider(crate::recovery::provider(g)?),
+            "hpke-recovery" => providers.push(crate::recovery::provider(g)?),
             _ => {} // reported per message as "no provider holds a key"
         }
     }
-    if let Some(sink) = crate::audit::open_sink(g)? {
-        builder = builder.event_sink(sink);
-    }
-    if let Some(dual) = crate::custodian::dual_control(g)? {
-        builder = builder.dual_control(dual);
-    }
-    let keyring = Arc::new(builder.build()?);
-    let keys = Keys {
+    Ok(Opened {
         rt,
-        keyring,
+        providers,
         local: store,
         keystore_path: path,
-        caller: Caller::new(actor(g), "backup"),
-    };
-    let manager = keys.manager("key-management");
-    for k in created {
-        let info = keys.block_on(keys.keyring.create_key(&k, &manager))?;
-        if !g.quiet {
-            eprintln!(
-                "backup: created key {} (version {}, enabled)",
-                info.key_ref,
-                info.primary_version.unwrap_or(1)
-            );
-        }
-    }
-    Ok(keys)
+        created,
+    })
 }
 
 /// Parses a key reference; `NAME` alone means `local:NAME`.
