@@ -216,7 +216,7 @@ pub fn for_writer(
     write_new(&path, &message)?;
     if !g.quiet {
         eprintln!(
-            "backup: made the audit key (key id {}) sealed to {} at {}: keep it with the keystore; \
+            "backup: created the audit key (key id {}) sealed to {} at {}: keep it with the keystore; \
              without it the log's chain cannot be verified with its key",
             key.key_id(),
             seal_ref(g, None)?,
