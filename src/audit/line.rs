@@ -220,7 +220,9 @@ pub enum Problem {
     HeaderExpected,
     /// A header in the middle of a file.
     UnexpectedHeader,
-    /// The file is empty.
+    /// The file is empty: the first file, or a rotated file that is not the
+    /// last one (an empty last rotated file is a rotation cut short before
+    /// its header, which the next writer completes, and is accepted).
     EmptyFile,
     /// The log does not start with its genesis header (segment 1, seq 0):
     /// its first lines or files are missing.
