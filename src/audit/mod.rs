@@ -216,6 +216,8 @@ mod queue;
 pub mod report;
 #[cfg(feature = "tracing")]
 mod tracing_sink;
+#[cfg(test)]
+mod vector_tests;
 mod verify;
 
 use std::fmt;
