@@ -331,11 +331,7 @@ fn library_verdict(path: &Path) -> Value {
 
 fn python_verdict(path: &Path) -> Value {
     let key_hex = hex::encode(KEY);
-    let (code, out) = python(&[
-        "--key-hex".as_ref(),
-        key_hex.as_ref(),
-        path.as_os_str(),
-    ]);
+    let (code, out) = python(&["--key-hex".as_ref(), key_hex.as_ref(), path.as_os_str()]);
     assert_eq!(code, if out["ok"] == true { 0 } else { 1 }, "{out}");
     out
 }

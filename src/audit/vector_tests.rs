@@ -249,8 +249,8 @@ fn make(mac: &Mac, files: &[Vec<Body>]) -> Made {
         for body in bodies {
             if seq == 0 {
                 let text = line::encode_body(seq, body, &prev);
-                out.first_message = [b"phi-envelope-audit/1\0".as_slice(), &prev, text.as_bytes()]
-                    .concat();
+                out.first_message =
+                    [b"phi-envelope-audit/1\0".as_slice(), &prev, text.as_bytes()].concat();
             }
             let (text, hash) = line::make_line(mac, seq, body, &prev);
             content.push_str(&text);
@@ -374,7 +374,11 @@ fn edit_line(
 fn cases(keyed: &Made, unkeyed: &Made) -> Vec<Case> {
     let k = || Some(keyed_key_bytes());
     let kf = &keyed.files;
-    let last = format!("{}:{}", keyed.hashes.len() - 1, keyed.hashes.last().unwrap());
+    let last = format!(
+        "{}:{}",
+        keyed.hashes.len() - 1,
+        keyed.hashes.last().unwrap()
+    );
     let case = |name, files, key| Case {
         name,
         files,
@@ -404,7 +408,9 @@ fn cases(keyed: &Made, unkeyed: &Made) -> Vec<Case> {
         ),
         case(
             "a space after a colon",
-            edit_line(kf, 0, |l| l[1] = l[1].replacen("\"seq\":1,", "\"seq\": 1,", 1)),
+            edit_line(kf, 0, |l| {
+                l[1] = l[1].replacen("\"seq\":1,", "\"seq\": 1,", 1)
+            }),
             k(),
         ),
         case(
@@ -430,7 +436,10 @@ fn cases(keyed: &Made, unkeyed: &Made) -> Vec<Case> {
         case(
             "a rotated header naming another MAC",
             edit_line(kf, 1, |l| {
-                let id = AuditKey::new(&keyed_key_bytes()).unwrap().key_id().to_owned();
+                let id = AuditKey::new(&keyed_key_bytes())
+                    .unwrap()
+                    .key_id()
+                    .to_owned();
                 l[0] = l[0].replacen(
                     &format!("\"mac\":\"hmac-sha256\",\"key_id\":\"{id}\""),
                     "\"mac\":\"sha256\",\"key_id\":null",
@@ -469,7 +478,11 @@ fn cases(keyed: &Made, unkeyed: &Made) -> Vec<Case> {
         ),
         case(
             "an empty rotated file before the last",
-            vec![kf[0].clone(), ("audit.jsonl.000002".into(), String::new()), kf[2].clone()],
+            vec![
+                kf[0].clone(),
+                ("audit.jsonl.000002".into(), String::new()),
+                kf[2].clone(),
+            ],
             k(),
         ),
         Case {
@@ -490,7 +503,11 @@ fn cases(keyed: &Made, unkeyed: &Made) -> Vec<Case> {
             anchor: Some(last),
             ..case("the whole log, with its anchor", kf.clone(), k())
         },
-        case("verified with another key", kf.clone(), Some(other_key_bytes())),
+        case(
+            "verified with another key",
+            kf.clone(),
+            Some(other_key_bytes()),
+        ),
         case("a keyed log verified without a key", kf.clone(), None),
         case(
             "an unkeyed log verified with a key",
