@@ -578,7 +578,7 @@ fn vector() -> Value {
         })
         .collect();
     json!({
-        "description": "phi-envelope file audit log, format phi-envelope-audit/1 (docs/AUDIT-LOG.md): a keyed log of three files (rotation) with every line type, an aggregated cache-hit event, a null-heavy event and strings that need escaping; an unkeyed log; and cases (tampered and edge-case logs) with what a verifier must say about each. Made by src/audit/vector_tests.rs from fixed events and times (PHI_ENVELOPE_WRITE_AUDIT_LOG_VECTORS=1 cargo test --lib audit::vector_tests).",
+        "description": "phi-envelope file audit log, format phi-envelope-audit/1 (docs/AUDIT-LOG.md): a keyed log of three files (rotation) with every line type, an aggregated cache-hit event, a null-heavy event and strings that need escaping; an unkeyed log; and cases (tampered and edge-case logs) with what a verifier must say about each. Made by src/audit/vector_tests.rs from fixed events and times (PHI_ENVELOPE_WRITE_AUDIT_LOG_VECTORS=1 cargo test --all-features --lib audit::vector_tests).",
         "format": line::FORMAT,
         "key_id_message_hex": hex::encode(line::KEY_ID_DOMAIN),
         "logs": [
