@@ -467,6 +467,37 @@ fn a_rotation_cut_short_by_a_crash_is_completed_on_open() {
     assert_eq!(json(&read_lines(&next)[0])["prev_file"], "audit.jsonl");
 }
 
+/// A writer killed between creating the next file and writing its header
+/// leaves an empty last file: a state the next writer completes (above),
+/// not damage. The verifier accepts it (it holds no line) and does not
+/// list it; an empty file before the last one is still damage.
+#[test]
+fn an_empty_last_file_left_by_a_rotation_cut_short_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_with(dir.path(), 3, Some(key()));
+    let before = Verifier::new().key(key()).verify(&path).unwrap();
+    let next = dir.path().join("audit.jsonl.000002");
+    fs::write(&next, b"").unwrap();
+    for report in [
+        Verifier::new().key(key()).verify(&path).unwrap(),
+        Verifier::new()
+            .key(key())
+            .anchor(before.last.clone())
+            .verify_files(&[path.clone(), next.clone()])
+            .unwrap(),
+    ] {
+        assert_eq!(report.entries, 3);
+        assert_eq!(report.last, before.last);
+        assert_eq!(report.files, before.files, "the empty file is not listed");
+    }
+    // An empty file followed by another is a file emptied: named there.
+    let third = dir.path().join("audit.jsonl.000003");
+    fs::write(&third, b"").unwrap();
+    let b = bad(Verifier::new().key(key()).verify(&path));
+    assert_eq!((b.file.as_path(), b.line), (next.as_path(), 1));
+    assert_eq!(b.problem, Problem::EmptyFile);
+}
+
 #[test]
 fn fsync_policies_all_write_every_entry() {
     for policy in [

@@ -16,9 +16,10 @@ pub(crate) const FORMAT: &str = "phi-envelope-audit/1";
 const DOMAIN: &[u8] = b"phi-envelope-audit/1\0";
 /// The message whose HMAC names a key.
 pub(crate) const KEY_ID_DOMAIN: &[u8] = b"phi-envelope-audit/1 key-id\0";
-/// The longest line (newline included) written or read. Events are a few
-/// hundred bytes; the bound keeps a hostile file from making the verifier
-/// allocate without limit.
+/// The longest line (newline excluded) read; a writer refuses an event
+/// whose JSON, plus 240 bytes for the rest of its line, is longer. Events
+/// are a few hundred bytes; the bound keeps a hostile file from making the
+/// verifier allocate without limit.
 pub(crate) const MAX_LINE: usize = 64 * 1024;
 /// `,"hash":"` + 64 hex digits + `"}`.
 const SUFFIX_LEN: usize = 9 + 64 + 2;
@@ -220,7 +221,9 @@ pub enum Problem {
     HeaderExpected,
     /// A header in the middle of a file.
     UnexpectedHeader,
-    /// The file is empty.
+    /// The file is empty: the first file, or a rotated file that is not the
+    /// last one (an empty last rotated file is a rotation cut short before
+    /// its header, which the next writer completes, and is accepted).
     EmptyFile,
     /// The log does not start with its genesis header (segment 1, seq 0):
     /// its first lines or files are missing.

@@ -42,38 +42,40 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Line format
+//! # Format
 //!
-//! Every line of every file is one JSON object, in a canonical encoding
-//! (fixed member order, no spaces, one escaping rule; the verifier re-encodes
-//! each line and rejects any other spelling). Members, in order:
+//! The bytes are specified in docs/AUDIT-LOG.md (format
+//! `phi-envelope-audit/1`), with committed vectors
+//! (tests/vectors/audit-log-v1.json) and an independent verifier; what
+//! follows is a summary. Every line of every file is one JSON object in a
+//! canonical encoding (fixed member order, no spaces, one escaping rule,
+//! timestamps with six fractional digits; the verifier re-encodes each line
+//! and rejects any other spelling), then a newline. Members, in order:
 //!
 //! - `seq`: the line's position in the whole chain, from 0, contiguous across
 //!   rotated files;
 //! - `type`: `header`, `event` or `gap`, followed by the members of the type:
-//!   - `header` (the first line of every file): `format`
+//!   - `header` (the first line of every file, and only there): `format`
 //!     (`"phi-envelope-audit/1"`), `mac` (`"hmac-sha256"` or `"sha256"`),
 //!     `key_id` (16 hex digits identifying the audit key, or `null`),
 //!     `segment` (the file's number, 1, 2, ...), `prev_file` (the name of the
 //!     file this one continues, or `null` for the first), `time`;
 //!   - `event`: `event`, the event object of the
 //!     [event schema](crate::events#json-schema);
-//!   - `gap`: `lost` (how many events could not be written) and `reason`
-//!     (`write-failed` or `torn-tail`), `time`: written at the first
-//!     successful append after failures, so that a loss is never silent;
+//!   - `gap`: `lost` (how many events were not recorded), `reason`
+//!     (`write-failed`: written before the next event a writer appends after
+//!     failed appends; `torn-tail`: written when an incomplete last line was
+//!     cut off) and `time`, so that a loss is never silent;
 //! - `prev`: the `hash` of the line before it (64 hex digits; all zeros for
 //!   line 0);
 //! - `hash`: 64 hex digits, always the last member.
 //!
 //! ```text
-//! {"seq":0,"type":"header","format":"phi-envelope-audit/1","mac":"hmac-sha256","key_id":"9c3e5b1d0a4f2e6b","segment":1,"prev_file":null,"time":"2026-11-25T10:11:01.000012Z","prev":"0000…0000","hash":"5e0f…"}
-//! {"seq":1,"type":"event","event":{"timestamp":"2026-11-25T10:11:01.120044Z","operation":"generate",…,"duration_us":388},"prev":"5e0f…","hash":"a41c…"}
+//! {"seq":0,"type":"header","format":"phi-envelope-audit/1","mac":"hmac-sha256","key_id":"4893081180cd4645","segment":1,"prev_file":null,"time":"2026-12-04T03:00:00.000000Z","prev":"0000…0000","hash":"5df4…29e4"}
+//! {"seq":1,"type":"event","event":{"timestamp":"2026-12-04T03:00:00.120044Z","operation":"create-key",…,"duration_us":1830},"prev":"5df4…29e4","hash":"cc81…577f"}
 //! ```
 //!
-//! # Chain construction
-//!
-//! Let `body` be the bytes of a line up to, not including, `,"hash":"`
-//! (that is, the line without its hash member, closing brace and newline),
+//! Let `body` be the bytes of a line up to, not including, `,"hash":"`,
 //! and `prev` the previous line's hash as 32 raw bytes. Then
 //!
 //! ```text
@@ -81,18 +83,17 @@
 //! hash = SHA-256("phi-envelope-audit/1\0" || prev || body)                   (unkeyed)
 //! ```
 //!
-//! `body` contains `seq` and `prev`, so each hash commits to the line's
-//! position and to the whole chain before it. The `key_id` in the headers is
-//! the first 8 bytes of `HMAC-SHA-256(audit key, "phi-envelope-audit/1
-//! key-id\0")`: it tells a verifier which key to use, and that it was given
-//! the wrong one, without revealing the key.
+//! The `key_id` in the headers is the first 8 bytes of
+//! `HMAC-SHA-256(audit key, "phi-envelope-audit/1 key-id\0")`, in hex.
 //!
-//! Rotation (when a file would exceed
+//! Rotation (before an append that could make a file exceed
 //! [`max_file_bytes`](AuditLogBuilder::max_file_bytes)) starts a new file
-//! `NAME.000002`, `NAME.000003`, ... next to `NAME`, whose first line is a
-//! header naming the previous file in `prev_file` and chaining to its last
-//! line through `prev`: the chain runs unbroken through every file. Files
-//! are never renamed, so archived files keep their names.
+//! `NAME.000002`, `NAME.000003`, ... next to `NAME`, whose header names the
+//! previous file in `prev_file` and chains to its last line through `prev`.
+//! Files are never renamed, so archived files keep their names. A writer
+//! killed between creating a file and writing its header leaves it empty:
+//! the next writer writes the header, and [`verify`] accepts such an empty
+//! last file.
 //!
 //! # What the chain protects against, and what it does not
 //!
@@ -217,6 +218,8 @@ pub mod report;
 pub mod sealed;
 #[cfg(feature = "tracing")]
 mod tracing_sink;
+#[cfg(test)]
+mod vector_tests;
 mod verify;
 
 use std::fmt;

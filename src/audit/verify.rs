@@ -299,13 +299,16 @@ impl Verifier {
         let mut last_line = (files[0].as_ref().to_path_buf(), 0u64);
         for (index, path) in files.iter().enumerate() {
             let path = path.as_ref();
-            let limit = if index + 1 == files.len() {
-                last_len
-            } else {
-                None
-            };
-            let n = run.file(index, path, limit)?;
-            last_line = (path.to_path_buf(), n);
+            let is_last = index + 1 == files.len();
+            let limit = if is_last { last_len } else { None };
+            // An empty last file after the first: a rotation whose writer
+            // died between creating the file and writing its header. It
+            // holds no line, and the next writer writes that header (the
+            // state is one the writer resumes, not damage).
+            let n = run.file(index, path, limit, is_last && index > 0)?;
+            if n > 0 {
+                last_line = (path.to_path_buf(), n);
+            }
         }
         if let Some(anchor) = &self.end {
             if !run.anchor_seen {
@@ -347,8 +350,15 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// Verifies one file (its first `limit` bytes, if given); returns its
-    /// number of lines.
-    fn file(&mut self, index: usize, path: &Path, limit: Option<u64>) -> Result<u64, VerifyError> {
+    /// number of lines. An empty file is damage unless `may_be_empty`
+    /// (then it is not listed in the report).
+    fn file(
+        &mut self,
+        index: usize,
+        path: &Path,
+        limit: Option<u64>,
+        may_be_empty: bool,
+    ) -> Result<u64, VerifyError> {
         let io_err = |source| VerifyError::Io {
             path: path.to_path_buf(),
             source,
@@ -444,6 +454,9 @@ impl Run<'_> {
                 seq: entry.seq,
                 hash: line::hex(&entry.hash),
             };
+        }
+        if line_no == 0 && may_be_empty {
+            return Ok(0);
         }
         if line_no == 0 {
             return Err(VerifyError::BadLine(BadLine {

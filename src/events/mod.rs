@@ -16,7 +16,8 @@
 //! # JSON schema
 //!
 //! [`Event::to_json`] writes one canonical JSON object (the audit log embeds
-//! it as the `event` member of each line). Fields, always present and always
+//! it as the `event` member of each line; docs/AUDIT-LOG.md, section 5,
+//! specifies it byte for byte, with vectors). Fields, always present and always
 //! in this order; absent values are `null`, except `key_state`,
 //! `approvers` and the three members of an aggregated event (`uses`,
 //! `first_use`, `last_use`), which are written only when the event has
