@@ -135,7 +135,8 @@ pub struct Global {
         global = true,
         value_name = "FILE",
         env = "PHI_ENVELOPE_AUDIT_KEY_SEALED",
-        hide_env = true
+        hide_env = true,
+        conflicts_with = "audit_key_file"
     )]
     pub audit_key_sealed: Option<PathBuf>,
     /// The key that seals a new audit key [env: PHI_ENVELOPE_AUDIT_KEY_REF;
@@ -151,7 +152,7 @@ pub struct Global {
     /// Write (and verify) an unkeyed audit log: a bare SHA-256 checksum
     /// chain that anyone who can write the file can recompute. Only where
     /// the log is protected by other means
-    #[arg(long, global = true, conflicts_with = "audit_key_file")]
+    #[arg(long, global = true, conflicts_with_all = ["audit_key_file", "audit_key_sealed"])]
     pub audit_unkeyed: bool,
     /// Who runs the command, recorded in audit events [env:
     /// PHI_ENVELOPE_ACTOR; default: the OS user's login name, else uid:N]

@@ -28,7 +28,13 @@ fn checkpoints_through_the_cli() {
     fs::write(e.path("f"), b"phi").unwrap();
     run(&["encrypt", "-o", "f.phi", "f"]);
 
-    let out = stdout(&e.ok(&["audit", "checkpoint-keygen", "--out", "cp.seed"]));
+    let out = stdout(&e.ok(&[
+        "audit",
+        "checkpoint-keygen",
+        "--unsealed",
+        "--out",
+        "cp.seed",
+    ]));
     let pk = out
         .split_whitespace()
         .nth(3)
@@ -41,7 +47,16 @@ fn checkpoints_through_the_cli() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     // Never overwritten.
-    e.fails(&["audit", "checkpoint-keygen", "--out", "cp.seed"], 4);
+    e.fails(
+        &[
+            "audit",
+            "checkpoint-keygen",
+            "--unsealed",
+            "--out",
+            "cp.seed",
+        ],
+        4,
+    );
 
     // Signing verifies the keyed chain first: it needs the audit key.
     e.ok(&[
@@ -90,7 +105,13 @@ fn checkpoints_through_the_cli() {
     );
 
     // A checkpoint of another key is refused.
-    e.ok(&["audit", "checkpoint-keygen", "--out", "other.seed"]);
+    e.ok(&[
+        "audit",
+        "checkpoint-keygen",
+        "--unsealed",
+        "--out",
+        "other.seed",
+    ]);
     e.ok(&[
         "--audit-key-file",
         "audit.key",
@@ -180,7 +201,13 @@ fn a_chain_that_does_not_verify_is_never_signed() {
     };
     run(&["keys", "init"]);
     run(&["keys", "list"]);
-    e.ok(&["audit", "checkpoint-keygen", "--out", "cp.seed"]);
+    e.ok(&[
+        "audit",
+        "checkpoint-keygen",
+        "--unsealed",
+        "--out",
+        "cp.seed",
+    ]);
     let sign = [
         "--audit-key-file",
         "audit.key",

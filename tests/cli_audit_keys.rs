@@ -70,6 +70,22 @@ fn a_log_rewritten_as_an_unkeyed_chain_is_refused() {
     // Asked for on purpose, a checksum chain is checked as one.
     let out = stdout(&e.ok(&["--audit-unkeyed", "audit", "verify", "audit.jsonl"]));
     assert!(out.contains("a checksum only"), "{out}");
+    // With the sealed key deleted too, an unkeyed chain is still no
+    // evidence unless asked for.
+    fs::remove_file(e.keystore.parent().unwrap().join("audit-key.phienv")).unwrap();
+    let err = e.fails(&["audit", "verify", "audit.jsonl"], 2);
+    assert!(err.contains("--audit-unkeyed"), "{err}");
+    let err = e.fails(
+        &[
+            "audit",
+            "checkpoint",
+            "audit.jsonl",
+            "--signing-key",
+            "none",
+        ],
+        2,
+    );
+    assert!(err.contains("no checkpoint was signed"), "{err}");
 }
 
 #[test]
@@ -229,10 +245,41 @@ fn the_independent_decoder_recovers_the_audit_key_from_the_keystore() {
 #[test]
 fn the_checkpoint_signing_key_is_sealed_by_default() {
     let e = keyed_env();
-    let out = stdout(&e.ok(&["audit", "checkpoint-keygen", "--out", "cp.key"]));
+    // Neither sealed to a key nor asked for bare: refused.
+    e.fails(&["audit", "checkpoint-keygen", "--out", "cp.key"], 1);
+    // Sealed to the audit key's own sealing key: allowed, with a warning.
+    let o = e.run(&[
+        "audit",
+        "checkpoint-keygen",
+        "--seal-to",
+        "local:audit",
+        "--out",
+        "weak.key",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("also seals the audit key"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = stdout(&e.ok(&[
+        "--audit-log",
+        "audit.jsonl",
+        "audit",
+        "checkpoint-keygen",
+        "--seal-to",
+        "local:checkpoints",
+        "--out",
+        "cp.key",
+    ]));
     let pk = out.split_whitespace().nth(3).unwrap().to_owned();
     assert_eq!(pk.len(), 64, "{out}");
     assert!(fs::read(e.path("cp.key")).unwrap().starts_with(b"PHIENV"));
+    // The key uses that made it are in the trail.
+    let log = fs::read_to_string(e.path("audit.jsonl")).unwrap();
+    assert!(
+        log.contains(r#""operation":"generate","provider":"local","key_ref":"local:checkpoints""#),
+        "{log}"
+    );
     e.ok(&[
         "audit",
         "checkpoint",
@@ -275,4 +322,290 @@ fn the_checkpoint_signing_key_is_sealed_by_default() {
     ]);
     let bare = fs::read_to_string(e.path("bare.seed")).unwrap();
     assert_eq!(bare.trim().len(), 64);
+}
+
+/// An audit key sealed to some other key (anyone's backup key, say) is
+/// not the trail's: only one sealed to the audit sealing key is taken, and
+/// `encrypt` cannot make one at all.
+#[test]
+fn only_a_key_sealed_to_the_audit_sealing_key_is_taken() {
+    let e = keyed_env();
+    let err = e.fails(
+        &[
+            "encrypt",
+            "--context",
+            "phi-envelope-secret=audit-key/1",
+            "-o",
+            "forged.phienv",
+            "f",
+        ],
+        1,
+    );
+    assert!(err.contains("reserved"), "{err}");
+    e.ok(&[
+        "--audit-key-ref",
+        "local:backups",
+        "audit",
+        "keygen",
+        "--out",
+        "other.phienv",
+    ]);
+    let err = e.fails(
+        &[
+            "--audit-log",
+            "new.jsonl",
+            "--audit-key-sealed",
+            "other.phienv",
+            "encrypt",
+            "-o",
+            "g.phi",
+            "f",
+        ],
+        6,
+    );
+    assert!(
+        err.contains("not to the audit sealing key local:audit"),
+        "{err}"
+    );
+    assert!(!e.path("g.phi").exists() && !e.path("new.jsonl").exists());
+    let err = e.fails(
+        &[
+            "--audit-key-sealed",
+            "other.phienv",
+            "audit",
+            "verify",
+            "audit.jsonl",
+        ],
+        6,
+    );
+    assert!(err.contains("nothing was verified"), "{err}");
+    // Trusted on purpose, it works.
+    e.ok(&[
+        "--audit-log",
+        "new.jsonl",
+        "--audit-key-sealed",
+        "other.phienv",
+        "--audit-key-ref",
+        "local:backups",
+        "encrypt",
+        "-o",
+        "g.phi",
+        "f",
+    ]);
+}
+
+/// No new key is made for a log that is not plainly new: a damaged first
+/// line, rotated files without their first file, a directory that does
+/// not exist. Nothing is written and no key is created.
+#[test]
+fn a_log_that_is_not_plainly_new_never_gets_a_new_key() {
+    let e = Env::new();
+    fs::write(e.path("f"), b"phi").unwrap();
+    e.ok(&["keys", "init"]);
+    let sealed = e.keystore.parent().unwrap().join("audit-key.phienv");
+    fs::write(e.path("torn.jsonl"), b"{\"seq\":0,\"type\":\"hea").unwrap();
+    fs::write(e.path("rotated.jsonl.000002"), b"{}\n").unwrap();
+    for log in ["torn.jsonl", "rotated.jsonl", "missing/dir/audit.jsonl"] {
+        let err = e.fails(&["--audit-log", log, "encrypt", "-o", "g.phi", "f"], 6);
+        assert!(err.contains("no key was used"), "{log}: {err}");
+        assert!(!sealed.exists(), "{log}: a key was made");
+        assert!(!e.path("g.phi").exists());
+    }
+    let list = stdout(&e.ok(&["keys", "list"]));
+    assert!(!list.contains("local:audit"), "{list}");
+}
+
+/// Several first runs at once on a new log: one key wins, every run goes
+/// on with it, and the chain verifies.
+#[test]
+fn first_runs_racing_on_a_new_log_share_one_key() {
+    let e = Env::new();
+    fs::write(e.path("f"), b"phi").unwrap();
+    e.ok(&["keys", "init"]);
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            e.cmd()
+                .args(["--audit-log", "audit.jsonl", "encrypt", "-o"])
+                .arg(format!("f{i}.phi"))
+                .arg("f")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let out = stdout(&e.ok(&["audit", "verify", "audit.jsonl"]));
+    assert!(out.contains("hmac-sha256"), "{out}");
+}
+
+/// A FIFO (or any file that is not a regular one) where the sealed key or
+/// the log should be is refused at once, never waited on.
+#[test]
+fn a_fifo_at_the_sealed_key_or_the_log_is_refused_without_waiting() {
+    let e = keyed_env();
+    let sealed = e.keystore.parent().unwrap().join("audit-key.phienv");
+    fs::remove_file(&sealed).unwrap();
+    let mk = |p: &std::path::Path| {
+        assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
+    };
+    mk(&sealed);
+    mk(&e.path("fifo.jsonl"));
+    for args in [
+        vec!["--audit-log", "audit.jsonl", "encrypt", "-o", "g.phi", "f"],
+        vec!["audit", "verify", "audit.jsonl"],
+    ] {
+        let mut child = e
+            .cmd()
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(60) {
+                child.kill().unwrap();
+                panic!("{args:?} waited on a FIFO");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert_eq!(status.code(), Some(6), "{args:?}");
+    }
+    fs::remove_file(&sealed).unwrap();
+    let err = e.fails(
+        &["--audit-log", "fifo.jsonl", "encrypt", "-o", "g.phi", "f"],
+        6,
+    );
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn destroying_the_version_that_seals_the_audit_key_warns_and_rewrap_moves_it() {
+    let e = keyed_env();
+    e.ok(&["keys", "rotate", "local:audit"]);
+    let sealed = e.keystore.parent().unwrap().join("audit-key.phienv");
+    let sealed = sealed.to_str().unwrap();
+    e.ok(&[
+        "rewrap",
+        "--key",
+        "local:audit",
+        "--context",
+        "phi-envelope-secret=audit-key/1",
+        sealed,
+    ]);
+    let o = e.run(&["keys", "destroy", "local:audit", "--version", "1", "--yes"]);
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("seals the audit key"));
+    e.ok(&["audit", "verify", "audit.jsonl"]);
+    e.ok(&["keys", "rotate", "local:audit"]);
+    let o = e.run(&["keys", "destroy", "local:audit", "--version", "2", "--yes"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("seals the audit key"), "{err}");
+}
+
+/// Disaster recovery with the keystore gone: a backup also wrapped to the
+/// offline recovery key restores from its shares, but an audit log keyed
+/// by a key sealed in that keystore cannot be written. The refusal says
+/// so and what to do; each way out it names works.
+#[cfg(feature = "recovery")]
+#[test]
+fn a_restore_without_the_keystore_says_the_audit_key_needs_it_and_how_to_go_on() {
+    let e = keyed_env();
+    let out = stdout(&e.ok(&[
+        "recovery",
+        "keygen",
+        "--shares",
+        "3",
+        "--threshold",
+        "2",
+        "--out",
+        "custody",
+    ]));
+    let mut lines = out.lines();
+    let (recovery, public) = (lines.next().unwrap(), lines.next().unwrap());
+    let o = e
+        .cmd()
+        .env("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY", public)
+        .args([
+            "--audit-log",
+            "audit.jsonl",
+            "encrypt",
+            "--key",
+            "local:backups",
+        ])
+        .args(["--key", recovery, "-o", "dr.phi", "f"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The raw audit key, as recovered from a copy of the keystore.
+    fs::write(e.path("pass"), PASSPHRASE).unwrap();
+    let rec = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/independent/keystore_recover.py"
+        ))
+        .arg("--keystore")
+        .arg(&e.keystore)
+        .arg("--passphrase-file")
+        .arg(e.path("pass"))
+        .arg("--message")
+        .arg(e.keystore.parent().unwrap().join("audit-key.phienv"))
+        .args(["--context", "phi-envelope-secret=audit-key/1"])
+        .output()
+        .unwrap();
+    assert!(
+        rec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&rec.stdout).unwrap();
+    fs::write(e.path("raw.key"), v["plaintext"].as_str().unwrap()).unwrap();
+
+    fs::remove_dir_all(e.keystore.parent().unwrap()).unwrap();
+    let restore = |extra: &[&str], out: &str| {
+        let mut a: Vec<&str> = extra.to_vec();
+        a.extend([
+            "decrypt",
+            "--recovery-share",
+            "custody/share-1-of-3.txt",
+            "--recovery-share",
+            "custody/share-3-of-3.txt",
+            "-o",
+            out,
+            "dr.phi",
+        ]);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let args = restore(&["--audit-log", "audit.jsonl"], "out-1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = e.fails(&args, 3);
+    assert!(
+        err.contains("sealed to a keystore key") && err.contains("--audit-key-file"),
+        "{err}"
+    );
+    assert!(!e.path("out-1").exists());
+    let args = restore(
+        &["--audit-log", "audit.jsonl", "--audit-key-file", "raw.key"],
+        "out-2",
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    e.ok(&args);
+    assert_eq!(fs::read(e.path("out-2")).unwrap(), b"phi");
+    e.ok(&[
+        "--audit-key-file",
+        "raw.key",
+        "audit",
+        "verify",
+        "audit.jsonl",
+    ]);
+    let args = restore(&["--audit-log", "dr.jsonl", "--audit-unkeyed"], "out-3");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    e.ok(&args);
 }

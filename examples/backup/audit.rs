@@ -62,26 +62,28 @@ pub enum AuditCmd {
         json: bool,
     },
     /// Make a trail's audit key (the HMAC key of its chain), sealed to
-    /// --seal-to, into FILE (default: the sealed audit key's path); for a
-    /// PostgreSQL trail, whose writers share one key
+    /// --audit-key-ref, into FILE (default: the sealed audit key's path);
+    /// for a PostgreSQL trail, whose writers share one key
     Keygen {
-        /// The key that seals it (default --audit-key-ref, else local:audit)
-        #[arg(long, value_name = "REF")]
-        seal_to: Option<String>,
         /// Where to write it (never overwritten)
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
     /// Make an Ed25519 checkpoint signing key: its seed sealed to
-    /// --seal-to into FILE (never overwritten); prints the public key to
-    /// give auditors
+    /// --seal-to (or bare, --unsealed) into FILE (never overwritten);
+    /// prints the public key to give auditors
     CheckpointKeygen {
         /// Where to write the sealed seed
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// The key that seals the seed (default --audit-key-ref, else
-        /// local:audit): a keystore, HSM, KMS or Transit key
-        #[arg(long, value_name = "REF", conflicts_with = "unsealed")]
+        /// The key that seals the seed: a keystore, HSM, KMS or Transit key
+        /// that only the signer may use (not the audit key's)
+        #[arg(
+            long,
+            value_name = "REF",
+            conflicts_with = "unsealed",
+            required_unless_present = "unsealed"
+        )]
         seal_to: Option<String>,
         /// Write the bare seed (64 hex digits, mode 0600) instead, for a
         /// signer kept offline
@@ -151,9 +153,7 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
                 "audit verify needs a LOG file or --audit-db URL".into(),
             )),
         },
-        AuditCmd::Keygen { seal_to, out } => {
-            crate::auditkey::keygen(g, seal_to.as_deref(), out.as_deref())
-        }
+        AuditCmd::Keygen { out } => crate::auditkey::keygen(g, out.as_deref()),
         AuditCmd::CheckpointKeygen {
             out,
             seal_to,
@@ -275,16 +275,31 @@ fn checkpoint_keygen(
                 ),
             ));
         }
-        let key = seal_to.map_or_else(|| g.audit_key_ref.clone(), |k| Some(k.to_owned()));
-        let schemes = std::collections::BTreeSet::from([crate::connect::key_ref(
-            key.as_deref().unwrap_or(crate::auditkey::DEFAULT_SEAL_KEY),
-        )?
-        .scheme()
-        .to_owned()]);
-        let opened = crate::connect::open_providers(g, &schemes, crate::connect::Local::Require)?;
-        let caller = phi_envelope::Caller::new(crate::connect::actor(g), "backup");
-        let (seed, message, _events) =
-            crate::auditkey::make(g, &opened, &caller, seal_to, SealedKind::CheckpointSeed)?;
+        // Required by the grammar unless --unsealed.
+        let key_ref = crate::connect::key_ref(seal_to.unwrap_or_default())?;
+        if crate::auditkey::is_audit_sealing_key(g, &key_ref)? {
+            eprintln!(
+                "backup: warning: {key_ref} also seals the audit key, which every writer of the trail unwraps: \
+                 a checkpoint key sealed to it can be used on the log's host; seal it to a key only the signer may use"
+            );
+        }
+        // Through the command's keyring: the key uses that make the seed
+        // go into the configured trail like any other.
+        let keys = crate::connect::connect(
+            g,
+            &crate::connect::schemes_of([&key_ref]),
+            crate::connect::Local::Require,
+        )?;
+        let (seed, message) = crate::auditkey::make_with(
+            g,
+            &keys.rt,
+            keys.local.as_deref(),
+            &keys.keystore_path,
+            &keys.keyring,
+            &keys.caller,
+            &key_ref,
+            SealedKind::CheckpointSeed,
+        )?;
         crate::auditkey::write_new(out, &message)?;
         CheckpointKey::from_seed(&seed).map_err(CliError::from)?
     };
@@ -405,10 +420,13 @@ fn checkpoint(
 fn verify_before_signing(g: &Global, trail: &Trail) -> Result<(), CliError> {
     let v = verifier(g, None, None)?;
     match trail {
-        Trail::File(log) => v
-            .verify(log)
-            .map(drop)
-            .map_err(|e| not_signed(&log.display().to_string(), e)),
+        Trail::File(log) => {
+            let target = log.display().to_string();
+            let report = v.verify(log).map_err(|e| not_signed(&target, e))?;
+            unkeyed_only_if_asked(g, &target, &report, false).map_err(|e| {
+                CliError::new(e.code, format!("{}; no checkpoint was signed", e.message))
+            })
+        }
         Trail::Db(url) => verify_db_chain(&v, url),
     }
 }
@@ -690,11 +708,35 @@ pub fn verify(
     let target = log.display().to_string();
     match v.verify(log) {
         Ok(report) => {
+            unkeyed_only_if_asked(g, &target, &report, json)?;
             print_ok(&target, &report, json);
             Ok(())
         }
         Err(e) => Err(verify_failed(&target, e, json)),
     }
+}
+
+/// An unkeyed chain passes only with `--audit-unkeyed`: whoever can write
+/// the log could have rewritten it as one (with the sealed key gone too),
+/// so its checksum alone is no evidence unless that was the choice.
+fn unkeyed_only_if_asked(
+    g: &Global,
+    target: &str,
+    report: &VerifyReport,
+    json: bool,
+) -> Result<(), CliError> {
+    if report.keyed || g.audit_unkeyed {
+        return Ok(());
+    }
+    let why = format!(
+        "audit log {target} is an unkeyed checksum chain: anyone able to rewrite the files could have \
+         recomputed it, and no audit key was given to check it with; pass --audit-unkeyed to check it \
+         as a checksum only, or the trail's key (--audit-key-sealed or --audit-key-file)"
+    );
+    if json {
+        println!("{{\"ok\":false,\"error\":{}}}", json_str(&why));
+    }
+    Err(CliError::new(exit::INTEGRITY, why))
 }
 
 /// What a successful verification prints.

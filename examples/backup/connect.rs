@@ -189,8 +189,25 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
     let mut all = schemes.clone();
     all.extend(audit_schemes.iter().cloned());
     let local = match local {
-        // The audit key is sealed to a local key: the keystore must open.
-        Local::Open if audit_schemes.contains("local") => Local::Require,
+        // The audit key is sealed to a local key only: the keystore must
+        // open, though the command itself could go on without it.
+        Local::Open if audit_schemes.len() == 1 && audit_schemes.contains("local") => {
+            let path = keystore_path(g)?;
+            if path.symlink_metadata().is_err() {
+                return Err(CliError::new(
+                    exit::KEY,
+                    format!(
+                        "the audit trail's key is sealed to a keystore key, and there is no keystore at {}: \
+                         this command could go on without it, its audit trail cannot. Pass --audit-key-file FILE \
+                         (the raw audit key, recovered from a copy of the keystore), or for this run \
+                         --audit-unkeyed with a new --audit-log path (docs/AUDIT-KEYS.md, \"Disaster recovery\"); \
+                         no key was used",
+                        path.display()
+                    ),
+                ));
+            }
+            Local::Require
+        }
         l => l,
     };
     let opened = open_providers(g, &all, local)?;

@@ -53,6 +53,14 @@ fn size_mismatch(input: &Path, m: streams::SizeMismatch) -> CliError {
 
 pub fn encrypt(g: &Global, a: EncryptArgs) -> Result<(), CliError> {
     let ctx = context(&a.context)?;
+    // The context member that marks the trail's sealed secrets is
+    // reserved: a backup made with it could be passed off as an audit key.
+    if ctx.get(phi_envelope::audit::sealed::CONTEXT_KEY).is_some() {
+        return Err(CliError::usage(format!(
+            "--context {}=...: reserved for the audit trail's sealed keys (audit keygen)",
+            phi_envelope::audit::sealed::CONTEXT_KEY
+        )));
+    }
     let recipients: Vec<KeyRef> = if a.keys.is_empty() {
         vec![connect::key_ref(connect::DEFAULT_KEY)?]
     } else {

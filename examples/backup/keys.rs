@@ -252,6 +252,14 @@ pub fn destroy(
 ) -> Result<(), CliError> {
     let key = key_ref(key)?;
     let approvals = crate::custodian::read_approvals(approval_files)?;
+    if let Some(sealed) = crate::auditkey::sealed_under(g, &key, version) {
+        eprintln!(
+            "backup: warning: {key} version {version} seals the audit key at {}: destroying it shreds that key too, \
+             and the trails keyed with it can then be checked only against their checkpoints; rewrap it first \
+             (docs/AUDIT-KEYS.md, section 5)",
+            sealed.display()
+        );
+    }
     let terminal = io::stdin().is_terminal() && io::stderr().is_terminal();
     if !yes && !terminal {
         // A script, a cron job, a pipe: nobody can confirm, and silence
