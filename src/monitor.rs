@@ -16,10 +16,36 @@
 //! | [`ActorRate`] (`actor-rate`) | an actor with more than `max` events within `window` |
 //! | [`OutsideHours`] (`outside-hours`) | an event whose UTC hour is outside the allowed hours |
 //! | [`DenialBurst`] (`denial-burst`) | more than `max` denied, rejected or failed events within `window` |
-//! | [`KeyManagement`] (`key-management`) | any create-key, rotate, set-state (disable, enable, decrypt-only) or destroy |
+//! | [`KeyManagement`] (`key-management`) | any create-key, rotate, set-state (disable, enable, decrypt-only), destroy or policy change (`set-policy`, [`Keyring::replace_policy`](crate::Keyring::replace_policy)) |
 //!
-//! Rules read the events' own timestamps, never the clock, so a trail can
-//! be replayed through them ([`Monitor::replay`]).
+//! Rules read the events' own times, never the clock, so a trail can be
+//! replayed through them ([`Monitor::replay`], [`Monitor::replay_log`], and
+//! for the PostgreSQL trail `audit::postgres::replay`).
+//!
+//! # Aggregated cache-hit events
+//!
+//! An aggregated event ([`CacheHitEvents::Aggregated`](crate::events::CacheHitEvents::Aggregated))
+//! stands for `uses` cache hits between `first_use` and `last_use`, and is
+//! recorded (its `timestamp`) when it is flushed, later. The rules count it
+//! as its uses and judge it by their times, never by the flush:
+//!
+//! - [`NewActor`]: the pair is new at the first use (the alert's
+//!   [`time`](Alert::time) is `first_use`).
+//! - [`ActorRate`]: the event counts as `uses` accesses, the first at
+//!   `first_use` and all the others at `last_use`: the densest the hits can
+//!   have been, so a burst inside the span is never missed. The price: a
+//!   span longer than the window whose hits were in fact spread out can
+//!   alert where single events would not have (an alert rather than a
+//!   miss). Events that arrive late (an aggregate flushed after later
+//!   single events) are judged in the windows of their uses' times.
+//! - [`OutsideHours`]: the event alerts if any instant from `first_use` to
+//!   `last_use` is outside the allowed hours: the hits between the two ends
+//!   are not known, so a span that straddles the end of the allowed hours,
+//!   or a night, alerts even if both ends are inside (an alert rather than
+//!   a miss). The alert's time is the first instant outside.
+//!
+//! Denials are never aggregated (each is an event of its own), so
+//! [`DenialBurst`] counts events; [`KeyManagement`] sees no cache hits.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
@@ -29,7 +55,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use crate::events::{Event, EventSink, Operation, Outcome, SinkError};
+use crate::audit::line::{self, Body};
+use crate::events::{Event, EventSink, Outcome, SinkError};
 use crate::json::{format_timestamp, push_key, push_str};
 
 /// An alert raised by a rule.
@@ -42,19 +69,25 @@ pub struct Alert {
     pub message: String,
     /// The event that raised it.
     pub event: Event,
+    /// When what the alert is about happened: the event's `timestamp`, or
+    /// for an aggregated event the time of the uses the rule judged (see
+    /// the [module documentation](self#aggregated-cache-hit-events)).
+    pub time: SystemTime,
 }
 
 impl Alert {
-    fn new(rule: &'static str, message: String, event: &Event) -> Alert {
+    fn new(rule: &'static str, message: String, event: &Event, time: SystemTime) -> Alert {
         Alert {
             rule,
             message,
             event: event.clone(),
+            time,
         }
     }
 
-    /// One JSON object: `{"rule":…,"message":…,"time":…,"event":{…}}`
-    /// (the event in the event schema).
+    /// One JSON object: `{"rule":…,"message":…,"time":…,"event":{…}}`:
+    /// `time` is [`Alert::time`] (RFC 3339 UTC with microseconds), `event`
+    /// the event in the [event schema](crate::events#json-schema).
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(512);
         out.push('{');
@@ -63,7 +96,7 @@ impl Alert {
         push_key(&mut out, "message", false);
         push_str(&mut out, &self.message);
         push_key(&mut out, "time", false);
-        push_str(&mut out, &format_timestamp(self.event.timestamp));
+        push_str(&mut out, &format_timestamp(self.time));
         push_key(&mut out, "event", false);
         out.push_str(&self.event.to_json());
         out.push('}');
@@ -164,6 +197,28 @@ fn key(e: &Event) -> &str {
     e.key_ref.as_deref().unwrap_or("(no key)")
 }
 
+/// The uses an event stands for: how many, the first's time and the
+/// last's (an aggregated event's `uses`, else one at its timestamp).
+fn uses_of(e: &Event) -> (u64, SystemTime, SystemTime) {
+    match &e.uses {
+        Some(u) => (u.count.max(1), u.first.min(u.last), u.last.max(u.first)),
+        None => (1, e.timestamp, e.timestamp),
+    }
+}
+
+/// For an aggregated event, what it stands for (appended to messages).
+fn aggregated(e: &Event) -> String {
+    match &e.uses {
+        Some(u) => format!(
+            " ({} cache hits from {} to {}, recorded as one event)",
+            u.count,
+            format_timestamp(u.first),
+            format_timestamp(u.last)
+        ),
+        None => String::new(),
+    }
+}
+
 /// `new-actor`: a key used by an actor not seen with it before. Teach it
 /// the usual pairs first ([`learn`](Self::learn), e.g. from last month's
 /// trail); every later new pair alerts once.
@@ -191,39 +246,103 @@ impl Rule for NewActor {
     fn check(&mut self, e: &Event) -> Option<Alert> {
         e.key_ref.as_ref()?;
         if self.seen.insert((key(e).to_owned(), who(e).to_owned())) {
+            let (_, first, _) = uses_of(e);
             return Some(Alert::new(
                 "new-actor",
-                format!("{} used {} for the first time", who(e), key(e)),
+                format!(
+                    "{} used {} for the first time{}",
+                    who(e),
+                    key(e),
+                    aggregated(e)
+                ),
                 e,
+                first,
             ));
         }
         None
     }
 }
 
-/// Events per `window` ending at each event, kept as timestamps.
+/// Uses at points in time, sorted, for the rules that count within a
+/// window. Points older than two windows before the newest are dropped.
 #[derive(Debug, Default)]
 struct Window {
-    times: VecDeque<SystemTime>,
+    points: VecDeque<(SystemTime, u64)>,
 }
 
 impl Window {
-    fn push(&mut self, t: SystemTime, window: Duration) -> usize {
-        self.times.push_back(t);
-        while let Some(first) = self.times.front() {
-            match t.duration_since(*first) {
-                Ok(d) if d >= window => {
-                    self.times.pop_front();
+    /// Adds `n` uses at `t` (in time order, wherever `t` falls).
+    fn add(&mut self, t: SystemTime, n: u64) {
+        let i = self.points.partition_point(|(p, _)| *p <= t);
+        self.points.insert(i, (t, n));
+    }
+
+    /// The most uses within one `window` (from a point, up to but not
+    /// including `window` after it) that contains `t`.
+    fn densest_around(&self, t: SystemTime, window: Duration) -> u64 {
+        let within = |a: SystemTime, b: SystemTime| b.duration_since(a).is_ok_and(|d| d < window);
+        let p = &self.points;
+        let (mut best, mut sum, mut end) = (0u64, 0u64, 0usize);
+        for i in 0..p.len() {
+            let start = p[i].0;
+            if start > t {
+                break;
+            }
+            if !within(start, t) {
+                continue;
+            }
+            if end < i {
+                end = i;
+                sum = 0;
+            }
+            while end < p.len() && within(start, p[end].0) {
+                sum = sum.saturating_add(p[end].1);
+                end += 1;
+            }
+            best = best.max(sum);
+            if end > i {
+                sum -= p[i].1;
+            }
+        }
+        best
+    }
+
+    /// Drops the points older than two windows before the newest.
+    fn prune(&mut self, window: Duration) {
+        let Some(&(newest, _)) = self.points.back() else {
+            return;
+        };
+        let keep = window.saturating_mul(2);
+        while let Some(&(t, _)) = self.points.front() {
+            match newest.duration_since(t) {
+                Ok(d) if d >= keep => {
+                    self.points.pop_front();
                 }
                 _ => break,
             }
         }
-        self.times.len()
+    }
+
+    /// Adds an event's uses (the first at its first time, the others at
+    /// its last) and returns the most within one `window` around them.
+    fn push(&mut self, e: &Event, window: Duration) -> u64 {
+        let (n, first, last) = uses_of(e);
+        self.add(first, 1);
+        if n > 1 {
+            self.add(last, n - 1);
+        }
+        let most = self
+            .densest_around(first, window)
+            .max(self.densest_around(last, window));
+        self.prune(window);
+        most
     }
 }
 
-/// `actor-rate`: an actor with more than `max` events within `window`
-/// (alerts at each event past the bound).
+/// `actor-rate`: an actor with more than `max` key accesses within
+/// `window` (alerts at each event past the bound). An aggregated event
+/// counts as its uses (see the
+/// [module documentation](self#aggregated-cache-hit-events)).
 #[derive(Debug)]
 pub struct ActorRate {
     max: usize,
@@ -248,24 +367,28 @@ impl Rule for ActorRate {
             .actors
             .entry(who(e).to_owned())
             .or_default()
-            .push(e.timestamp, self.window);
-        (n > self.max).then(|| {
+            .push(e, self.window);
+        (n > self.max as u64).then(|| {
             Alert::new(
                 "actor-rate",
                 format!(
-                    "{} made {n} key accesses within {:?} (bound {})",
+                    "{} made {n} key accesses within {:?} (bound {}){}",
                     who(e),
                     self.window,
-                    self.max
+                    self.max,
+                    aggregated(e)
                 ),
                 e,
+                uses_of(e).2,
             )
         })
     }
 }
 
 /// `outside-hours`: an event whose UTC hour is not in `start..end` (a range
-/// that may wrap midnight: 22..6 allows the night).
+/// that may wrap midnight: 22..6 allows the night). An aggregated event
+/// alerts if any instant of its span is outside (see the
+/// [module documentation](self#aggregated-cache-hit-events)).
 #[derive(Debug, Clone, Copy)]
 pub struct OutsideHours {
     start: u8,
@@ -282,32 +405,62 @@ impl OutsideHours {
     }
 }
 
-impl Rule for OutsideHours {
-    fn check(&mut self, e: &Event) -> Option<Alert> {
-        let secs = e
-            .timestamp
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let hour = ((secs / 3600) % 24) as u8;
-        let allowed = if self.start <= self.end {
+impl OutsideHours {
+    fn allows(&self, hour: u8) -> bool {
+        if self.start <= self.end {
             (self.start..self.end).contains(&hour)
         } else {
             hour >= self.start || hour < self.end
+        }
+    }
+
+    /// The first instant from `first` to `last` outside the allowed hours,
+    /// and its UTC hour.
+    fn first_outside(&self, first: SystemTime, last: SystemTime) -> Option<(SystemTime, u8)> {
+        let secs = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
         };
-        (!allowed).then(|| {
-            Alert::new(
-                "outside-hours",
-                format!(
-                    "{} used {} at {hour:02}h UTC, outside {:02}-{:02}h",
-                    who(e),
-                    key(e),
-                    self.start,
-                    self.end
-                ),
-                e,
-            )
-        })
+        let (from, to) = (secs(first), secs(last));
+        let mut bucket = from - from % 3600;
+        // A day of hours covers every hour a longer span could reach.
+        for _ in 0..=25 {
+            if bucket > to {
+                break;
+            }
+            let hour = ((bucket / 3600) % 24) as u8;
+            if !self.allows(hour) {
+                let at = if bucket <= from {
+                    first
+                } else {
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(bucket)
+                };
+                return Some((at, hour));
+            }
+            bucket += 3600;
+        }
+        None
+    }
+}
+
+impl Rule for OutsideHours {
+    fn check(&mut self, e: &Event) -> Option<Alert> {
+        let (_, first, last) = uses_of(e);
+        let (at, hour) = self.first_outside(first, last)?;
+        Some(Alert::new(
+            "outside-hours",
+            format!(
+                "{} used {} at {hour:02}h UTC, outside {:02}-{:02}h{}",
+                who(e),
+                key(e),
+                self.start,
+                self.end,
+                aggregated(e)
+            ),
+            e,
+            at,
+        ))
     }
 }
 
@@ -337,8 +490,8 @@ impl Rule for DenialBurst {
         if matches!(e.outcome, Outcome::Success) {
             return None;
         }
-        let n = self.recent.push(e.timestamp, self.window);
-        (n > self.max).then(|| {
+        let n = self.recent.push(e, self.window);
+        (n > self.max as u64).then(|| {
             Alert::new(
                 "denial-burst",
                 format!(
@@ -350,33 +503,35 @@ impl Rule for DenialBurst {
                     e.outcome.as_string()
                 ),
                 e,
+                e.timestamp,
             )
         })
     }
 }
 
-/// `key-management`: any create-key, rotate, set-state or destroy,
-/// whatever its outcome.
+/// `key-management`: any create-key, rotate, set-state, destroy or
+/// set-policy ([`Operation::is_key_management`](crate::events::Operation::is_key_management)),
+/// whatever its outcome: a refused or failed attempt alerts too.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct KeyManagement;
 
 impl Rule for KeyManagement {
     fn check(&mut self, e: &Event) -> Option<Alert> {
-        matches!(
-            e.operation,
-            Operation::CreateKey | Operation::Rotate | Operation::SetState | Operation::Destroy
-        )
-        .then(|| {
+        e.operation.is_key_management().then(|| {
+            let target = match &e.key_ref {
+                Some(k) => format!(" of {k}"),
+                None => String::new(),
+            };
             Alert::new(
                 "key-management",
                 format!(
-                    "{} asked for {} of {} ({})",
+                    "{} asked for {}{target} ({})",
                     who(e),
                     e.operation.as_str(),
-                    key(e),
                     e.outcome.as_string()
                 ),
                 e,
+                e.timestamp,
             )
         })
     }
@@ -431,6 +586,53 @@ impl Monitor {
     /// Runs a recorded trail's events through the rules, in order.
     pub fn replay<'a>(&self, events: impl IntoIterator<Item = &'a Event>) -> usize {
         events.into_iter().map(|e| self.observe(e)).sum()
+    }
+
+    /// Runs the events of the file log whose first file is `path` (and its
+    /// rotated files) through the rules, in order. Reads the lines as they
+    /// are, like the [report](crate::audit::report): it does not verify
+    /// the chain (verify first when the alerts are evidence).
+    pub fn replay_log(
+        &self,
+        path: impl AsRef<Path>,
+    ) -> Result<ReplayStats, crate::audit::checkpoint::CheckpointError> {
+        let mut stats = ReplayStats::default();
+        for l in crate::audit::checkpoint::log_lines(path.as_ref())? {
+            stats.add_line(self, &l);
+        }
+        Ok(stats)
+    }
+}
+
+/// What a replay of a trail read ([`Monitor::replay_log`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplayStats {
+    /// Event lines run through the rules.
+    pub events: u64,
+    /// Alerts they raised.
+    pub alerts: u64,
+    /// Events the trail's `gap` lines say were lost (the rules never saw
+    /// them).
+    pub lost: u64,
+    /// Lines that are not audit entries (skipped; verify says why).
+    pub unreadable: u64,
+}
+
+impl ReplayStats {
+    /// Runs one line of a trail (without its newline) through `monitor`.
+    pub fn add_line(&mut self, monitor: &Monitor, raw: &[u8]) {
+        match line::decode(raw) {
+            Ok((l, _)) => match l.body {
+                Body::Event(e) => {
+                    self.events += 1;
+                    self.alerts += monitor.observe(&e) as u64;
+                }
+                Body::Gap { lost, .. } => self.lost += lost,
+                Body::Header(_) => {}
+            },
+            Err(_) => self.unreadable += 1,
+        }
     }
 }
 
