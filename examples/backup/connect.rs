@@ -229,7 +229,7 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
             _ => {} // reported per message as "no provider holds a key"
         }
     }
-    if let Some(sink) = crate::audit::open_sink(g)? {
+    if let Some(sink) = crate::monitor::live_sink(g, crate::audit::open_sink(g)?)? {
         builder = builder.event_sink(sink);
     }
     if let Some(dual) = crate::custodian::dual_control(g)? {
