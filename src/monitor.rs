@@ -282,8 +282,12 @@ impl Window {
     fn densest_around(&self, t: SystemTime, window: Duration) -> u64 {
         let within = |a: SystemTime, b: SystemTime| b.duration_since(a).is_ok_and(|d| d < window);
         let p = &self.points;
-        let (mut best, mut sum, mut end) = (0u64, 0u64, 0usize);
-        for i in 0..p.len() {
+        // Points at or before `t - window` start no window that holds `t`.
+        let from = t
+            .checked_sub(window)
+            .map_or(0, |edge| p.partition_point(|(q, _)| *q <= edge));
+        let (mut best, mut sum, mut end) = (0u64, 0u64, from);
+        for i in from..p.len() {
             let start = p[i].0;
             if start > t {
                 break;
@@ -542,6 +546,8 @@ impl Rule for KeyManagement {
 pub struct Monitor {
     rules: Mutex<Vec<Box<dyn Rule>>>,
     alerts: std::sync::Arc<dyn AlertSink>,
+    /// Events whose uses all ended before this teach the rules only.
+    from: Option<SystemTime>,
 }
 
 impl fmt::Debug for Monitor {
@@ -558,7 +564,18 @@ impl Monitor {
         Monitor {
             rules: Mutex::new(Vec::new()),
             alerts,
+            from: None,
         }
+    }
+
+    /// Alerts only about events whose last use is at or after `t`: the
+    /// events before it still go through every rule, silently, so that
+    /// the rules know them (the pairs [`NewActor`] has seen, the accesses
+    /// within a window that reaches past `t`). For a replay of a whole
+    /// trail that alerts about the last day only.
+    pub fn alert_from(mut self, t: SystemTime) -> Monitor {
+        self.from = Some(t);
+        self
     }
 
     /// Adds a rule.
@@ -570,14 +587,18 @@ impl Monitor {
         self
     }
 
-    /// Runs one event through every rule; returns how many alerts it raised.
+    /// Runs one event through every rule; returns how many alerts it raised
+    /// (none for an event before [`alert_from`](Self::alert_from)).
     pub fn observe(&self, event: &Event) -> usize {
+        let quiet = self.from.is_some_and(|from| uses_of(event).2 < from);
         let mut raised = 0;
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         for r in rules.iter_mut() {
             if let Some(a) = r.check(event) {
-                self.alerts.alert(&a);
-                raised += 1;
+                if !quiet {
+                    self.alerts.alert(&a);
+                    raised += 1;
+                }
             }
         }
         raised

@@ -505,3 +505,67 @@ async fn a_keyring_not_built_replaceable_refuses_a_policy_change() {
     assert_eq!(e.outcome, Outcome::Failed("not-replaceable".into()));
     assert_eq!(e.actor.as_deref(), Some("kms-admin"));
 }
+
+#[test]
+fn alert_from_teaches_the_rules_with_what_came_before() {
+    // Day 1 is history: mallory used the key then, and lab-service made a
+    // burst at its end. Alerts start on day 2.
+    let mut history = conformance(1);
+    history.push(ev(
+        at(1, 10, 0),
+        Operation::Unwrap,
+        "mallory",
+        Outcome::Success,
+    ));
+    let half = |n: u64| Duration::from_millis(500 * n);
+    history.extend((1..=15).map(|i| {
+        ev(
+            day(2) - half(i),
+            Operation::Unwrap,
+            "lab-service",
+            Outcome::Success,
+        )
+    }));
+    let alerts = Arc::new(MemoryAlerts::new());
+    let m = Monitor::new(alerts.clone())
+        .rule(NewActor::new())
+        .rule(ActorRate::new(20, Duration::from_secs(60)))
+        .alert_from(day(2));
+    assert_eq!(m.replay(&history), 0);
+    assert!(alerts.alerts().is_empty());
+    // mallory is not new any more; the burst goes on past midnight: its
+    // day-2 part alerts, knowing the day-1 part.
+    let today: Vec<Event> = (0..10)
+        .map(|i| {
+            ev(
+                day(2) + half(i),
+                Operation::Unwrap,
+                "lab-service",
+                Outcome::Success,
+            )
+        })
+        .chain([ev(
+            at(2, 10, 0),
+            Operation::Unwrap,
+            "mallory",
+            Outcome::Success,
+        )])
+        .collect();
+    m.replay(&today);
+    let got: BTreeSet<(&str, String)> = alerts
+        .alerts()
+        .iter()
+        .map(|a| (a.rule, a.event.actor.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        BTreeSet::from([("actor-rate", "lab-service".to_owned())])
+    );
+    // An aggregated event whose last use is on day 2 is judged, not taught.
+    let m = Monitor::new(alerts.clone())
+        .rule(NewActor::new())
+        .alert_from(day(2));
+    let before = alerts.alerts().len();
+    m.observe(&agg("eve", 2, at(1, 23, 3599), at(2, 0, 1), at(2, 0, 2)));
+    assert_eq!(alerts.alerts().len(), before + 1);
+}
