@@ -208,6 +208,32 @@ fn the_rules_file_turns_rules_off_and_sets_their_bounds() {
         let err = env.fails(&["audit", "monitor", "audit.jsonl", "--rules", &f], 1);
         assert!(err.contains(says), "{json}: {err}");
     }
+    // --since: only events from then on alert (the rules learn from the
+    // earlier ones); the whole trail is before 2100, and after 1970.
+    let o = env.ok(&["audit", "monitor", "audit.jsonl", "--since", "2100-01-01"]);
+    assert_eq!(stdout(&o), "");
+    let o = env.run(&[
+        "audit",
+        "monitor",
+        "audit.jsonl",
+        "--since",
+        "1970-01-01T00:00:00Z",
+    ]);
+    assert_eq!(code(&o), 7);
+    let all = env.run(&["audit", "monitor", "audit.jsonl"]);
+    assert_eq!(
+        triples(&alerts(&stdout(&o))),
+        triples(&alerts(&stdout(&all)))
+    );
+    for bad in [
+        "2026-02-30",
+        "2026-12-04T25:00:00Z",
+        "yesterday",
+        "2026-12-04T10:00:00",
+    ] {
+        let err = env.fails(&["audit", "monitor", "audit.jsonl", "--since", bad], 1);
+        assert!(err.contains("--since"), "{bad}: {err}");
+    }
     // A trail is needed.
     let err = env.fails(&["audit", "monitor"], 1);
     assert!(err.contains("LOG"), "{err}");

@@ -63,14 +63,7 @@ pub enum AuditCmd {
     /// Run the key-access rules over a trail (LOG, or the table of
     /// --audit-db) and write their alerts as JSON Lines to --alerts (default
     /// stdout); exit 7 when any fired
-    Monitor {
-        /// The log's first file (or none, with --audit-db)
-        #[arg(value_name = "LOG")]
-        log: Option<PathBuf>,
-        /// The rules and their bounds (a JSON file; docs/CLI.md, "Monitoring")
-        #[arg(long, value_name = "FILE")]
-        rules: Option<PathBuf>,
-    },
+    Monitor(crate::monitor::MonitorArgs),
     /// Make an Ed25519 checkpoint signing key: its seed into FILE (mode
     /// 0600, never overwritten); prints the public key to give auditors
     CheckpointKeygen {
@@ -142,9 +135,7 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
             )),
         },
         AuditCmd::CheckpointKeygen { out } => checkpoint_keygen(&out),
-        AuditCmd::Monitor { log, rules } => {
-            crate::monitor::run(g, log.as_deref(), rules.as_deref())
-        }
+        AuditCmd::Monitor(args) => crate::monitor::run(g, args),
         AuditCmd::Report { log, json } => {
             let trail = trail(log.as_deref(), g)?;
             report(&trail, json)

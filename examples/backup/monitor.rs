@@ -4,9 +4,11 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
 
 use phi_envelope::events::{EventSink, FanOut};
 use phi_envelope::monitor::{
@@ -16,6 +18,81 @@ use phi_envelope::monitor::{
 use serde_json::{Map, Value};
 
 use crate::{exit, CliError, Global};
+
+/// `backup audit monitor [LOG] [--rules FILE] [--since TIME]`.
+#[derive(Args, Debug)]
+pub struct MonitorArgs {
+    /// The log's first file (or none, with --audit-db)
+    #[arg(value_name = "LOG")]
+    log: Option<PathBuf>,
+    /// The rules and their bounds (a JSON file; docs/CLI.md, "Monitoring")
+    #[arg(long, value_name = "FILE")]
+    rules: Option<PathBuf>,
+    /// Alert only about events from TIME on (YYYY-MM-DD or
+    /// YYYY-MM-DDTHH:MM:SSZ, UTC); the rules still learn from the earlier
+    /// ones
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+}
+
+/// `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM:SSZ`.
+fn parse_time(text: &str) -> Option<SystemTime> {
+    let (date, time) = match text.split_once('T') {
+        Some((d, t)) => (d, Some(t.strip_suffix('Z')?)),
+        None => (text, None),
+    };
+    let num = |s: &str, len: usize| {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    let mut d = date.split('-');
+    let (y, m, day) = (num(d.next()?, 4)?, num(d.next()?, 2)?, num(d.next()?, 2)?);
+    if d.next().is_some() || !(1970..=9999).contains(&y) || !(1..=12).contains(&m) {
+        return None;
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=month_days[(m - 1) as usize]).contains(&day) {
+        return None;
+    }
+    let days: u64 = (1970..y)
+        .map(|yy| {
+            if (yy % 4 == 0 && yy % 100 != 0) || yy % 400 == 0 {
+                366
+            } else {
+                365
+            }
+        })
+        .sum::<u64>()
+        + month_days[..(m - 1) as usize].iter().sum::<u64>()
+        + (day - 1);
+    let secs = match time {
+        None => 0,
+        Some(t) => {
+            let mut p = t.split(':');
+            let (h, mi, s) = (num(p.next()?, 2)?, num(p.next()?, 2)?, num(p.next()?, 2)?);
+            if p.next().is_some() || h > 23 || mi > 59 || s > 59 {
+                return None;
+            }
+            h * 3600 + mi * 60 + s
+        }
+    };
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(days * 86_400 + secs))
+}
 
 /// The longest rules file read (bytes).
 const MAX_RULES_LEN: u64 = 64 * 1024;
@@ -205,21 +282,33 @@ fn alerts_file(path: &Path) -> Result<Arc<dyn AlertSink>, CliError> {
     Ok(Arc::new(sink))
 }
 
-/// `backup audit monitor [LOG] [--rules FILE]`: the trail (LOG, or the
-/// table of `--audit-db`) through the rules; alerts to `--alerts` (a file,
-/// or `-` and by default stdout). Exit 7 when any alert fired.
-pub fn run(g: &Global, log: Option<&Path>, rules: Option<&Path>) -> Result<(), CliError> {
-    let rules = match rules {
+/// `backup audit monitor`: the trail (LOG, or the table of `--audit-db`)
+/// through the rules; alerts to `--alerts` (a file, or `-` and by default
+/// stdout). Exit 7 when any alert fired.
+pub fn run(g: &Global, args: MonitorArgs) -> Result<(), CliError> {
+    let rules = match &args.rules {
         Some(p) => Rules::load(p)?,
         None => Rules::default(),
+    };
+    let since = match &args.since {
+        Some(t) => Some(parse_time(t).ok_or_else(|| {
+            CliError::usage(format!(
+                "--since {t:?}: give YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)"
+            ))
+        })?),
+        None => None,
     };
     let sink: Arc<dyn AlertSink> = match &g.alerts {
         Some(p) if p.as_os_str() != "-" => alerts_file(p)?,
         _ => Arc::new(StdoutAlerts),
     };
-    let monitor = Arc::new(rules.monitor(sink));
+    let mut monitor = rules.monitor(sink);
+    if let Some(t) = since {
+        monitor = monitor.alert_from(t);
+    }
+    let monitor = Arc::new(monitor);
     let err = |e: &dyn std::fmt::Display| CliError::new(exit::AUDIT, e.to_string());
-    let stats = match (log, &g.audit_db) {
+    let stats = match (&args.log, &g.audit_db) {
         (Some(log), _) => monitor.replay_log(log).map_err(|e| err(&e))?,
         (None, Some(url)) => replay_db(url, monitor)?,
         (None, None) => {
