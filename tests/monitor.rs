@@ -569,3 +569,18 @@ fn alert_from_teaches_the_rules_with_what_came_before() {
     m.observe(&agg("eve", 2, at(1, 23, 3599), at(2, 0, 1), at(2, 0, 2)));
     assert_eq!(alerts.alerts().len(), before + 1);
 }
+
+#[test]
+fn the_set_policy_line_of_the_schema_decodes_and_reencodes_byte_for_byte() {
+    // The example of the event schema (src/events/mod.rs).
+    let line = r#"{"timestamp":"2026-12-04T04:10:00.000042Z","operation":"set-policy","provider":"keyring","key_ref":null,"key_version":null,"actor":"kms-admin","purpose":"offboard-lab","context_fingerprint":null,"outcome":"success","duration_us":0}"#;
+    let e = Event::from_json(line).unwrap();
+    assert_eq!(e.operation, Operation::SetPolicy);
+    assert_eq!(e.operation.as_str(), "set-policy");
+    assert!(e.operation.is_key_management());
+    assert_eq!(e.to_json(), line);
+    let built = Event::new(Operation::SetPolicy, "keyring", Outcome::Success)
+        .with_caller("kms-admin", "offboard-lab")
+        .with_timestamp(e.timestamp);
+    assert_eq!(built.to_json(), line);
+}
