@@ -81,12 +81,7 @@ pub struct Alert {
 }
 
 impl Alert {
-    fn new(
-        rule: &'static str,
-        message: String,
-        event: &Event,
-        time: SystemTime,
-    ) -> Alert {
+    fn new(rule: &'static str, message: String, event: &Event, time: SystemTime) -> Alert {
         Alert {
             rule,
             message,
