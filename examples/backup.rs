@@ -37,6 +37,8 @@ mod error;
 mod interrupt;
 #[path = "backup/keys.rs"]
 mod keys;
+#[path = "backup/monitor.rs"]
+mod monitor;
 #[path = "backup/output.rs"]
 mod output;
 #[path = "backup/passphrase.rs"]
@@ -186,6 +188,17 @@ pub struct Global {
         hide_env = true
     )]
     pub custodians: Option<PathBuf>,
+    /// Run the key-access rules over every key access of the command and
+    /// append their alerts to FILE (JSON Lines); for `audit monitor`, where
+    /// its alerts go (default, or -: stdout) [env: PHI_ENVELOPE_ALERTS]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "PHI_ENVELOPE_ALERTS",
+        hide_env = true
+    )]
+    pub alerts: Option<PathBuf>,
     /// Read the keystore passphrase from this file (else
     /// PHI_ENVELOPE_PASSPHRASE, else a prompt on the terminal)
     #[arg(long, global = true, value_name = "FILE")]

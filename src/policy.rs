@@ -104,8 +104,8 @@ impl Decision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Role {
-    /// Manages keys (create, rotate, change state, destroy, describe);
-    /// never encrypts or decrypts data.
+    /// Manages keys (create, rotate, change state, destroy, describe) and
+    /// the keyring's policy (set-policy); never encrypts or decrypts data.
     KeyCustodian,
     /// Encrypts and decrypts data (generate, wrap, unwrap, rewrap, cache
     /// hits, describe); never manages keys.
@@ -122,9 +122,11 @@ enum Class {
 
 fn classify(op: Operation) -> Option<Class> {
     match op {
-        Operation::CreateKey | Operation::Rotate | Operation::SetState | Operation::Destroy => {
-            Some(Class::Management)
-        }
+        Operation::CreateKey
+        | Operation::Rotate
+        | Operation::SetState
+        | Operation::Destroy
+        | Operation::SetPolicy => Some(Class::Management),
         Operation::Generate
         | Operation::Wrap
         | Operation::Unwrap
@@ -144,7 +146,7 @@ fn classify(op: Operation) -> Option<Class> {
 /// policy; whether it is the right one for an organisation is the
 /// organisation's call.)
 ///
-/// | actor | create / rotate / set-state / destroy | generate / wrap (encrypt) | unwrap / cache-hit-decrypt (decrypt) | describe |
+/// | actor | create / rotate / set-state / destroy / set-policy | generate / wrap (encrypt) | unwrap / cache-hit-decrypt (decrypt) | describe |
 /// | --- | --- | --- | --- | --- |
 /// | key custodian | allowed | denied | denied | allowed |
 /// | data user | denied | allowed | allowed | allowed |

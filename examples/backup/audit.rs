@@ -69,6 +69,10 @@ pub enum AuditCmd {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Run the key-access rules over a trail (LOG, or the table of
+    /// --audit-db) and write their alerts as JSON Lines to --alerts (default
+    /// stdout); exit 7 when any fired
+    Monitor(crate::monitor::MonitorArgs),
     /// Make an Ed25519 checkpoint signing key: its seed sealed to
     /// --seal-to (or bare, --unsealed) into FILE (never overwritten);
     /// prints the public key to give auditors
@@ -159,6 +163,7 @@ pub fn run(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
             seal_to,
             unsealed,
         } => checkpoint_keygen(g, &out, seal_to.as_deref(), unsealed),
+        AuditCmd::Monitor(args) => crate::monitor::run(g, args),
         AuditCmd::Report { log, json } => {
             let trail = trail(log.as_deref(), g)?;
             report(&trail, json)

@@ -223,6 +223,7 @@ pub fn connect(g: &Global, schemes: &BTreeSet<String>, local: Local) -> Result<K
             })?;
         }
     }
+    let sink = crate::monitor::live_sink(g, sink)?;
     let mut builder = opened.builder(sink);
     if let Some(dual) = crate::custodian::dual_control(g)? {
         builder = builder.dual_control(dual);

@@ -31,6 +31,8 @@ pub mod exit {
     pub const EXISTS: u8 = 5;
     /// The audit log cannot be opened or written; no key was used.
     pub const AUDIT: u8 = 6;
+    /// `audit monitor`: the rules raised alerts.
+    pub const ALERTS: u8 = 7;
     /// A bug.
     pub const INTERNAL: u8 = 70;
     /// Interrupted by SIGINT, SIGTERM, SIGHUP or SIGQUIT (a second signal
@@ -50,6 +52,7 @@ Exit codes:
   4  I/O error (not found, permission denied, disk full)
   5  output exists: refusing to overwrite without --force
   6  audit log cannot be opened or written (no key was used)
+  7  audit monitor: alerts fired
   130 interrupted (Ctrl-C); nothing is left under the output name
 
 Environment:
@@ -60,6 +63,7 @@ Environment:
   PHI_ENVELOPE_AUDIT_LOG    audit log (JSON Lines, hash-chained)
   PHI_ENVELOPE_ACTOR        who runs the command, for the audit log (default: the OS user, else uid:N)
   PHI_ENVELOPE_CUSTODIANS   dual control: custodians and threshold for destroy/disable/enable (as --custodians)
+  PHI_ENVELOPE_ALERTS       key-access alerts of every command, JSON Lines (as --alerts)
 
 See docs/CLI.md for everything else.";
 

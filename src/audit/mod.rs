@@ -209,7 +209,7 @@
 //!    your ticket which old log and anchor the new one follows.
 
 pub mod checkpoint;
-mod line;
+pub(crate) mod line;
 mod log;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -366,6 +366,21 @@ pub fn report(url: &str) -> Result<super::report::Report, PgError> {
     })
 }
 
+/// Runs the trail at `url` through `monitor`, in `seq` order, as
+/// [`Monitor::replay_log`](crate::monitor::Monitor::replay_log) does a
+/// file log (the lines as they are, unverified); needs only `SELECT`.
+pub fn replay(
+    url: &str,
+    monitor: std::sync::Arc<crate::monitor::Monitor>,
+) -> Result<crate::monitor::ReplayStats, PgError> {
+    let start = (crate::monitor::ReplayStats::default(), monitor);
+    let (stats, _) = scan(url, start, |(stats, monitor), _, line| {
+        stats.add_line(monitor, line.as_bytes());
+        Ok(())
+    })?;
+    Ok(stats)
+}
+
 /// Signs a checkpoint of the trail at `url` as it is now (see
 /// [`checkpoint`](super::checkpoint)); needs only `SELECT`.
 pub fn checkpoint(

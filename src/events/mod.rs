@@ -1,7 +1,8 @@
 //! Key-access events and the sinks that receive them.
 //!
 //! Every generate, wrap, unwrap, rotate, rewrap, state change, destroy,
-//! policy denial, provider failure and cache use produces an [`Event`]. An
+//! policy change, policy denial, provider failure and cache use produces
+//! an [`Event`]. An
 //! event names the operation, the provider, the key reference and version,
 //! the caller's actor and purpose, a keyed fingerprint of the encryption
 //! context, the outcome and the duration. It never carries key material,
@@ -26,7 +27,7 @@
 //! | field | type | meaning |
 //! | --- | --- | --- |
 //! | `timestamp` | string | when the operation finished, RFC 3339 UTC with microseconds: `2026-11-25T10:11:01.123456Z` |
-//! | `operation` | string | [`Operation::as_str`]: `generate`, `wrap`, `unwrap`, `rewrap`, `create-key`, `rotate`, `set-state`, `destroy`, `describe`, `cache-hit-encrypt`, `cache-hit-decrypt` |
+//! | `operation` | string | [`Operation::as_str`]: `generate`, `wrap`, `unwrap`, `rewrap`, `create-key`, `rotate`, `set-state`, `destroy`, `describe`, `cache-hit-encrypt`, `cache-hit-decrypt`, `set-policy` |
 //! | `provider` | string | the provider id (`local`, `pkcs11`, `aws-kms`, ...) |
 //! | `key_ref` | string or null | the key reference (`local:records`, `aws-kms:arn:...`) |
 //! | `key_version` | integer or null | the KEK version |
@@ -93,6 +94,26 @@
 //! {"timestamp":"2026-12-04T01:00:05.000120Z","operation":"cache-hit-encrypt","provider":"local","key_ref":"local:records","key_version":2,"uses":4096,"first_use":"2026-12-04T01:00:04.000007Z","last_use":"2026-12-04T01:00:04.999871Z","actor":"lab-service","purpose":"treatment","context_fingerprint":"6f1c0e8a4b2d9e7f0a1b2c3d4e5f6a7b","outcome":"success","duration_us":0}
 //! ```
 //!
+//! `set-policy` is the event of
+//! [`Keyring::replace_policy`](crate::Keyring::replace_policy): the
+//! keyring's policy hook replaced at run time, whatever the outcome (a
+//! refusal records what was asked for). No provider and no key are
+//! involved: its `provider` is `keyring`, its `key_ref`, `key_version`
+//! and `context_fingerprint` are `null`, its `duration_us` is 0, and it
+//! has none of the optional members; `actor` and `purpose` are who asked
+//! and why (`null` only in the refusal of a caller without an actor,
+//! outcome `failed:no-actor`). Its outcome is `success`, `denied` (the
+//! policy in force refused the change), `failed:no-actor`, or
+//! `failed:not-replaceable` (the keyring was not built with
+//! [`KeyringBuilder::policy_replaceable`](crate::keyring::KeyringBuilder::policy_replaceable)).
+//! The value is new: lines of every other operation are byte for byte as
+//! before it existed, and a reader that predates it refuses the line as an
+//! unknown operation rather than misreading it:
+//!
+//! ```text
+//! {"timestamp":"2026-12-04T04:10:00.000042Z","operation":"set-policy","provider":"keyring","key_ref":null,"key_version":null,"actor":"kms-admin","purpose":"offboard-lab","context_fingerprint":null,"outcome":"success","duration_us":0}
+//! ```
+//!
 //! What is deliberately absent: key bytes (DEK or KEK, plain or wrapped),
 //! plaintext, and encryption-context keys and values (identifiers can be
 //! PHI). The fingerprint is keyed with a secret the keyring holds, so values
@@ -137,6 +158,9 @@ pub enum Operation {
     CacheHitEncrypt,
     /// A cached data key served a decryption.
     CacheHitDecrypt,
+    /// The keyring's policy hook was replaced
+    /// ([`Keyring::replace_policy`](crate::Keyring::replace_policy)).
+    SetPolicy,
 }
 
 impl Operation {
@@ -154,14 +178,21 @@ impl Operation {
             Operation::Describe => "describe",
             Operation::CacheHitEncrypt => "cache-hit-encrypt",
             Operation::CacheHitDecrypt => "cache-hit-decrypt",
+            Operation::SetPolicy => "set-policy",
         }
     }
 
-    /// True for the verbs that manage keys rather than use them.
+    /// True for the verbs that manage keys, or the keyring's control of
+    /// them, rather than use them: create-key, rotate, set-state, destroy
+    /// and set-policy.
     pub fn is_key_management(self) -> bool {
         matches!(
             self,
-            Operation::CreateKey | Operation::Rotate | Operation::SetState | Operation::Destroy
+            Operation::CreateKey
+                | Operation::Rotate
+                | Operation::SetState
+                | Operation::Destroy
+                | Operation::SetPolicy
         )
     }
 
@@ -198,6 +229,7 @@ impl Operation {
         Operation::Describe,
         Operation::CacheHitEncrypt,
         Operation::CacheHitDecrypt,
+        Operation::SetPolicy,
     ];
 }
 

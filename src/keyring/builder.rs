@@ -34,6 +34,7 @@ pub struct KeyringBuilder {
     /// defaults, which the keyring skips outright).
     sink_set: bool,
     policy_set: bool,
+    policy_replaceable: bool,
     key_policies: Vec<(KeyRef, KeyPolicy)>,
     describe_ttl: Duration,
     cache: Option<CacheConfig>,
@@ -86,6 +87,21 @@ impl KeyringBuilder {
     pub fn policy(mut self, policy: Arc<dyn Policy>) -> Self {
         self.policy = policy;
         self.policy_set = true;
+        self
+    }
+
+    /// Whether [`Keyring::replace_policy`] may replace the policy hook at
+    /// run time (default `false`: the policy is fixed for the keyring's
+    /// life, and a replacement is refused and recorded). Off by default
+    /// because a policy written before the verb existed may allow it
+    /// without meaning to (a closure that allows what it does not name):
+    /// turn it on only with a policy that decides on
+    /// [`Operation::SetPolicy`](crate::events::Operation::SetPolicy)
+    /// ([`SegregationOfDuties`](crate::policy::SegregationOfDuties) leaves
+    /// it to key custodians). Dual control, key policies and the event
+    /// sink are never replaceable.
+    pub fn policy_replaceable(mut self, yes: bool) -> Self {
+        self.policy_replaceable = yes;
         self
     }
 
@@ -228,11 +244,12 @@ impl KeyringBuilder {
             recipients,
             sink: self.sink,
             records_events: self.sink_set,
-            checks_policy: self.policy_set,
+            checks_policy: AtomicBool::new(self.policy_set),
             dropped_events,
             hit_events,
             fail_closed: self.fail_closed,
-            policy: self.policy,
+            policy: std::sync::RwLock::new(self.policy),
+            policy_replaceable: self.policy_replaceable,
             fingerprint_key: hmac::Key::new(hmac::HMAC_SHA256, &fp),
             key_policies,
             describe_ttl: self.describe_ttl,
@@ -261,6 +278,7 @@ impl Keyring {
             fingerprint_key: None,
             sink_set: false,
             policy_set: false,
+            policy_replaceable: false,
             key_policies: Vec::new(),
             describe_ttl: Duration::from_secs(60),
             cache: None,

@@ -218,7 +218,7 @@ impl Keyring {
 
     /// Asks the policy; a denial is recorded and returned as an error.
     pub(super) async fn authorize(&self, call: &Call<'_>) -> Result<()> {
-        if !self.checks_policy {
+        if !self.checks_policy.load(Ordering::Acquire) {
             return Ok(());
         }
         let request = PolicyRequest {
@@ -230,7 +230,12 @@ impl Keyring {
             purpose: call.caller.purpose.clone(),
             context_fingerprint: call.fingerprint.clone(),
         };
-        match self.policy.check(&request) {
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match policy.check(&request) {
             Decision::Allow => Ok(()),
             Decision::Deny(reason) => {
                 self.record(call, None, Outcome::Denied, Duration::ZERO)
@@ -324,7 +329,7 @@ impl Keyring {
         header: &[u8],
     ) -> Result<()> {
         self.note_caller(operation, caller);
-        if !self.records_events && !self.checks_policy {
+        if !self.records_events && !self.checks_policy.load(Ordering::Acquire) {
             return Ok(());
         }
         // Only now: a hit that neither records nor asks pays no digest.

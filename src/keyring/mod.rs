@@ -28,7 +28,11 @@
 //!   (older entries are refused before any provider call) and a
 //!   cryptoperiod (encrypting under a primary version older than it is
 //!   refused, or rotates first);
-//! - the [data-key cache](crate::cache).
+//! - the [data-key cache](crate::cache);
+//! - the policy hook, fixed when built unless built
+//!   [replaceable](KeyringBuilder::policy_replaceable): then
+//!   [`replace_policy`](Keyring::replace_policy) swaps it, as a verb of
+//!   its own (an actor, the policy in force asked, an event `set-policy`).
 //!
 //! ```
 //! # async fn demo() -> phi_envelope::Result<()> {
@@ -77,6 +81,7 @@ mod cryptoperiod;
 mod identity;
 mod lifecycle;
 mod open;
+mod policy_change;
 mod rewrap;
 mod seal;
 
@@ -87,7 +92,7 @@ pub use cryptoperiod::{KeyPolicy, OnExpired};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use ring::hmac;
@@ -109,14 +114,18 @@ pub struct Keyring {
     sink: Arc<dyn EventSink>,
     /// False with the default no-op sink: events are not even built.
     records_events: bool,
-    /// False with the default allow-all policy: requests are not built.
-    checks_policy: bool,
+    /// False with the default allow-all policy (until one replaces it):
+    /// requests are not built.
+    checks_policy: AtomicBool,
     /// Events the sink failed to record while failing open.
     dropped_events: Arc<AtomicU64>,
     /// Aggregated cache-hit events, when so configured.
     hit_events: Option<Arc<HitAggregator>>,
     fail_closed: bool,
-    policy: Arc<dyn Policy>,
+    /// The policy hook; replaced only by [`Keyring::replace_policy`], and
+    /// only when built [replaceable](KeyringBuilder::policy_replaceable).
+    policy: RwLock<Arc<dyn Policy>>,
+    policy_replaceable: bool,
     fingerprint_key: hmac::Key,
     key_policies: HashMap<String, KeyPolicy>,
     describe_ttl: Duration,

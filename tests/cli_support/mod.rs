@@ -122,6 +122,7 @@ impl Env {
             .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY")
             .env_remove("PHI_ENVELOPE_RECOVERY_PUBLIC_KEY_FILE")
             .env_remove("PHI_ENVELOPE_CUSTODIANS")
+            .env_remove("PHI_ENVELOPE_ALERTS")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null());
         c
