@@ -320,7 +320,7 @@ async fn fresh_log(dir: &Path) -> PathBuf {
     assert!(log.append(&odd(Operation::Unwrap)).is_err());
     assert!(log.append(&odd(Operation::Wrap)).is_err());
     fs::remove_dir(&blocker).unwrap();
-    for op in [Operation::Describe, Operation::Unwrap, Operation::Rewrap] {
+    for op in [Operation::SetPolicy, Operation::Unwrap, Operation::Rewrap] {
         log.append(&odd(op)).unwrap();
     }
     path

@@ -36,7 +36,7 @@ U32 = 2**32
 ZERO = bytes(32)
 OPERATIONS = {
     "generate", "wrap", "unwrap", "rewrap", "create-key", "rotate", "set-state",
-    "destroy", "describe", "cache-hit-encrypt", "cache-hit-decrypt",
+    "destroy", "describe", "cache-hit-encrypt", "cache-hit-decrypt", "set-policy",
 }
 KEY_STATES = {"enabled", "decrypt-only", "disabled", "destroyed"}
 HEX64 = re.compile(rb"[0-9a-f]{64}\Z")
