@@ -211,6 +211,8 @@ pub mod checkpoint;
 mod line;
 mod log;
 #[cfg(feature = "postgres")]
+mod pg_tls;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 mod queue;
 pub mod report;

@@ -61,6 +61,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio_postgres::{Client, NoTls};
 
+use super::pg_tls::{self, Connector};
+
 use super::line::{self, Body, Header, Mac, Problem, MAX_LINE};
 use super::queue::Queue;
 use super::verify::{BadLine, GapRecord, Verifier, VerifyError, VerifyReport};
@@ -179,17 +181,33 @@ pub enum PgError {
 }
 
 /// A database error's text, without the connection string (which may hold
-/// a password).
+/// a password): the server's message, or tokio-postgres's with its causes
+/// (an I/O error, an authentication failure).
 fn db_err(what: &str, e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(d) => format!("{what}: {} ({})", d.message(), d.code().code()),
-        None => format!("{what}: {e}"),
+        None => {
+            let mut text = format!("{what}: {e}");
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
     }
 }
 
-fn parse_url(url: &str) -> Result<tokio_postgres::Config, PgError> {
-    url.parse::<tokio_postgres::Config>()
-        .map_err(|_| PgError::Invalid("not a PostgreSQL connection string (postgresql://USER@HOST:PORT/DB or key=value pairs)".into()))
+/// Reads a connection string and its TLS settings (module
+/// [`pg_tls`]), reading no file.
+fn parse_url(url: &str) -> Result<pg_tls::Parsed, PgError> {
+    pg_tls::parse(url)
+}
+
+/// What to connect with: the configuration and, for TLS, the connector
+/// (the CA file and any client certificate read now).
+fn connector(url: &str) -> Result<Connector, PgError> {
+    parse_url(url)?.connector()
 }
 
 /// Runs `f` on a thread of its own with a current-thread runtime (so that
@@ -211,17 +229,35 @@ fn on_own_runtime<T: Send + 'static>(
         .unwrap_or_else(|_| Err(PgError::Database("the database thread panicked".into())))
 }
 
-/// Connects, spawning the connection's task on `rt`.
-async fn connect(cfg: &tokio_postgres::Config, timeout: Duration) -> Result<Client, String> {
-    let fut = cfg.connect(NoTls);
-    let (client, conn) = match tokio::time::timeout(timeout, fut).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(db_err("cannot connect", &e)),
-        Err(_) => return Err(format!("cannot connect within {timeout:?}")),
+/// Connects (over TLS where the connection string says so: never in
+/// clear instead), spawning the connection's task on the runtime.
+async fn connect(c: &Connector, timeout: Duration) -> Result<Client, String> {
+    let failed = |e: tokio_postgres::Error| {
+        pg_tls::connect_error(&describe(&c.cfg), c.mode(), &e)
+            .unwrap_or_else(|| db_err("cannot connect", &e))
     };
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = match &c.tls {
+        None => match tokio::time::timeout(timeout, c.cfg.connect(NoTls)).await {
+            Ok(Ok((client, conn))) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+            Ok(Err(e)) => return Err(failed(e)),
+            Err(_) => return Err(format!("cannot connect within {timeout:?}")),
+        },
+        Some(tls) => match tokio::time::timeout(timeout, c.cfg.connect(tls.clone())).await {
+            Ok(Ok((client, conn))) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+            Ok(Err(e)) => return Err(failed(e)),
+            Err(_) => return Err(format!("cannot connect within {timeout:?}")),
+        },
+    };
     Ok(client)
 }
 
@@ -232,10 +268,10 @@ async fn connect(cfg: &tokio_postgres::Config, timeout: Duration) -> Result<Clie
 /// database). Running it again changes nothing. Grant the roles to login
 /// roles afterwards (docs/AUDIT-DB.md).
 pub fn init_db(url: &str) -> Result<(), PgError> {
-    let cfg = parse_url(url)?;
+    let conn = connector(url)?;
     on_own_runtime(move |rt| {
         rt.block_on(async move {
-            let mut client = connect(&cfg, Duration::from_secs(30))
+            let mut client = connect(&conn, Duration::from_secs(30))
                 .await
                 .map_err(PgError::Database)?;
             let tx = client
@@ -295,11 +331,11 @@ fn scan<S: Send + 'static>(
     state: S,
     mut f: impl FnMut(&mut S, i64, &str) -> Result<(), PgError> + Send + 'static,
 ) -> Result<S, PgError> {
-    let cfg = parse_url(url)?;
+    let conn = connector(url)?;
     on_own_runtime(move |rt| {
         rt.block_on(async move {
             let mut state = state;
-            let mut client = connect(&cfg, Duration::from_secs(30))
+            let mut client = connect(&conn, Duration::from_secs(30))
                 .await
                 .map_err(PgError::Database)?;
             let tx = client
@@ -560,14 +596,14 @@ impl PgAuditLogBuilder {
                 ))
             }
         };
-        let cfg = parse_url(url)?;
-        let target = describe(&cfg);
+        let conn = connector(url)?;
+        let target = describe(&conn.cfg);
         let timeout = self.timeout.unwrap_or(Duration::from_secs(30));
         let queue = Arc::new(Queue::default());
         let counters = Arc::new(Counters::default());
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), PgError>>();
         let mut writer = Writer {
-            cfg,
+            conn,
             mac,
             timeout,
             target: target.clone(),
@@ -624,7 +660,7 @@ impl PgAuditLogBuilder {
 /// `user@host:port/db` of a connection string, for messages and reports:
 /// never its password (or any other setting).
 pub fn describe_url(url: &str) -> Result<String, PgError> {
-    parse_url(url).map(|c| describe(&c))
+    parse_url(url).map(|p| describe(&p.cfg))
 }
 
 /// `user@host:port/db`, for messages (never a password).
@@ -693,7 +729,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The writer thread's state: the connection and where the chain is.
 struct Writer {
-    cfg: tokio_postgres::Config,
+    conn: Connector,
     mac: Mac,
     timeout: Duration,
     target: String,
@@ -722,7 +758,7 @@ impl Writer {
             self.client = None;
         }
         if self.client.is_none() {
-            let c = connect(&self.cfg, self.timeout).await?;
+            let c = connect(&self.conn, self.timeout).await?;
             c.batch_execute(
                 "SET synchronous_commit = on; SET application_name = 'phi-envelope-audit'",
             )
