@@ -49,6 +49,25 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # TLS
+//!
+//! Over TCP to anything but loopback the connection is TLS (rustls on
+//! `ring`), with libpq's words in the connection string:
+//! `sslmode=verify-full` (the default off the machine: the certificate's
+//! chain and the host name checked) or `verify-ca` (the chain only), and
+//! `sslrootcert=PATH` (PEM) or `sslrootcert=system` for the roots to trust;
+//! `sslcert` and `sslkey` for a client certificate. Plaintext is used for
+//! a Unix socket or loopback without TLS settings, or where the string says
+//! `sslmode=disable`; `prefer`, `allow` and `require` (which in libpq does
+//! not check the server) are refused as [`PgError::Invalid`] before any
+//! connection, and a server that declines TLS ends the connection before
+//! anything is sent. The rules and the messages are in docs/AUDIT-DB.md,
+//! "TLS".
+//!
+//! ```text
+//! postgresql://app_writer@audit-db.internal/audit?sslmode=verify-full&sslrootcert=/etc/phi/audit-db-ca.pem
+//! ```
+//!
 //! Why one file of this size: the schema, its migration, the writer with its
 //! reconnects and the verifier of the table change together whenever the
 //! table changes; its SQL is a third of it.
@@ -232,9 +251,10 @@ fn on_own_runtime<T: Send + 'static>(
 /// Connects (over TLS where the connection string says so: never in
 /// clear instead), spawning the connection's task on the runtime.
 async fn connect(c: &Connector, timeout: Duration) -> Result<Client, String> {
+    let target = describe(&c.cfg);
     let failed = |e: tokio_postgres::Error| {
-        pg_tls::connect_error(&describe(&c.cfg), c.mode(), &e)
-            .unwrap_or_else(|| db_err("cannot connect", &e))
+        pg_tls::connect_error(&target, c.mode(), &e)
+            .unwrap_or_else(|| db_err(&format!("cannot connect to {target}"), &e))
     };
     let client = match &c.tls {
         None => match tokio::time::timeout(timeout, c.cfg.connect(NoTls)).await {
@@ -245,7 +265,7 @@ async fn connect(c: &Connector, timeout: Duration) -> Result<Client, String> {
                 client
             }
             Ok(Err(e)) => return Err(failed(e)),
-            Err(_) => return Err(format!("cannot connect within {timeout:?}")),
+            Err(_) => return Err(format!("cannot connect to {target} within {timeout:?}")),
         },
         Some(tls) => match tokio::time::timeout(timeout, c.cfg.connect(tls.clone())).await {
             Ok(Ok((client, conn))) => {
@@ -255,7 +275,7 @@ async fn connect(c: &Connector, timeout: Duration) -> Result<Client, String> {
                 client
             }
             Ok(Err(e)) => return Err(failed(e)),
-            Err(_) => return Err(format!("cannot connect within {timeout:?}")),
+            Err(_) => return Err(format!("cannot connect to {target} within {timeout:?}")),
         },
     };
     Ok(client)
