@@ -9,6 +9,7 @@
 # Plaintext stays allowed on both listeners, except for members of the role
 # `phi_test_tls_only`, which may log in over TCP with TLS only (`hostssl`, then
 # `host ... reject` in pg_hba.conf): a login as one of them proves the session is TLS.
+# The role `phi_tls_cert_user` logs in with a client certificate only (`hostssl ... cert`).
 #
 # Usage:
 #   scripts/postgres.sh start     # start (no-op if already running); prints `export ...` lines
@@ -29,6 +30,8 @@
 #   PHI_PG_TLS_CA=DIR/tls/ca.crt (the CA of the server's certificate, PEM)
 #   PHI_PG_TLS_OTHER_CA=DIR/tls/other-ca.crt (a CA that signed nothing the server has)
 #   PHI_PG_TLS_NAME=localhost (the one name in the server's certificate)
+#   PHI_PG_TLS_CLIENT_CERT, PHI_PG_TLS_CLIENT_KEY: a client certificate (CN
+#     phi_tls_cert_user, signed by the CA), the one way that role logs in (`cert`)
 set -euo pipefail
 
 SVC_NAME=postgres
@@ -77,7 +80,9 @@ make_tls() {
         '[server]' 'basicConstraints = critical, CA:FALSE' \
         'keyUsage = critical, digitalSignature' 'extendedKeyUsage = serverAuth' \
         'subjectAltName = DNS:localhost' 'authorityKeyIdentifier = keyid' \
-        'subjectKeyIdentifier = hash' >"$tls/ext.cnf"
+        'subjectKeyIdentifier = hash' '[client]' 'basicConstraints = critical, CA:FALSE' \
+        'keyUsage = critical, digitalSignature' 'extendedKeyUsage = clientAuth' \
+        'authorityKeyIdentifier = keyid' >"$tls/ext.cnf"
     local name
     for name in ca other-ca; do
         openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
@@ -91,18 +96,26 @@ make_tls() {
     openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
         -CAcreateserial -out "$tls/server.crt" -days 7 -extfile "$tls/ext.cnf" \
         -extensions server >>"$tls/openssl.log" 2>&1 || { tail -n 20 -- "$tls/openssl.log" >&2; return 1; }
-    rm -f -- "$tls/ca.key" "$tls/other-ca.key" "$tls/server.csr"
-    chmod 600 -- "$tls/server.key"
-    chmod 644 -- "$tls/ca.crt" "$tls/other-ca.crt" "$tls/server.crt"
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$tls/client.key" -out "$tls/client.csr" -subj "/CN=phi_tls_cert_user" \
+        -config "$tls/ext.cnf" >>"$tls/openssl.log" 2>&1 &&
+    openssl x509 -req -in "$tls/client.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
+        -CAcreateserial -out "$tls/client.crt" -days 7 -extfile "$tls/ext.cnf" \
+        -extensions client >>"$tls/openssl.log" 2>&1 || { tail -n 20 -- "$tls/openssl.log" >&2; return 1; }
+    rm -f -- "$tls/ca.key" "$tls/other-ca.key" "$tls/server.csr" "$tls/client.csr"
+    chmod 600 -- "$tls/server.key" "$tls/client.key"
+    chmod 644 -- "$tls/ca.crt" "$tls/other-ca.crt" "$tls/server.crt" "$tls/client.crt"
     [[ "$(id -u)" == "0" ]] && chown -R postgres: -- "$tls"
     {
         echo "ssl = on"
         echo "ssl_cert_file = '$tls/server.crt'"
         echo "ssl_key_file = '$tls/server.key'"
+        echo "ssl_ca_file = '$tls/ca.crt'"
     } >>"$dir/data/postgresql.conf"
     hba="$dir/data/pg_hba.conf"
     {
         echo "# Members of phi_test_tls_only: TCP with TLS only (scripts/postgres.sh)."
+        echo "hostssl all phi_tls_cert_user 127.0.0.1/32 cert"
         echo "hostssl all +phi_test_tls_only 127.0.0.1/32 trust"
         echo "host    all +phi_test_tls_only all          reject"
         cat -- "$hba"
@@ -148,6 +161,8 @@ export PHI_PG_STATE_DIR=$PHI_STATE_DIR
 export PHI_PG_TLS_CA=$dir/tls/ca.crt
 export PHI_PG_TLS_OTHER_CA=$dir/tls/other-ca.crt
 export PHI_PG_TLS_NAME=localhost
+export PHI_PG_TLS_CLIENT_CERT=$dir/tls/client.crt
+export PHI_PG_TLS_CLIENT_KEY=$dir/tls/client.key
 ENV
             svc_log "up: 127.0.0.1:$port (log: $dir/server.log)"
             cat -- "$PHI_STATE_DIR/$NAME.env"

@@ -335,6 +335,12 @@ fn no_plaintext_when_tls_is_required_and_the_server_declines_it() {
     // message, user name included.
     let m = message(open(&url("sslmode=disable")).unwrap_err());
     assert!(!m.contains("TLS"), "{m}");
+    assert!(
+        m.contains(&format!(
+            "cannot connect to phi_tls_writer@localhost:{port}"
+        )),
+        "{m}"
+    );
     stop.store(true, Ordering::SeqCst);
     let seen = server.join().unwrap();
     assert_eq!(seen.len(), 3, "{seen:?}");
@@ -411,4 +417,49 @@ fn plaintext_to_a_remote_host_is_refused_before_connecting() {
         .open(&format!("{remote}?sslmode=disable"))
         .unwrap_err();
     assert!(matches!(e, PgError::Database(_)), "{e:?}");
+}
+
+#[test]
+fn a_client_certificate_is_presented_with_sslcert_and_sslkey() {
+    let db = "phi_tls_cert";
+    let _ = setup(db);
+    sql(
+        "postgres",
+        "DO $$ BEGIN
+           BEGIN CREATE ROLE phi_tls_cert_user LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END;
+           GRANT phi_test_tls_only TO phi_tls_cert_user;
+           GRANT phi_audit_writer TO phi_tls_cert_user;
+         END $$",
+    )
+    .unwrap();
+    // pg_hba.conf: this role logs in with a certificate whose CN is its
+    // name, over TLS only.
+    let bare = verify_full("phi_tls_cert_user", db);
+    let m = message(open(&bare).unwrap_err());
+    assert!(m.contains("certificate"), "{m}");
+    let with_cert = format!(
+        "{bare}&sslcert={}&sslkey={}",
+        path_param("PHI_PG_TLS_CLIENT_CERT"),
+        path_param("PHI_PG_TLS_CLIENT_KEY")
+    );
+    let log = open(&with_cert).unwrap();
+    log.record(&ev("cert")).unwrap();
+    drop(log);
+    assert_eq!(rows_in(db), 2);
+    // A key file that is not a key: refused at open, the file named, its
+    // content not quoted.
+    let bad_key = format!(
+        "{bare}&sslcert={}&sslkey={}",
+        path_param("PHI_PG_TLS_CLIENT_CERT"),
+        path_param("PHI_PG_TLS_CLIENT_CERT")
+    );
+    let m = message(open(&bad_key).unwrap_err());
+    assert!(
+        m.contains(&format!(
+            "cannot read a PEM private key from sslkey {}",
+            path_param("PHI_PG_TLS_CLIENT_CERT")
+        )),
+        "{m}"
+    );
+    assert_eq!(rows_in(db), 2);
 }
