@@ -11,6 +11,8 @@
 //! below was made over TLS, or the server would have refused the login.
 #![cfg(feature = "postgres")]
 
+mod cli_support;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -462,4 +464,87 @@ fn a_client_certificate_is_presented_with_sslcert_and_sslkey() {
         "{m}"
     );
     assert_eq!(rows_in(db), 2);
+}
+
+/// The CLI takes a TLS connection string in `--audit-db` as it is: the
+/// settings are the library's.
+#[test]
+fn the_cli_takes_a_tls_url_in_audit_db() {
+    use cli_support::{stdout, Env};
+    let db = "phi_tls_cli";
+    let (writer, verifier) = setup(db);
+    let e = Env::new();
+    let out = stdout(&e.ok(&["audit", "init-db", &verify_full("postgres", db)]));
+    assert!(out.contains("schema phi_audit ready"), "{out}");
+    std::fs::write(e.path("audit.key"), "ab".repeat(32)).unwrap();
+    e.ok(&[
+        "--audit-db",
+        &writer,
+        "--audit-key-file",
+        "audit.key",
+        "keys",
+        "init",
+    ]);
+    std::fs::write(e.path("f"), b"phi").unwrap();
+    e.ok(&[
+        "--audit-db",
+        &writer,
+        "--audit-key-file",
+        "audit.key",
+        "encrypt",
+        "-o",
+        "f.phi",
+        "f",
+    ]);
+    let rows = rows_in(db);
+    assert!(rows >= 3, "{rows}");
+    let out = stdout(&e.ok(&[
+        "--audit-db",
+        &verifier,
+        "--audit-key-file",
+        "audit.key",
+        "audit",
+        "verify",
+        "--json",
+    ]));
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(j["ok"], true, "{out}");
+    assert!(!out.contains(PASSWORD), "{out}");
+    // A certificate from another CA: no key is used, nothing is written.
+    let other = writer.replace(
+        &path_param("PHI_PG_TLS_CA"),
+        &path_param("PHI_PG_TLS_OTHER_CA"),
+    );
+    let err = e.fails(
+        &[
+            "--audit-db",
+            &other,
+            "--audit-key-file",
+            "audit.key",
+            "encrypt",
+            "-o",
+            "g.phi",
+            "f",
+        ],
+        6,
+    );
+    assert!(!e.path("g.phi").exists());
+    assert!(err.contains("unknown CA"), "{err}");
+    assert!(err.contains("no key was used"), "{err}");
+    assert!(!err.contains(PASSWORD), "{err}");
+    assert_eq!(rows_in(db), rows);
+    // sslmode=require is a usage error for the verifier.
+    let weak = verifier.replace("sslmode=verify-full", "sslmode=require");
+    let err = e.fails(
+        &[
+            "--audit-db",
+            &weak,
+            "--audit-key-file",
+            "audit.key",
+            "audit",
+            "verify",
+        ],
+        1,
+    );
+    assert!(err.contains("sslmode=require is refused"), "{err}");
 }
