@@ -9,7 +9,8 @@
 # Plaintext stays allowed on both listeners, except for members of the role
 # `phi_test_tls_only`, which may log in over TCP with TLS only (`hostssl`, then
 # `host ... reject` in pg_hba.conf): a login as one of them proves the session is TLS.
-# The role `phi_tls_cert_user` logs in with a client certificate only (`hostssl ... cert`).
+# The role `phi_tls_cert_user` logs in with a client certificate only (`hostssl ... cert`),
+# `phi_tls_scram_user` with a SCRAM-SHA-256 password over TLS (channel binding).
 #
 # Usage:
 #   scripts/postgres.sh start     # start (no-op if already running); prints `export ...` lines
@@ -116,6 +117,7 @@ make_tls() {
     {
         echo "# Members of phi_test_tls_only: TCP with TLS only (scripts/postgres.sh)."
         echo "hostssl all phi_tls_cert_user 127.0.0.1/32 cert"
+        echo "hostssl all phi_tls_scram_user 127.0.0.1/32 scram-sha-256"
         echo "hostssl all +phi_test_tls_only 127.0.0.1/32 trust"
         echo "host    all +phi_test_tls_only all          reject"
         cat -- "$hba"

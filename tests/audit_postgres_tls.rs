@@ -548,3 +548,38 @@ fn the_cli_takes_a_tls_url_in_audit_db() {
     );
     assert!(err.contains("sslmode=require is refused"), "{err}");
 }
+
+/// SCRAM-SHA-256 with a password over TLS, channel binding required: the
+/// server checks the `tls-server-end-point` hash the client sends against
+/// its own certificate's.
+#[test]
+fn scram_with_channel_binding_over_tls() {
+    let db = "phi_tls_scram";
+    let _ = setup(db);
+    sql(
+        "postgres",
+        &format!(
+            "DO $$ BEGIN
+               BEGIN CREATE ROLE phi_tls_scram_user LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END;
+               SET LOCAL password_encryption = 'scram-sha-256';
+               ALTER ROLE phi_tls_scram_user PASSWORD '{PASSWORD}';
+               GRANT phi_test_tls_only TO phi_tls_scram_user;
+               GRANT phi_audit_writer TO phi_tls_scram_user;
+             END $$"
+        ),
+    )
+    .unwrap();
+    let url = format!(
+        "{}&channel_binding=require",
+        verify_full("phi_tls_scram_user", db)
+    );
+    let log = open(&url).unwrap();
+    log.record(&ev("scram")).unwrap();
+    drop(log);
+    assert_eq!(rows_in(db), 2);
+    // The wrong password is refused, and not quoted.
+    let wrong = url.replace(PASSWORD, "not-the-password");
+    let m = message(open(&wrong).unwrap_err());
+    assert!(m.contains("password authentication failed"), "{m}");
+    assert!(!m.contains("not-the-password"), "{m}");
+}

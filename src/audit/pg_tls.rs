@@ -646,24 +646,96 @@ where
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
             let host = self.name.to_str().into_owned();
-            tokio_rustls::TlsConnector::from(self.make.config.clone())
+            let tls = tokio_rustls::TlsConnector::from(self.make.config.clone())
                 .connect(self.name, stream)
                 .await
-                .map(RustlsStream)
-                .map_err(|e| HandshakeError::new(&host, &self.make.roots, self.make.mode, &e))
+                .map_err(|e| HandshakeError::new(&host, &self.make.roots, self.make.mode, &e))?;
+            let end_point = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| tls_server_end_point(cert));
+            Ok(RustlsStream { tls, end_point })
         })
     }
 }
 
 /// A TLS session with the server.
-pub(super) struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
+pub(super) struct RustlsStream<S> {
+    tls: tokio_rustls::client::TlsStream<S>,
+    /// The `tls-server-end-point` channel binding, where the server's
+    /// certificate gives one.
+    end_point: Option<Vec<u8>>,
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for RustlsStream<S> {
-    /// None: tokio-postgres then authenticates with SCRAM-SHA-256 without
-    /// channel binding (docs/AUDIT-DB.md, "TLS").
+    /// `tls-server-end-point` (RFC 5929), for SCRAM-SHA-256-PLUS: the
+    /// server's certificate hashed with its signature's hash; none when
+    /// that hash is not one of SHA-1, SHA-256, SHA-384 or SHA-512 (or MD5).
     fn channel_binding(&self) -> ChannelBinding {
-        ChannelBinding::none()
+        match &self.end_point {
+            Some(h) => ChannelBinding::tls_server_end_point(h.clone()),
+            None => ChannelBinding::none(),
+        }
     }
+}
+
+/// One DER element: its tag, its content and what follows it.
+fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, b) = b.split_first()?;
+    let (len, b) = if first < 0x80 {
+        (usize::from(first), b)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n]
+            .iter()
+            .fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
+        (len, &b[n..])
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// RFC 5929 section 4.1: the hash of the certificate's DER under the hash
+/// of its `signatureAlgorithm`, SHA-256 for MD5 and SHA-1.
+fn tls_server_end_point(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, ... }
+    let (0x30, body, _) = der(cert.as_ref())? else {
+        return None;
+    };
+    let (0x30, _tbs, rest) = der(body)? else {
+        return None;
+    };
+    let (0x30, alg, _) = der(rest)? else {
+        return None;
+    };
+    let (0x06, oid, _) = der(alg)? else {
+        return None;
+    };
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    let algorithm = match oid {
+        [p @ .., 4 | 5 | 11] if p == RSA => &ring::digest::SHA256, // md5, sha1, sha256 WithRSA
+        [p @ .., 12] if p == RSA => &ring::digest::SHA384,
+        [p @ .., 13] if p == RSA => &ring::digest::SHA512,
+        [p @ .., 2] if p == ECDSA_SHA2 => &ring::digest::SHA256,
+        [p @ .., 3] if p == ECDSA_SHA2 => &ring::digest::SHA384,
+        [p @ .., 4] if p == ECDSA_SHA2 => &ring::digest::SHA512,
+        p if p == ECDSA_SHA1 => &ring::digest::SHA256,
+        // RSASSA-PSS (its hash is in its parameters), Ed25519, others:
+        // no binding.
+        _ => return None,
+    };
+    Some(
+        ring::digest::digest(algorithm, cert.as_ref())
+            .as_ref()
+            .to_vec(),
+    )
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
@@ -672,7 +744,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.tls).poll_read(cx, buf)
     }
 }
 
@@ -682,15 +754,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.tls).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.tls).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.tls).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -698,11 +770,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.tls.is_write_vectored()
     }
 }
 
@@ -808,6 +880,36 @@ mod tests {
             let e = mode(url).unwrap_err();
             assert!(e.contains(says), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn a_malformed_certificate_gives_no_channel_binding() {
+        for der in [
+            &[][..],
+            &[0x30],
+            &[0x30, 0x84, 0xff, 0xff, 0xff, 0xff],
+            &[0x30, 0x85, 1, 1, 1, 1, 1],
+            &[0x30, 0x03, 0x30, 0x01, 0x00],
+            &[0x30, 0x06, 0x30, 0x00, 0x30, 0x02, 0x05, 0x00],
+        ] {
+            assert_eq!(
+                tls_server_end_point(&CertificateDer::from(der.to_vec())),
+                None
+            );
+        }
+        // An ecdsa-with-SHA256 signature algorithm: SHA-256 of the whole.
+        let cert = [
+            0x30, 0x0e, 0x30, 0x00, 0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04,
+            0x03, 0x02,
+        ];
+        assert_eq!(
+            tls_server_end_point(&CertificateDer::from(cert.to_vec())),
+            Some(
+                ring::digest::digest(&ring::digest::SHA256, &cert)
+                    .as_ref()
+                    .to_vec()
+            )
+        );
     }
 
     #[test]

@@ -56,7 +56,8 @@
 //! `sslmode=verify-full` (the default off the machine: the certificate's
 //! chain and the host name checked) or `verify-ca` (the chain only), and
 //! `sslrootcert=PATH` (PEM) or `sslrootcert=system` for the roots to trust;
-//! `sslcert` and `sslkey` for a client certificate. Plaintext is used for
+//! `sslcert` and `sslkey` for a client certificate; SCRAM binds to the TLS
+//! channel (`tls-server-end-point`). Plaintext is used for
 //! a Unix socket or loopback without TLS settings, or where the string says
 //! `sslmode=disable`; `prefer`, `allow` and `require` (which in libpq does
 //! not check the server) are refused as [`PgError::Invalid`] before any
