@@ -20,7 +20,8 @@ MOTO_VERSION="${PHI_MOTO_VERSION:-5.2.1}"
 OPENBAO_VERSION="${PHI_OPENBAO_VERSION:-2.7.2}"
 # jq: the runbook (docs/KEY-LIFECYCLE.md) and the test that runs it (tests/cli_docs.rs).
 # postgresql: the PostgreSQL audit trail's tests (scripts/postgres.sh, tests/audit_postgres.rs).
-APT_PACKAGES=(softhsm2 jq postgresql)
+# openssl: the throwaway CA and server certificate of that server (scripts/postgres.sh).
+APT_PACKAGES=(softhsm2 jq postgresql openssl)
 if [[ "${PHI_SKIP_OPENSC:-0}" != "1" ]]; then
     APT_PACKAGES+=(opensc)
 fi

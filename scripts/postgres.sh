@@ -3,6 +3,14 @@
 # Start/stop a throwaway PostgreSQL server for the audit trail tests: a fresh cluster
 # (initdb) in a temporary directory, listening on 127.0.0.1 (a free port) and on a Unix
 # socket in that directory, trust authentication on both (a test server only).
+# TLS is on too (ssl=on) with a throwaway CA made at start (the `openssl` tool): the
+# server's certificate names `localhost` only (DNS SAN; not 127.0.0.1, so that the
+# name check can be tested), and a second, unrelated CA is made for the wrong-CA test.
+# Plaintext stays allowed on both listeners, except for members of the role
+# `phi_test_tls_only`, which may log in over TCP with TLS only (`hostssl`, then
+# `host ... reject` in pg_hba.conf): a login as one of them proves the session is TLS.
+# The role `phi_tls_cert_user` logs in with a client certificate only (`hostssl ... cert`),
+# `phi_tls_scram_user` with a SCRAM-SHA-256 password over TLS (channel binding).
 #
 # Usage:
 #   scripts/postgres.sh start     # start (no-op if already running); prints `export ...` lines
@@ -20,6 +28,11 @@
 #   PHI_PG_URL=postgresql://postgres@127.0.0.1:PORT/postgres   (the superuser)
 #   PHI_PG_HOST=127.0.0.1  PHI_PG_PORT=PORT  PHI_PG_SOCKET_DIR=DIR
 #   PHI_PG_SCRIPT=<this script>  PHI_PG_STATE_DIR=<the state dir> (for restart-db)
+#   PHI_PG_TLS_CA=DIR/tls/ca.crt (the CA of the server's certificate, PEM)
+#   PHI_PG_TLS_OTHER_CA=DIR/tls/other-ca.crt (a CA that signed nothing the server has)
+#   PHI_PG_TLS_NAME=localhost (the one name in the server's certificate)
+#   PHI_PG_TLS_CLIENT_CERT, PHI_PG_TLS_CLIENT_KEY: a client certificate (CN
+#     phi_tls_cert_user, signed by the CA), the one way that role logs in (`cert`)
 set -euo pipefail
 
 SVC_NAME=postgres
@@ -56,6 +69,64 @@ running() {
     as_owner "$(pg_bindir)/pg_ctl" -D "$dir/data" status >/dev/null 2>&1
 }
 
+# make_tls DIR: a throwaway CA, the server's key and certificate (for `localhost` only)
+# signed by it, another CA; ssl=on in the cluster's postgresql.conf and the TLS-only
+# rule for `phi_test_tls_only` at the top of its pg_hba.conf.
+make_tls() {
+    local dir="$1" tls="$1/tls" hba
+    command -v openssl >/dev/null 2>&1 || { svc_log "no openssl: run scripts/install-deps.sh"; return 1; }
+    mkdir -p -- "$tls"
+    printf '%s\n' '[req]' 'distinguished_name = dn' '[dn]' '[ca]' 'basicConstraints = critical, CA:TRUE' \
+        'keyUsage = critical, keyCertSign, cRLSign' 'subjectKeyIdentifier = hash' \
+        '[server]' 'basicConstraints = critical, CA:FALSE' \
+        'keyUsage = critical, digitalSignature' 'extendedKeyUsage = serverAuth' \
+        'subjectAltName = DNS:localhost' 'authorityKeyIdentifier = keyid' \
+        'subjectKeyIdentifier = hash' '[client]' 'basicConstraints = critical, CA:FALSE' \
+        'keyUsage = critical, digitalSignature' 'extendedKeyUsage = clientAuth' \
+        'authorityKeyIdentifier = keyid' >"$tls/ext.cnf"
+    local name
+    for name in ca other-ca; do
+        openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -keyout "$tls/$name.key" -out "$tls/$name.crt" -days 7 \
+            -subj "/CN=phi-envelope test $name" -config "$tls/ext.cnf" -extensions ca \
+            >>"$tls/openssl.log" 2>&1 || { tail -n 20 -- "$tls/openssl.log" >&2; return 1; }
+    done
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$tls/server.key" -out "$tls/server.csr" -subj "/CN=localhost" \
+        -config "$tls/ext.cnf" >>"$tls/openssl.log" 2>&1 &&
+    openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
+        -CAcreateserial -out "$tls/server.crt" -days 7 -extfile "$tls/ext.cnf" \
+        -extensions server >>"$tls/openssl.log" 2>&1 || { tail -n 20 -- "$tls/openssl.log" >&2; return 1; }
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$tls/client.key" -out "$tls/client.csr" -subj "/CN=phi_tls_cert_user" \
+        -config "$tls/ext.cnf" >>"$tls/openssl.log" 2>&1 &&
+    openssl x509 -req -in "$tls/client.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
+        -CAcreateserial -out "$tls/client.crt" -days 7 -extfile "$tls/ext.cnf" \
+        -extensions client >>"$tls/openssl.log" 2>&1 || { tail -n 20 -- "$tls/openssl.log" >&2; return 1; }
+    rm -f -- "$tls/ca.key" "$tls/other-ca.key" "$tls/server.csr" "$tls/client.csr"
+    chmod 600 -- "$tls/server.key" "$tls/client.key"
+    chmod 644 -- "$tls/ca.crt" "$tls/other-ca.crt" "$tls/server.crt" "$tls/client.crt"
+    [[ "$(id -u)" == "0" ]] && chown -R postgres: -- "$tls"
+    {
+        echo "ssl = on"
+        echo "ssl_cert_file = '$tls/server.crt'"
+        echo "ssl_key_file = '$tls/server.key'"
+        echo "ssl_ca_file = '$tls/ca.crt'"
+    } >>"$dir/data/postgresql.conf"
+    hba="$dir/data/pg_hba.conf"
+    {
+        echo "# Members of phi_test_tls_only: TCP with TLS only (scripts/postgres.sh)."
+        echo "hostssl all phi_tls_cert_user 127.0.0.1/32 cert"
+        echo "hostssl all phi_tls_scram_user 127.0.0.1/32 scram-sha-256"
+        echo "hostssl all +phi_test_tls_only 127.0.0.1/32 trust"
+        echo "host    all +phi_test_tls_only all          reject"
+        cat -- "$hba"
+    } >"$hba.new"
+    mv -f -- "$hba.new" "$hba"
+    [[ "$(id -u)" == "0" ]] && chown postgres: -- "$hba"
+    return 0
+}
+
 start() {
     svc_state_init
     if running; then
@@ -73,6 +144,7 @@ start() {
     fi
     as_owner "$bin/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 || {
         svc_log "initdb failed:"; tail -n 20 -- "$dir/initdb.log" >&2; return 1; }
+    make_tls "$dir" || { svc_log "cannot make the TLS certificates (openssl)"; return 1; }
     for attempt in 1 2 3; do
         port="$(svc_free_port)"
         svc_log "starting PostgreSQL on 127.0.0.1:$port and $dir (attempt $attempt)"
@@ -88,6 +160,11 @@ export PHI_PG_PORT=$port
 export PHI_PG_SOCKET_DIR=$dir
 export PHI_PG_SCRIPT=$PHI_SCRIPTS_DIR/postgres.sh
 export PHI_PG_STATE_DIR=$PHI_STATE_DIR
+export PHI_PG_TLS_CA=$dir/tls/ca.crt
+export PHI_PG_TLS_OTHER_CA=$dir/tls/other-ca.crt
+export PHI_PG_TLS_NAME=localhost
+export PHI_PG_TLS_CLIENT_CERT=$dir/tls/client.crt
+export PHI_PG_TLS_CLIENT_KEY=$dir/tls/client.key
 ENV
             svc_log "up: 127.0.0.1:$port (log: $dir/server.log)"
             cat -- "$PHI_STATE_DIR/$NAME.env"

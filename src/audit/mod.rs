@@ -212,6 +212,8 @@ pub mod checkpoint;
 pub(crate) mod line;
 mod log;
 #[cfg(feature = "postgres")]
+mod pg_tls;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 mod queue;
 pub mod report;

@@ -49,6 +49,26 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # TLS
+//!
+//! Over TCP to anything but loopback the connection is TLS (rustls on
+//! `ring`), with libpq's words in the connection string:
+//! `sslmode=verify-full` (the default off the machine: the certificate's
+//! chain and the host name checked) or `verify-ca` (the chain only), and
+//! `sslrootcert=PATH` (PEM) or `sslrootcert=system` for the roots to trust;
+//! `sslcert` and `sslkey` for a client certificate; SCRAM binds to the TLS
+//! channel (`tls-server-end-point`). Plaintext is used for
+//! a Unix socket or loopback without TLS settings, or where the string says
+//! `sslmode=disable`; `prefer`, `allow` and `require` (which in libpq does
+//! not check the server) are refused as [`PgError::Invalid`] before any
+//! connection, and a server that declines TLS ends the connection before
+//! anything is sent. The rules and the messages are in docs/AUDIT-DB.md,
+//! "TLS".
+//!
+//! ```text
+//! postgresql://app_writer@audit-db.internal/audit?sslmode=verify-full&sslrootcert=/etc/phi/audit-db-ca.pem
+//! ```
+//!
 //! Why one file of this size: the schema, its migration, the writer with its
 //! reconnects and the verifier of the table change together whenever the
 //! table changes; its SQL is a third of it.
@@ -60,6 +80,8 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::{Client, NoTls};
+
+use super::pg_tls::{self, Connector};
 
 use super::line::{self, Body, Header, Mac, Problem, MAX_LINE};
 use super::queue::Queue;
@@ -179,17 +201,33 @@ pub enum PgError {
 }
 
 /// A database error's text, without the connection string (which may hold
-/// a password).
+/// a password): the server's message, or tokio-postgres's with its causes
+/// (an I/O error, an authentication failure).
 fn db_err(what: &str, e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(d) => format!("{what}: {} ({})", d.message(), d.code().code()),
-        None => format!("{what}: {e}"),
+        None => {
+            let mut text = format!("{what}: {e}");
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
     }
 }
 
-fn parse_url(url: &str) -> Result<tokio_postgres::Config, PgError> {
-    url.parse::<tokio_postgres::Config>()
-        .map_err(|_| PgError::Invalid("not a PostgreSQL connection string (postgresql://USER@HOST:PORT/DB or key=value pairs)".into()))
+/// Reads a connection string and its TLS settings (module
+/// [`pg_tls`]), reading no file.
+fn parse_url(url: &str) -> Result<pg_tls::Parsed, PgError> {
+    pg_tls::parse(url)
+}
+
+/// What to connect with: the configuration and, for TLS, the connector
+/// (the CA file and any client certificate read now).
+fn connector(url: &str) -> Result<Connector, PgError> {
+    parse_url(url)?.connector()
 }
 
 /// Runs `f` on a thread of its own with a current-thread runtime (so that
@@ -211,17 +249,36 @@ fn on_own_runtime<T: Send + 'static>(
         .unwrap_or_else(|_| Err(PgError::Database("the database thread panicked".into())))
 }
 
-/// Connects, spawning the connection's task on `rt`.
-async fn connect(cfg: &tokio_postgres::Config, timeout: Duration) -> Result<Client, String> {
-    let fut = cfg.connect(NoTls);
-    let (client, conn) = match tokio::time::timeout(timeout, fut).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(db_err("cannot connect", &e)),
-        Err(_) => return Err(format!("cannot connect within {timeout:?}")),
+/// Connects (over TLS where the connection string says so: never in
+/// clear instead), spawning the connection's task on the runtime.
+async fn connect(c: &Connector, timeout: Duration) -> Result<Client, String> {
+    let target = describe(&c.cfg);
+    let failed = |e: tokio_postgres::Error| {
+        pg_tls::connect_error(&target, c.mode(), &e)
+            .unwrap_or_else(|| db_err(&format!("cannot connect to {target}"), &e))
     };
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = match &c.tls {
+        None => match tokio::time::timeout(timeout, c.cfg.connect(NoTls)).await {
+            Ok(Ok((client, conn))) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+            Ok(Err(e)) => return Err(failed(e)),
+            Err(_) => return Err(format!("cannot connect to {target} within {timeout:?}")),
+        },
+        Some(tls) => match tokio::time::timeout(timeout, c.cfg.connect(tls.clone())).await {
+            Ok(Ok((client, conn))) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+            Ok(Err(e)) => return Err(failed(e)),
+            Err(_) => return Err(format!("cannot connect to {target} within {timeout:?}")),
+        },
+    };
     Ok(client)
 }
 
@@ -232,10 +289,10 @@ async fn connect(cfg: &tokio_postgres::Config, timeout: Duration) -> Result<Clie
 /// database). Running it again changes nothing. Grant the roles to login
 /// roles afterwards (docs/AUDIT-DB.md).
 pub fn init_db(url: &str) -> Result<(), PgError> {
-    let cfg = parse_url(url)?;
+    let conn = connector(url)?;
     on_own_runtime(move |rt| {
         rt.block_on(async move {
-            let mut client = connect(&cfg, Duration::from_secs(30))
+            let mut client = connect(&conn, Duration::from_secs(30))
                 .await
                 .map_err(PgError::Database)?;
             // Roles are the cluster's, not the database's: two migrations
@@ -323,11 +380,11 @@ fn scan<S: Send + 'static>(
     state: S,
     mut f: impl FnMut(&mut S, i64, &str) -> Result<(), PgError> + Send + 'static,
 ) -> Result<S, PgError> {
-    let cfg = parse_url(url)?;
+    let conn = connector(url)?;
     on_own_runtime(move |rt| {
         rt.block_on(async move {
             let mut state = state;
-            let mut client = connect(&cfg, Duration::from_secs(30))
+            let mut client = connect(&conn, Duration::from_secs(30))
                 .await
                 .map_err(PgError::Database)?;
             let tx = client
@@ -603,14 +660,14 @@ impl PgAuditLogBuilder {
                 ))
             }
         };
-        let cfg = parse_url(url)?;
-        let target = describe(&cfg);
+        let conn = connector(url)?;
+        let target = describe(&conn.cfg);
         let timeout = self.timeout.unwrap_or(Duration::from_secs(30));
         let queue = Arc::new(Queue::default());
         let counters = Arc::new(Counters::default());
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), PgError>>();
         let mut writer = Writer {
-            cfg,
+            conn,
             mac,
             timeout,
             target: target.clone(),
@@ -667,7 +724,7 @@ impl PgAuditLogBuilder {
 /// `user@host:port/db` of a connection string, for messages and reports:
 /// never its password (or any other setting).
 pub fn describe_url(url: &str) -> Result<String, PgError> {
-    parse_url(url).map(|c| describe(&c))
+    parse_url(url).map(|p| describe(&p.cfg))
 }
 
 /// `user@host:port/db`, for messages (never a password).
@@ -736,7 +793,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The writer thread's state: the connection and where the chain is.
 struct Writer {
-    cfg: tokio_postgres::Config,
+    conn: Connector,
     mac: Mac,
     timeout: Duration,
     target: String,
@@ -765,7 +822,7 @@ impl Writer {
             self.client = None;
         }
         if self.client.is_none() {
-            let c = connect(&self.cfg, self.timeout).await?;
+            let c = connect(&self.conn, self.timeout).await?;
             c.batch_execute(
                 "SET synchronous_commit = on; SET application_name = 'phi-envelope-audit'",
             )
