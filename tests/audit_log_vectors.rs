@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conformance::{ctx, MemoryKms};
-use phi_envelope::audit::{self, Anchor, AuditKey, AuditLog, Problem, Verifier, VerifyError};
+use phi_envelope::audit::{self, Anchor, AuditKey, AuditLog, Verifier, VerifyError};
 use phi_envelope::cache::CacheConfig;
 use phi_envelope::events::{CacheHitEvents, Event, Operation, Outcome};
 use phi_envelope::{Envelope, Keyring};
@@ -53,30 +53,6 @@ fn write_files(dir: &Path, files: &Value) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The problem names of docs/AUDIT-LOG.md section 9.
-fn problem_name(p: &Problem) -> &'static str {
-    match p {
-        Problem::Incomplete => "incomplete",
-        Problem::TooLong => "too-long",
-        Problem::Malformed(_) => "malformed",
-        Problem::NotCanonical => "not-canonical",
-        Problem::HeaderExpected => "header-expected",
-        Problem::UnexpectedHeader => "unexpected-header",
-        Problem::EmptyFile => "empty-file",
-        Problem::NotGenesis { .. } => "not-genesis",
-        Problem::SegmentMismatch { .. } => "segment-mismatch",
-        Problem::MacChanged { .. } => "mac-changed",
-        Problem::Unkeyed => "unkeyed",
-        Problem::WrongKey { .. } => "wrong-key",
-        Problem::SeqMismatch { .. } => "seq-mismatch",
-        Problem::PrevMismatch => "prev-mismatch",
-        Problem::HashMismatch => "hash-mismatch",
-        Problem::AnchorMismatch { .. } => "anchor-mismatch",
-        Problem::MissingTail { .. } => "missing-tail",
-        _ => "unknown",
-    }
-}
-
 fn file_name(p: &Path) -> String {
     p.file_name().unwrap().to_str().unwrap().to_owned()
 }
@@ -94,7 +70,7 @@ fn outcome(r: Result<audit::VerifyReport, VerifyError>) -> Value {
         }),
         Err(VerifyError::BadLine(b)) => json!({
             "ok": false,
-            "problem": problem_name(&b.problem),
+            "problem": b.problem.name(),
             "file": file_name(&b.file),
             "line": b.line,
             "seq": b.seq,

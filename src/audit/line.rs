@@ -287,6 +287,32 @@ pub enum Problem {
     },
 }
 
+impl Problem {
+    /// The problem's stable name, as docs/AUDIT-LOG.md (section 9) and the
+    /// vectors spell it: `hash-mismatch`, `seq-mismatch`, ...
+    pub fn name(&self) -> &'static str {
+        match self {
+            Problem::Incomplete => "incomplete",
+            Problem::TooLong => "too-long",
+            Problem::Malformed(_) => "malformed",
+            Problem::NotCanonical => "not-canonical",
+            Problem::HeaderExpected => "header-expected",
+            Problem::UnexpectedHeader => "unexpected-header",
+            Problem::EmptyFile => "empty-file",
+            Problem::NotGenesis { .. } => "not-genesis",
+            Problem::SegmentMismatch { .. } => "segment-mismatch",
+            Problem::MacChanged { .. } => "mac-changed",
+            Problem::Unkeyed => "unkeyed",
+            Problem::WrongKey { .. } => "wrong-key",
+            Problem::SeqMismatch { .. } => "seq-mismatch",
+            Problem::PrevMismatch => "prev-mismatch",
+            Problem::HashMismatch => "hash-mismatch",
+            Problem::AnchorMismatch { .. } => "anchor-mismatch",
+            Problem::MissingTail { .. } => "missing-tail",
+        }
+    }
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

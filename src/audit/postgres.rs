@@ -257,29 +257,38 @@ async fn connect(c: &Connector, timeout: Duration) -> Result<Client, String> {
         pg_tls::connect_error(&target, c.mode(), &e)
             .unwrap_or_else(|| db_err(&format!("cannot connect to {target}"), &e))
     };
-    let client = match &c.tls {
-        None => match tokio::time::timeout(timeout, c.cfg.connect(NoTls)).await {
-            Ok(Ok((client, conn))) => {
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                client
-            }
-            Ok(Err(e)) => return Err(failed(e)),
-            Err(_) => return Err(format!("cannot connect to {target} within {timeout:?}")),
-        },
-        Some(tls) => match tokio::time::timeout(timeout, c.cfg.connect(tls.clone())).await {
-            Ok(Ok((client, conn))) => {
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                client
-            }
-            Ok(Err(e)) => return Err(failed(e)),
-            Err(_) => return Err(format!("cannot connect to {target} within {timeout:?}")),
-        },
+    let attempt = match &c.tls {
+        None => spawned(timeout, c.cfg.connect(NoTls)).await,
+        Some(tls) => spawned(timeout, c.cfg.connect(tls.clone())).await,
     };
-    Ok(client)
+    match attempt {
+        Some(Ok(client)) => Ok(client),
+        Some(Err(e)) => Err(failed(e)),
+        None => Err(format!("cannot connect to {target} within {timeout:?}")),
+    }
+}
+
+/// Awaits a connection attempt for at most `timeout` (`None` when it took
+/// longer) and spawns the connection's task on the runtime.
+async fn spawned<S, T>(
+    timeout: Duration,
+    attempt: impl std::future::Future<
+        Output = Result<(Client, tokio_postgres::Connection<S, T>), tokio_postgres::Error>,
+    >,
+) -> Option<Result<Client, tokio_postgres::Error>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, conn) = match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return Some(Err(e)),
+        Err(_) => return None,
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(Ok(client))
 }
 
 /// Creates (or brings up to date) the schema `phi_audit`, its table, its

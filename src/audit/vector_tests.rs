@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 
 use super::line::{self, Body, Header, Mac};
-use super::{Anchor, AuditKey, Problem, Verifier, VerifyError};
+use super::{Anchor, AuditKey, Verifier, VerifyError};
 use crate::events::{Event, Operation, Outcome, Uses};
 use crate::provider::KeyState;
 
@@ -272,29 +272,6 @@ fn files_json(files: &[(String, String)]) -> Value {
     )
 }
 
-/// The stable name of a problem (docs/AUDIT-LOG.md section 9).
-fn problem_name(p: &Problem) -> &'static str {
-    match p {
-        Problem::Incomplete => "incomplete",
-        Problem::TooLong => "too-long",
-        Problem::Malformed(_) => "malformed",
-        Problem::NotCanonical => "not-canonical",
-        Problem::HeaderExpected => "header-expected",
-        Problem::UnexpectedHeader => "unexpected-header",
-        Problem::EmptyFile => "empty-file",
-        Problem::NotGenesis { .. } => "not-genesis",
-        Problem::SegmentMismatch { .. } => "segment-mismatch",
-        Problem::MacChanged { .. } => "mac-changed",
-        Problem::Unkeyed => "unkeyed",
-        Problem::WrongKey { .. } => "wrong-key",
-        Problem::SeqMismatch { .. } => "seq-mismatch",
-        Problem::PrevMismatch => "prev-mismatch",
-        Problem::HashMismatch => "hash-mismatch",
-        Problem::AnchorMismatch { .. } => "anchor-mismatch",
-        Problem::MissingTail { .. } => "missing-tail",
-    }
-}
-
 /// One case: files (in chain order) and the verifier's options.
 struct Case {
     name: &'static str,
@@ -338,7 +315,7 @@ fn expect(case: &Case) -> Value {
         }),
         Err(VerifyError::BadLine(b)) => json!({
             "ok": false,
-            "problem": problem_name(&b.problem),
+            "problem": b.problem.name(),
             "file": name(&b.file),
             "line": b.line,
             "seq": b.seq,
