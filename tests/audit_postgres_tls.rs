@@ -15,6 +15,7 @@ mod cli_support;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -182,7 +183,7 @@ fn appends_and_verifies_over_verify_full() {
     // The same in key=value form, and verify-ca, which checks the chain
     // but not the name: 127.0.0.1 is not in the certificate.
     let pairs = format!(
-        "host=127.0.0.1 port={} user=phi_tls_writer password={PASSWORD} dbname={db} \
+        "host=127.0.0.1 port={} user=phi_tls_writer dbname={db} \
          sslmode=verify-ca sslrootcert='{}'",
         env("PHI_PG_PORT"),
         path_param("PHI_PG_TLS_CA")
@@ -219,8 +220,19 @@ fn a_certificate_from_another_ca_is_refused_and_nothing_is_written() {
     assert!(m.contains(&path_param("PHI_PG_TLS_OTHER_CA")), "{m}");
     assert_eq!(rows_in(db), 0);
     // verify-ca checks the chain too.
-    let m = message(open(&other.replace("verify-full", "verify-ca")).unwrap_err());
+    let m = message(
+        open(&format!(
+            "{}&channel_binding=require",
+            other.replace("verify-full", "verify-ca")
+        ))
+        .unwrap_err(),
+    );
     assert!(m.contains("unknown CA"), "{m}");
+    // Without channel binding, verify-ca with a password is refused before
+    // connecting: a server it does not name could ask for the password.
+    let m = message(open(&other.replace("verify-full", "verify-ca")).unwrap_err());
+    assert!(m.contains("needs channel_binding=require"), "{m}");
+    assert!(!m.contains(PASSWORD), "{m}");
     // So do the verifier and the migration.
     let m = message(postgres::verify(&Verifier::new().key(key()), &other).unwrap_err());
     assert!(m.contains("unknown CA"), "{m}");
@@ -388,7 +400,7 @@ fn plaintext_to_a_remote_host_is_refused_before_connecting() {
         ),
         (
             format!("{remote}?sslrootcert=/nonexistent/ca.pem"),
-            "cannot read CA certificates from sslrootcert /nonexistent/ca.pem",
+            "sslrootcert /nonexistent/ca.pem: cannot open it",
         ),
     ] {
         let m = message(open(&url).unwrap_err());
@@ -448,18 +460,35 @@ fn a_client_certificate_is_presented_with_sslcert_and_sslkey() {
     log.record(&ev("cert")).unwrap();
     drop(log);
     assert_eq!(rows_in(db), 2);
+    // A key file that others can read is refused, as libpq refuses it.
+    let dir = tempfile::tempdir().unwrap();
+    let open_key = dir.path().join("open.key");
+    std::fs::copy(env("PHI_PG_TLS_CLIENT_KEY"), &open_key).unwrap();
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let m = message(
+        open(&format!(
+            "{bare}&sslcert={}&sslkey={}",
+            path_param("PHI_PG_TLS_CLIENT_CERT"),
+            open_key.display()
+        ))
+        .unwrap_err(),
+    );
+    assert!(m.contains("can be read by group or others"), "{m}");
     // A key file that is not a key: refused at open, the file named, its
     // content not quoted.
+    let not_key = dir.path().join("not.key");
+    std::fs::copy(env("PHI_PG_TLS_CLIENT_CERT"), &not_key).unwrap();
+    std::fs::set_permissions(&not_key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let bad_key = format!(
         "{bare}&sslcert={}&sslkey={}",
         path_param("PHI_PG_TLS_CLIENT_CERT"),
-        path_param("PHI_PG_TLS_CLIENT_CERT")
+        not_key.display()
     );
     let m = message(open(&bad_key).unwrap_err());
     assert!(
         m.contains(&format!(
             "cannot read a PEM private key from sslkey {}",
-            path_param("PHI_PG_TLS_CLIENT_CERT")
+            not_key.display()
         )),
         "{m}"
     );

@@ -228,6 +228,13 @@ fn split_pairs(s: &str, settings: &mut Settings) -> Result<String, PgError> {
             key_end = i + c.len_utf8();
         }
         let key = &s[start..key_end];
+        if key.is_empty() {
+            // tokio-postgres would stop reading here and silently drop
+            // every setting after it.
+            return Err(PgError::Invalid(
+                "an empty setting name (\"=...\") in the connection string".into(),
+            ));
+        }
         skip_ws(&mut it);
         if it.next_if(|&(_, c)| c == '=').is_none() {
             // Malformed: tokio-postgres reports it.
@@ -376,6 +383,18 @@ fn policy(cfg: tokio_postgres::Config, s: Settings) -> Result<Parsed, PgError> {
         }
         Some(p) => Roots::File(PathBuf::from(p)),
     };
+    if mode == Mode::VerifyCa
+        && cfg.get_password().is_some()
+        && cfg.get_channel_binding() != tokio_postgres::config::ChannelBinding::Require
+    {
+        return Err(PgError::Invalid(
+            "sslmode=verify-ca with a password needs channel_binding=require: verify-ca does not \
+             check the server's name, so any server with a certificate from that CA could ask for \
+             the password in clear; add channel_binding=require (SCRAM bound to this TLS channel), \
+             or use sslmode=verify-full"
+                .into(),
+        ));
+    }
     let client = match (s.sslcert, s.sslkey) {
         (None, None) => None,
         (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
@@ -414,6 +433,53 @@ impl Parsed {
     }
 }
 
+/// The most bytes read from a certificate or key file.
+const MAX_TLS_FILE: u64 = 1 << 20;
+
+/// Reads a PEM file named by `setting` (`sslrootcert`, `sslcert`,
+/// `sslkey`): a regular file (opened without blocking: a FIFO or a device
+/// is refused, never waited on), at most 1 MiB. A private key must not be
+/// readable by group or others (as libpq: mode 0600 or less, or 0640 or
+/// less when root owns it).
+fn read_tls_file(
+    path: &std::path::Path,
+    setting: &str,
+    private: bool,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, PgError> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let fail = |why: String| PgError::Invalid(format!("{setting} {}: {why}", path.display()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| fail(format!("cannot open it: {e}")))?;
+    let meta = f.metadata().map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    if meta.len() > MAX_TLS_FILE {
+        return Err(fail(format!("larger than {MAX_TLS_FILE} bytes")));
+    }
+    if private {
+        let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+        if meta.mode() & 0o777 & !allowed != 0 {
+            return Err(fail(format!(
+                "the private key can be read by group or others (mode {:o}): chmod 600 it",
+                meta.mode() & 0o777
+            )));
+        }
+    }
+    let mut out = zeroize::Zeroizing::new(Vec::new());
+    f.take(MAX_TLS_FILE + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
+    if out.len() as u64 > MAX_TLS_FILE {
+        return Err(fail(format!("larger than {MAX_TLS_FILE} bytes")));
+    }
+    Ok(out)
+}
+
 fn client_config(
     mode: Mode,
     roots: &Roots,
@@ -423,8 +489,9 @@ fn client_config(
     let mut store = RootCertStore::empty();
     match roots {
         Roots::File(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            let pem = read_tls_file(path, "sslrootcert", false)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| {
                     PgError::Invalid(format!(
                         "cannot read CA certificates from sslrootcert {}: {e}",
@@ -464,15 +531,17 @@ fn client_config(
     let mut config = match client {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            let pem = read_tls_file(cert, "sslcert", false)?;
+            let chain = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| {
                     PgError::Invalid(format!(
                         "cannot read the client certificate sslcert {}: {e}",
                         cert.display()
                     ))
                 })?;
-            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|_| {
+            let key_pem = read_tls_file(key, "sslkey", true)?;
+            let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
                 // The error could quote the file; say only where it is.
                 PgError::Invalid(format!(
                     "cannot read a PEM private key from sslkey {}",
@@ -844,6 +913,69 @@ mod tests {
     }
 
     #[test]
+    fn verify_ca_with_a_password_needs_channel_binding() {
+        // verify-ca does not check the server's name: any holder of a
+        // certificate from the CA could ask for the password in clear.
+        let e = mode("postgresql://w:pw@127.0.0.1/db?sslmode=verify-ca&sslrootcert=/ca.pem")
+            .unwrap_err();
+        assert!(e.contains("channel_binding=require"), "{e}");
+        let e = mode(
+            "postgresql://w:pw@127.0.0.1/db?sslmode=verify-ca&sslrootcert=/ca.pem&channel_binding=prefer",
+        )
+        .unwrap_err();
+        assert!(e.contains("channel_binding=require"), "{e}");
+        assert_eq!(
+            mode("postgresql://w:pw@127.0.0.1/db?sslmode=verify-ca&sslrootcert=/ca.pem&channel_binding=require"),
+            Ok(Mode::VerifyCa)
+        );
+        // No password to lose, or the name checked: as before.
+        assert_eq!(
+            mode("postgresql://w@127.0.0.1/db?sslmode=verify-ca&sslrootcert=/ca.pem"),
+            Ok(Mode::VerifyCa)
+        );
+        assert_eq!(
+            mode("postgresql://w:pw@localhost/db?sslmode=verify-full&sslrootcert=/ca.pem"),
+            Ok(Mode::VerifyFull)
+        );
+    }
+
+    #[test]
+    fn an_empty_setting_name_is_refused() {
+        // tokio-postgres stops reading at it and drops what follows (a
+        // channel_binding=require, say).
+        let e = mode("host=localhost user=w sslmode=verify-ca sslrootcert=/ca.pem =x channel_binding=require")
+            .unwrap_err();
+        assert!(e.contains("empty setting name"), "{e}");
+    }
+
+    #[test]
+    fn certificate_and_key_files_must_be_regular_bounded_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.pem");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_tls_file(&key, "sslkey", true).unwrap_err().to_string();
+        assert!(e.contains("group or others"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_tls_file(&key, "sslkey", true).is_ok());
+        let e = read_tls_file(std::path::Path::new("/dev/zero"), "sslrootcert", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'a'; (MAX_TLS_FILE + 1) as usize]).unwrap();
+        let e = read_tls_file(&big, "sslrootcert", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("larger than"), "{e}");
+    }
+
+    #[test]
     fn weak_and_contradictory_settings_are_refused() {
         for (url, says) in [
             (
@@ -915,7 +1047,7 @@ mod tests {
     #[test]
     fn the_rest_goes_to_tokio_postgres() {
         let p = parse(
-            "postgresql://w:p%40ss@db.example:6543/audit?application_name=x&sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=5",
+            "postgresql://w:p%40ss@db.example:6543/audit?application_name=x&sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=5&channel_binding=require",
         )
         .unwrap();
         assert_eq!(p.mode, Mode::VerifyCa);
