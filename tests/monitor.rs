@@ -584,3 +584,180 @@ fn the_set_policy_line_of_the_schema_decodes_and_reencodes_byte_for_byte() {
         .with_timestamp(e.timestamp);
     assert_eq!(built.to_json(), line);
 }
+
+/// One event dated far in the future (a forged line, a writer's clock
+/// ahead) must not blind the counting rules to the events of now.
+#[test]
+fn an_event_dated_in_the_future_does_not_blind_the_counting_rules() {
+    let future = SystemTime::UNIX_EPOCH + Duration::from_secs(4_070_908_800); // 2099
+    let mut w = vec![
+        ev(future, Operation::Unwrap, "billing", Outcome::Denied),
+        ev(future, Operation::Unwrap, "lab-service", Outcome::Success),
+    ];
+    for i in 0..30u64 {
+        w.push(ev(
+            at(2, 11, i),
+            Operation::Unwrap,
+            "lab-service",
+            Outcome::Success,
+        ));
+    }
+    for i in 0..5u64 {
+        w.push(ev(
+            at(2, 12, i),
+            Operation::Unwrap,
+            "billing",
+            Outcome::Denied,
+        ));
+    }
+    let rules = fired(&w);
+    assert!(rules.contains("actor-rate"), "{rules:?}");
+    assert!(rules.contains("denial-burst"), "{rules:?}");
+}
+
+/// Counting is bounded per event whatever the rate: a busy actor's 200,000
+/// uses in one minute are judged, and the alerts say so (no timing
+/// threshold: the test only has to finish).
+#[test]
+fn a_busy_actor_is_counted_without_rescanning_its_window() {
+    let alerts = Arc::new(MemoryAlerts::new());
+    let m = Monitor::new(alerts.clone()).rule(ActorRate::new(600, Duration::from_secs(60)));
+    let start = at(3, 10, 0);
+    for i in 0..200_000u64 {
+        let t = start + Duration::from_micros(i * 300);
+        m.observe(&ev(t, Operation::Unwrap, "lab-service", Outcome::Success));
+    }
+    let n = alerts
+        .alerts()
+        .iter()
+        .filter(|a| a.rule == "actor-rate")
+        .count();
+    assert!(n > 100_000, "{n}");
+}
+
+/// The alerts file is a regular file or nothing: a FIFO would block every
+/// key use behind an alert, a symbolic link would write where it points.
+#[test]
+fn an_alerts_file_that_is_a_fifo_or_a_link_is_refused_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let e = JsonLinesAlerts::open(&fifo).unwrap_err();
+    assert!(e.to_string().contains("regular file"), "{e}");
+    let target = dir.path().join("target.txt");
+    std::fs::write(&target, b"").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert!(JsonLinesAlerts::open(&link).is_err());
+    assert_eq!(std::fs::read(&target).unwrap(), b"");
+    let ok = JsonLinesAlerts::open(dir.path().join("alerts.jsonl")).unwrap();
+    assert_eq!(ok.failed(), 0);
+}
+
+/// A sink that holds the receipts of successful `set-policy` events until
+/// released, and fails `set-policy` events when told to; other events are
+/// recorded at once.
+#[derive(Debug, Default)]
+struct GatedSink {
+    held: std::sync::Mutex<Vec<phi_envelope::events::Completion>>,
+    fail: std::sync::atomic::AtomicBool,
+    hold: std::sync::atomic::AtomicBool,
+    seen: std::sync::Mutex<Vec<Event>>,
+}
+
+impl EventSink for GatedSink {
+    fn record(&self, event: &Event) -> Result<(), phi_envelope::events::SinkError> {
+        self.seen.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+    fn submit(&self, event: &Event) -> phi_envelope::events::Receipt {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.seen.lock().unwrap().push(event.clone());
+        if event.operation != Operation::SetPolicy {
+            return phi_envelope::events::Receipt::ready(Ok(()));
+        }
+        if self.fail.load(SeqCst) {
+            return phi_envelope::events::Receipt::ready(Err(phi_envelope::events::SinkError(
+                "the trail is down".into(),
+            )));
+        }
+        if self.hold.load(SeqCst) && event.outcome == Outcome::Success {
+            let (r, c) = phi_envelope::events::Receipt::pending();
+            self.held.lock().unwrap().push(c);
+            return r;
+        }
+        phi_envelope::events::Receipt::ready(Ok(()))
+    }
+}
+
+/// A policy change whose event is not confirmed is not in force, even on
+/// a keyring that fails open; two changes at once take turns (the second
+/// is refused and recorded), so the trail's order is the order in force.
+#[tokio::test]
+async fn a_policy_change_is_in_force_only_with_its_event_and_changes_take_turns() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let kms = Arc::new(MemoryKms::new("mem"));
+    let key = kms.add_key("records");
+    let sink = Arc::new(GatedSink::default());
+    let sod = || SegregationOfDuties::new().custodian("kms-admin");
+    let keyring = Arc::new(
+        Keyring::builder()
+            .provider(kms.clone())
+            .recipient(key.clone())
+            .event_sink(sink.clone())
+            .fail_closed(false)
+            .policy(Arc::new(sod().data_user("lab-service")))
+            .policy_replaceable(true)
+            .build()
+            .unwrap(),
+    );
+    let lab = Envelope::from_shared(keyring.clone()).as_caller("lab-service", "treatment");
+    let admin = Caller::new("kms-admin", "offboard-lab");
+    // The trail refuses the event: the change is refused, the old policy
+    // stays (lab-service may still seal), although the keyring fails open.
+    sink.fail.store(true, SeqCst);
+    match keyring.replace_policy(Arc::new(sod()), &admin).await {
+        Err(Error::Audit(m)) => assert!(m.contains("down"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    lab.seal(b"r", &ctx("r1")).await.unwrap();
+    sink.fail.store(false, SeqCst);
+    // A change awaiting its receipt holds the turn: a second is refused.
+    sink.hold.store(true, SeqCst);
+    let k2 = keyring.clone();
+    let first = tokio::spawn(async move {
+        k2.replace_policy(Arc::new(sod()), &Caller::new("kms-admin", "offboard-lab"))
+            .await
+    });
+    while sink.held.lock().unwrap().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    match keyring.replace_policy(Arc::new(sod()), &admin).await {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("under way"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    for c in sink.held.lock().unwrap().drain(..) {
+        c.complete(Ok(()));
+    }
+    first.await.unwrap().unwrap();
+    // In force now: lab-service is no data user any more.
+    assert!(matches!(
+        lab.seal(b"r", &ctx("r2")).await,
+        Err(Error::PolicyDenied(_))
+    ));
+    let outcomes: Vec<String> = sink
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.operation == Operation::SetPolicy)
+        .map(|e| e.outcome.to_string())
+        .collect();
+    // In the order offered: the attempt the trail refused, the change
+    // held at its receipt, the concurrent one refused meanwhile.
+    assert_eq!(outcomes, ["success", "success", "failed:concurrent"]);
+}

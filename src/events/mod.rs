@@ -103,9 +103,10 @@
 //! has none of the optional members; `actor` and `purpose` are who asked
 //! and why (`null` only in the refusal of a caller without an actor,
 //! outcome `failed:no-actor`). Its outcome is `success`, `denied` (the
-//! policy in force refused the change), `failed:no-actor`, or
+//! policy in force refused the change), `failed:no-actor`,
 //! `failed:not-replaceable` (the keyring was not built with
-//! [`KeyringBuilder::policy_replaceable`](crate::keyring::KeyringBuilder::policy_replaceable)).
+//! [`KeyringBuilder::policy_replaceable`](crate::keyring::KeyringBuilder::policy_replaceable)),
+//! or `failed:concurrent` (another change was under way).
 //! The value is new: lines of every other operation are byte for byte as
 //! before it existed, and a reader that predates it refuses the line as an
 //! unknown operation rather than misreading it:

@@ -250,6 +250,7 @@ impl KeyringBuilder {
             fail_closed: self.fail_closed,
             policy: std::sync::RwLock::new(self.policy),
             policy_replaceable: self.policy_replaceable,
+            policy_changing: AtomicBool::new(false),
             fingerprint_key: hmac::Key::new(hmac::HMAC_SHA256, &fp),
             key_policies,
             describe_ttl: self.describe_ttl,

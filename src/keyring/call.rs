@@ -109,7 +109,7 @@ impl Keyring {
 
     /// Builds the event of `call` and hands it to the sink; `None` with
     /// the default no-op sink (no event is built).
-    fn submit(
+    pub(super) fn submit(
         &self,
         call: &Call<'_>,
         version: Option<u32>,

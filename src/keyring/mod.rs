@@ -126,6 +126,8 @@ pub struct Keyring {
     /// only when built [replaceable](KeyringBuilder::policy_replaceable).
     policy: RwLock<Arc<dyn Policy>>,
     policy_replaceable: bool,
+    /// A policy change is under way: changes take turns.
+    policy_changing: AtomicBool,
     fingerprint_key: hmac::Key,
     key_policies: HashMap<String, KeyPolicy>,
     describe_ttl: Duration,

@@ -2,7 +2,7 @@
 //! actor, asked of the policy in force, and recorded as a `set-policy`
 //! event (the key-management rule of [`crate::monitor`] alerts on it).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,14 +24,22 @@ impl Keyring {
     /// 2. on a keyring not built with
     ///    [`KeyringBuilder::policy_replaceable`](crate::keyring::KeyringBuilder::policy_replaceable)`(true)`
     ///    ([`Error::InvalidArgument`], outcome `failed:not-replaceable`);
-    /// 3. when the policy in force denies the request (operation
+    /// 3. while another change is under way on this keyring (changes
+    ///    take turns, so the trail's order of `set-policy` events is the
+    ///    order the policies came into force; [`Error::InvalidArgument`],
+    ///    outcome `failed:concurrent`);
+    /// 4. when the policy in force denies the request (operation
     ///    [`Operation::SetPolicy`], no key; [`Error::PolicyDenied`],
     ///    outcome `denied`).
     ///
-    /// Otherwise the event (outcome `success`) is recorded first (failing
-    /// closed, a sink failure refuses the change with [`Error::Audit`])
-    /// and the new policy applies to every request checked after this
-    /// returns. Aggregated cache-hit events held are recorded before, so
+    /// Otherwise the new policy is put in force and its event (outcome
+    /// `success`) recorded, always failing closed, whatever
+    /// `fail_closed` says: if the sink does not confirm it, the old policy
+    /// is put back and the change is refused with [`Error::Audit`]. A
+    /// success event is never recorded for a policy that is not in force
+    /// (dropping the call while it awaits the receipt leaves the new
+    /// policy in force with its event submitted). The new policy applies
+    /// to every request checked after this returns. Aggregated cache-hit events held are recorded before, so
     /// the uses made under the old policy come first in the trail. A
     /// request already past its check when the policy changes goes on
     /// under the old one. Dual control, key policies and the event sink
@@ -88,12 +96,49 @@ impl Keyring {
                 "this keyring's policy is fixed: build it with KeyringBuilder::policy_replaceable(true) to replace it at run time; nothing was changed".into(),
             ));
         }
+        let Some(_turn) = Turn::take(&self.policy_changing) else {
+            self.record(&call, None, refuse("concurrent"), Duration::ZERO)
+                .await?;
+            return Err(Error::InvalidArgument(
+                "another policy change is under way on this keyring: try again once it is done; nothing was changed".into(),
+            ));
+        };
         self.flush_events().await?;
         self.authorize(&call).await?;
-        self.record(&call, None, Outcome::Success, Duration::ZERO)
-            .await?;
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+        let old = std::mem::replace(
+            &mut *self.policy.write().unwrap_or_else(|p| p.into_inner()),
+            policy.clone(),
+        );
         self.checks_policy.store(true, Ordering::Release);
+        let confirmed = match self.submit(&call, None, Outcome::Success, Duration::ZERO) {
+            None => Ok(()),
+            Some(receipt) => receipt.await.map_err(|e| Error::Audit(e.0)),
+        };
+        if let Err(e) = confirmed {
+            let mut p = self.policy.write().unwrap_or_else(|p| p.into_inner());
+            if Arc::ptr_eq(&p, &policy) {
+                *p = old;
+            }
+            return Err(e);
+        }
         Ok(())
+    }
+}
+
+/// One policy change's turn: taken if no other is under way, given back
+/// when dropped (also when the call is dropped mid-way).
+struct Turn<'a>(&'a AtomicBool);
+
+impl<'a> Turn<'a> {
+    fn take(flag: &'a AtomicBool) -> Option<Turn<'a>> {
+        flag.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| Turn(flag))
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }

@@ -144,27 +144,58 @@ impl AlertSink for MemoryAlerts {
 /// Alerts appended to a JSON Lines file ([`Alert::to_json`], one per line,
 /// flushed each).
 #[derive(Debug)]
-pub struct JsonLinesAlerts(Mutex<File>);
+pub struct JsonLinesAlerts {
+    file: Mutex<File>,
+    failed: std::sync::atomic::AtomicU64,
+}
 
 impl JsonLinesAlerts {
     /// Opens (creating it, mode 0600 on Unix) the file at `path` for
-    /// appending.
+    /// appending. It must be a regular file: a symbolic link is not
+    /// followed, and a FIFO or a device is refused rather than waited on
+    /// (an alert must never hold up a key use).
     pub fn open(path: impl AsRef<Path>) -> std::io::Result<JsonLinesAlerts> {
+        let not_regular = || std::io::Error::other("an alerts file must be a regular file");
+        if let Ok(m) = std::fs::symlink_metadata(path.as_ref()) {
+            if !m.is_file() {
+                return Err(not_regular());
+            }
+        }
         let mut o = OpenOptions::new();
         o.append(true).create(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
-            o.mode(0o600);
+            o.mode(0o600).custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+            );
         }
-        Ok(JsonLinesAlerts(Mutex::new(o.open(path)?)))
+        let file = o.open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(not_regular());
+        }
+        Ok(JsonLinesAlerts {
+            file: Mutex::new(file),
+            failed: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// How many alerts could not be written.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 impl AlertSink for JsonLinesAlerts {
     fn alert(&self, alert: &Alert) {
-        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(f, "{}", alert.to_json()).and_then(|()| f.flush());
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if writeln!(f, "{}", alert.to_json())
+            .and_then(|()| f.flush())
+            .is_err()
+        {
+            self.failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

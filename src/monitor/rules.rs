@@ -3,7 +3,7 @@
 //! and the windows the counting rules keep. How each judges an aggregated
 //! event is in the [module documentation](super#aggregated-cache-hit-events).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -91,82 +91,97 @@ impl Rule for NewActor {
     }
 }
 
-/// Uses at points in time, sorted, for the rules that count within a
-/// window. Points older than two windows before the newest are dropped.
+/// How many buckets one window is counted in.
+const BUCKETS: u64 = 60;
+
+/// Uses counted in time buckets of a sixtieth of the window (at least a
+/// millisecond), for the rules that count within a window. The count
+/// around a point reads at most `2 × BUCKETS + 1` buckets, whatever the
+/// rate, and over-approximates a window by at most one bucket (an alert
+/// rather than a miss). Buckets more than two windows before the event
+/// being judged are dropped: an event dated far ahead (a forged line, a
+/// clock that is wrong) stays in its own bucket and hides nothing.
 #[derive(Debug, Default)]
 struct Window {
-    points: VecDeque<(SystemTime, u64)>,
+    buckets: BTreeMap<u64, u64>,
+}
+
+/// Milliseconds since the epoch (0 before it).
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Window {
-    /// Adds `n` uses at `t` (in time order, wherever `t` falls).
-    fn add(&mut self, t: SystemTime, n: u64) {
-        let i = self.points.partition_point(|(p, _)| *p <= t);
-        self.points.insert(i, (t, n));
+    fn width(window: Duration) -> u64 {
+        (u64::try_from(window.as_millis()).unwrap_or(u64::MAX) / BUCKETS).max(1)
     }
 
-    /// The most uses within one `window` (from a point, up to but not
-    /// including `window` after it) that contains `t`.
+    /// Adds `n` uses at `t`.
+    fn add(&mut self, t: SystemTime, n: u64, window: Duration) {
+        let b = millis(t) / Self::width(window);
+        let c = self.buckets.entry(b).or_insert(0);
+        *c = c.saturating_add(n);
+    }
+
+    /// The most uses within one window (`BUCKETS + 1` consecutive buckets)
+    /// that holds `t`.
     fn densest_around(&self, t: SystemTime, window: Duration) -> u64 {
-        let within = |a: SystemTime, b: SystemTime| b.duration_since(a).is_ok_and(|d| d < window);
-        let p = &self.points;
-        // Points at or before `t - window` start no window that holds `t`.
-        let from = t
-            .checked_sub(window)
-            .map_or(0, |edge| p.partition_point(|(q, _)| *q <= edge));
-        let (mut best, mut sum, mut end) = (0u64, 0u64, from);
-        for i in from..p.len() {
-            let start = p[i].0;
-            if start > t {
+        let c = millis(t) / Self::width(window);
+        let lo = c.saturating_sub(BUCKETS);
+        let hi = c.saturating_add(BUCKETS);
+        let len = usize::try_from(hi - lo + 1).unwrap_or(0);
+        let mut counts = vec![0u64; len];
+        for (&b, &n) in self.buckets.range(lo..=hi) {
+            counts[usize::try_from(b - lo).unwrap_or(0)] = n;
+        }
+        // Windows starting at lo..=c, each BUCKETS + 1 buckets long.
+        let span = usize::try_from(BUCKETS + 1).unwrap_or(usize::MAX).min(len);
+        let mut sum: u64 = counts[..span]
+            .iter()
+            .fold(0u64, |a, &n| a.saturating_add(n));
+        let mut best = sum;
+        let starts = usize::try_from(c - lo).unwrap_or(0);
+        for s in 1..=starts {
+            if s + span > len {
                 break;
             }
-            if !within(start, t) {
-                continue;
-            }
-            if end < i {
-                end = i;
-                sum = 0;
-            }
-            while end < p.len() && within(start, p[end].0) {
-                sum = sum.saturating_add(p[end].1);
-                end += 1;
-            }
+            sum = sum
+                .saturating_sub(counts[s - 1])
+                .saturating_add(counts[s + span - 1]);
             best = best.max(sum);
-            if end > i {
-                sum -= p[i].1;
-            }
         }
         best
     }
 
-    /// Drops the points older than two windows before the newest.
-    fn prune(&mut self, window: Duration) {
-        let Some(&(newest, _)) = self.points.back() else {
-            return;
-        };
-        let keep = window.saturating_mul(2);
-        while let Some(&(t, _)) = self.points.front() {
-            match newest.duration_since(t) {
-                Ok(d) if d >= keep => {
-                    self.points.pop_front();
-                }
-                _ => break,
+    /// Drops the buckets more than two windows before `t`.
+    fn prune(&mut self, t: SystemTime, window: Duration) {
+        let edge = (millis(t) / Self::width(window)).saturating_sub(2 * BUCKETS + 1);
+        while let Some((&b, _)) = self.buckets.first_key_value() {
+            if b >= edge {
+                break;
             }
+            self.buckets.pop_first();
         }
+    }
+
+    /// Nothing counted any more.
+    fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
     }
 
     /// Adds an event's uses (the first at its first time, the others at
     /// its last) and returns the most within one `window` around them.
     fn push(&mut self, e: &Event, window: Duration) -> u64 {
         let (n, first, last) = uses_of(e);
-        self.add(first, 1);
+        self.add(first, 1, window);
         if n > 1 {
-            self.add(last, n - 1);
+            self.add(last, n - 1, window);
         }
         let most = self
             .densest_around(first, window)
             .max(self.densest_around(last, window));
-        self.prune(window);
+        self.prune(first, window);
         most
     }
 }
@@ -180,7 +195,12 @@ pub struct ActorRate {
     max: usize,
     window: Duration,
     actors: HashMap<String, Window>,
+    checked: u64,
 }
+
+/// How often (in events) [`ActorRate`] forgets the actors it has counted
+/// nothing for within two windows of the event at hand.
+const SWEEP_EVERY: u64 = 4096;
 
 impl ActorRate {
     /// At most `max` events per actor within any `window`.
@@ -189,12 +209,22 @@ impl ActorRate {
             max,
             window,
             actors: HashMap::new(),
+            checked: 0,
         }
     }
 }
 
 impl Rule for ActorRate {
     fn check(&mut self, e: &Event) -> Option<Alert> {
+        self.checked += 1;
+        if self.checked.is_multiple_of(SWEEP_EVERY) {
+            let (_, first, _) = uses_of(e);
+            let window = self.window;
+            self.actors.retain(|_, w| {
+                w.prune(first, window);
+                !w.is_empty()
+            });
+        }
         let n = self
             .actors
             .entry(who(e).to_owned())
