@@ -609,3 +609,54 @@ fn a_restore_without_the_keystore_says_the_audit_key_needs_it_and_how_to_go_on()
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     e.ok(&args);
 }
+
+/// A raw key file may be a symbolic link (orchestrators mount secrets so),
+/// but not a FIFO, which is refused rather than waited on.
+#[test]
+fn a_raw_key_file_may_be_a_link_but_never_a_fifo() {
+    let e = Env::new();
+    fs::write(e.path("f"), b"phi").unwrap();
+    e.ok(&["keys", "init"]);
+    fs::write(e.path("real.key"), "ab".repeat(32)).unwrap();
+    std::os::unix::fs::symlink(e.path("real.key"), e.path("link.key")).unwrap();
+    e.ok(&[
+        "--audit-log",
+        "audit.jsonl",
+        "--audit-key-file",
+        "link.key",
+        "encrypt",
+        "-o",
+        "f.phi",
+        "f",
+    ]);
+    assert!(Command::new("mkfifo")
+        .arg(e.path("fifo.key"))
+        .status()
+        .unwrap()
+        .success());
+    let mut child = e
+        .cmd()
+        .args([
+            "--audit-key-file",
+            "fifo.key",
+            "audit",
+            "verify",
+            "audit.jsonl",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("waited on a FIFO key file");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(6));
+}

@@ -116,11 +116,15 @@ pub fn read_sealed(path: &Path) -> Result<Vec<u8>, CliError> {
         })
 }
 
-/// Opens a regular file to read: not through a symbolic link, and without
-/// blocking (a FIFO or a device is refused, never waited on).
-fn open_regular(path: &Path) -> std::io::Result<(fs::File, u64)> {
+/// Opens a regular file to read: not through a symbolic link (unless
+/// `follow`), and without blocking (a FIFO or a device is refused, never
+/// waited on).
+fn open_regular(path: &Path, follow: bool) -> std::io::Result<(fs::File, u64)> {
     use std::os::unix::fs::OpenOptionsExt;
-    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let mut flags = rustix::fs::OFlags::NONBLOCK;
+    if !follow {
+        flags |= rustix::fs::OFlags::NOFOLLOW;
+    }
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(flags.bits() as i32)
@@ -135,8 +139,14 @@ fn open_regular(path: &Path) -> std::io::Result<(fs::File, u64)> {
 /// The bytes of a regular file of at most `max` bytes (see
 /// [`open_regular`]), read within the bound.
 pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Zeroizing<Vec<u8>>> {
+    read_bounded(path, max, false)
+}
+
+/// [`read_regular`], following a symbolic link when `follow` (a key file
+/// mounted by an orchestrator is often one).
+fn read_bounded(path: &Path, max: u64, follow: bool) -> std::io::Result<Zeroizing<Vec<u8>>> {
     let too_big = || std::io::Error::other(format!("larger than {max} bytes"));
-    let (f, len) = open_regular(path)?;
+    let (f, len) = open_regular(path, follow)?;
     if len > max {
         return Err(too_big());
     }
@@ -151,7 +161,7 @@ pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Zeroizing<Vec<u8>>
 /// The first line of a regular file, without its newline, if it has one
 /// within 64 KiB.
 fn first_line(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
-    let (f, _) = open_regular(path)?;
+    let (f, _) = open_regular(path, false)?;
     let mut line = Vec::new();
     BufReader::new(f.take(64 << 10)).read_until(b'\n', &mut line)?;
     Ok(line.strip_suffix(b"\n").map(<[u8]>::to_vec))
@@ -162,12 +172,12 @@ pub fn from_file(g: &Global) -> Result<Option<AuditKey>, CliError> {
     let Some(file) = &g.audit_key_file else {
         return Ok(None);
     };
-    let bytes = Zeroizing::new(fs::read(file).map_err(|e| {
+    let bytes = read_bounded(file, 64 << 10, true).map_err(|e| {
         CliError::new(
             exit::AUDIT,
             format!("cannot read the audit key file {}: {e}", file.display()),
         )
-    })?);
+    })?;
     let text = std::str::from_utf8(&bytes).map(str::trim).unwrap_or("");
     let key = if text.len() >= 64
         && text.len().is_multiple_of(2)
@@ -239,7 +249,7 @@ fn log_state(log: &Path) -> Result<LogState, CliError> {
             return Ok(LogState::New);
         }
         return Err(refuse(format!(
-            "the audit log {} has rotated files ({} and more) but its first file is missing or empty",
+            "the audit log {} has rotated files (such as {}) but its first file is missing or empty",
             log.display(),
             others[0].display()
         )));
