@@ -211,7 +211,9 @@ impl Rules {
                     r.outside_hours = bounds(name, v, ["start", "end"], [(0, 24), (0, 24)])?
                         .map(|[s, e]| (s as u8, e as u8))
                 }
-                _ => unreachable!("members were checked"),
+                // The members were checked above; an error, not a panic,
+                // should that list and this one ever part.
+                other => return Err(format!("the rules: unknown member {other:?}")),
             }
         }
         Ok(r)
