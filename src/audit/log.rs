@@ -7,7 +7,7 @@
 //! rotation and the writer thread is the next step when this file grows.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -497,14 +497,14 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
 }
 
 /// Reads the first line of `path` (without its newline), at most
-/// `MAX_LINE` bytes.
+/// `MAX_LINE` bytes and its newline read; a longer one comes back longer
+/// than `MAX_LINE`, which `line::decode` refuses.
 fn read_first_line(path: &Path) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    io::BufReader::with_capacity(8 << 10, open_read(path)?.take(MAX_LINE as u64))
-        .read_until(b'\n', &mut buf)?;
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-    }
+    line::read_line(
+        &mut io::BufReader::with_capacity(8 << 10, open_read(path)?),
+        &mut buf,
+    )?;
     Ok(buf)
 }
 
@@ -965,6 +965,7 @@ impl Config {
         if raw.is_empty() {
             return Err(Problem::TooLong);
         }
+        // Refuses a line over `MAX_LINE` bytes, as every reader does.
         let (line, body) = line::decode(raw)?;
         if !self.mac.matches(&line.prev, body, &line.hash) {
             return Err(Problem::HashMismatch);
