@@ -409,6 +409,32 @@ fn a_torn_tail_gap_counts_exactly_the_events_the_torn_line_held() {
     }
 }
 
+/// Bytes after the last newline longer than any line are no torn write of
+/// a writer: the repair refuses them (too long) and cuts nothing.
+#[test]
+fn a_tail_longer_than_any_line_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    for extra in [70_000usize, 300_000] {
+        let path = log_with(dir.path(), 3, Some(key()));
+        let mut text = fs::read(&path).unwrap();
+        text.extend(std::iter::repeat_n(b'x', extra));
+        fs::write(&path, &text).unwrap();
+        match AuditLog::builder()
+            .audit_key(key())
+            .repair_torn_tail(true)
+            .open(&path)
+        {
+            Err(OpenError::Damaged(b)) => {
+                assert_eq!(b.problem, Problem::TooLong, "{extra}: {b}");
+                assert_eq!(b.line, 5, "{extra}: {b}");
+            }
+            other => panic!("{extra}: expected Damaged, got {other:?}"),
+        }
+        assert_eq!(fs::read(&path).unwrap(), text, "{extra}: nothing cut");
+        fs::remove_file(&path).unwrap();
+    }
+}
+
 #[test]
 fn rotation_keeps_one_chain_across_files() {
     let dir = tempfile::tempdir().unwrap();

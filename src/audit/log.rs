@@ -845,7 +845,17 @@ impl Config {
         }
         let mut tail = read_tail(last_path).map_err(io_err(last_path))?;
         let mut repaired = None;
-        if let Some((offset, _)) = tail.torn {
+        if let Some((offset, torn_len)) = tail.torn {
+            if torn_len > MAX_LINE as u64 {
+                // Longer than any line: no write of a writer was torn
+                // here, and nothing is cut (the verifier says the same).
+                return Err(OpenError::Damaged(BadLine {
+                    file: last_path.clone(),
+                    line: line_number_at(last_path, offset),
+                    seq: None,
+                    problem: Problem::TooLong,
+                }));
+            }
             if !repair {
                 return Err(OpenError::Damaged(BadLine {
                     file: last_path.clone(),
