@@ -444,6 +444,13 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
 fn main() -> ExitCode {
     // A bug must not print a backtrace at an operator: one line, exit 70.
     std::panic::set_hook(Box::new(|info| {
+        // A task of the S3 runtime that panics is reported by whoever
+        // waits for it, as a failed call in one error line
+        // (s3::spawn_reporting): not a second line here.
+        #[cfg(feature = "s3")]
+        if std::thread::current().name() == Some("s3") {
+            return;
+        }
         let what = info
             .payload()
             .downcast_ref::<&str>()
