@@ -460,9 +460,50 @@ fn exists(loc: &Location) -> CliError {
     CliError::new(
         exit::EXISTS,
         format!(
-            "{loc} already exists; refusing to overwrite it (pass --force to replace it once the new one is complete)"
+            "{loc} already exists; refusing to overwrite it (write to another name, or pass --force to replace it once the new one is complete)"
         ),
     )
+}
+
+/// The condition a request carried: what a `412 Precondition Failed`
+/// answer to it means.
+#[derive(Clone, Copy, Debug)]
+enum Cond<'a> {
+    /// None: a 412 is not expected, and is reported as the store said it.
+    None,
+    /// `If-None-Match: *` on the completion of a new object: an object
+    /// appeared under the key while the backup was uploaded.
+    Absent,
+    /// `If-Match` (completion) or `x-amz-copy-source-if-match` (a copied
+    /// part) on the ETag a rewrap read: the object was replaced since.
+    Unchanged(&'a str),
+}
+
+/// [`s3_error`] for a request that carried `cond`: a 412 says what the
+/// condition found and what the operator can do (each command's own
+/// options: `--force` is encrypt's, a rewrap is run again).
+fn s3_error_if<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    loc: &Location,
+    op: &str,
+    cond: Cond<'_>,
+    e: &SdkError<E>,
+) -> CliError {
+    let refused = status(e) == Some(412) || e.code() == Some("PreconditionFailed");
+    match cond {
+        Cond::Absent if refused => CliError::new(
+            exit::EXISTS,
+            format!(
+                "{loc} already exists: another writer created it while this backup was uploaded ({op} refused by the store: 412 Precondition Failed), and it was left as it is; this backup was not stored (its upload was aborted). Write it to another name, or pass --force to replace that object (see what it is first: `backup inspect {loc}`)"
+            ),
+        ),
+        Cond::Unchanged(etag) if refused => CliError::new(
+            exit::IO,
+            format!(
+                "{loc}: {op} refused by the store (412 Precondition Failed): the object changed while it was rewrapped (another writer replaced it; its ETag is no longer {etag}), and it was left as it is; the rewrap's upload was aborted. See what it is now (`backup inspect {loc}`) and run the rewrap again to rewrap it as it is now"
+            ),
+        ),
+        _ => s3_error(loc, op, e),
+    }
 }
 
 /// Runs `f` on the S3 runtime and waits for it from any thread (also one
@@ -532,9 +573,6 @@ fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
 ) -> CliError {
     let code = e.code().unwrap_or_default().to_owned();
     let st = status(e);
-    if st == Some(412) || code == "PreconditionFailed" {
-        return exists(loc);
-    }
     let what = match e {
         SdkError::ServiceError(s) if s.err().code().is_some() => format!(
             "{} {}",
@@ -777,7 +815,7 @@ impl Upload {
                 .part_number(n)
                 .copy_source(source)
                 .copy_source_range(format!("bytes={from}-{to}"))
-                .copy_source_if_match(etag)
+                .copy_source_if_match(&etag)
                 .send()
                 .await;
             match r {
@@ -789,7 +827,13 @@ impl Upload {
                         .set_checksum_crc32(cp.and_then(|p| p.checksum_crc32()).map(str::to_owned))
                         .build())
                 }
-                Err(e) => Err(s3_error(&l, &format!("UploadPartCopy {n}"), &e).message),
+                Err(e) => Err(s3_error_if(
+                    &l,
+                    &format!("UploadPartCopy {n}"),
+                    Cond::Unchanged(&etag),
+                    &e,
+                )
+                .message),
             }
         };
         spawn_reporting(&self.handle, part, move |r| {
@@ -819,6 +863,12 @@ impl Upload {
             self.force,
             self.if_match.clone(),
         );
+        let read = if_match.clone().unwrap_or_default();
+        let cond = match (&self.if_match, force) {
+            (Some(_), _) => Cond::Unchanged(&read),
+            (None, false) => Cond::Absent,
+            (None, true) => Cond::None,
+        };
         let l = loc.clone();
         let r = wait_on(
             &self.handle,
@@ -852,7 +902,7 @@ impl Upload {
                 self.ensure_retention()
             }
             // Dropped unfinished: aborted.
-            Err(e) => Err(s3_error(&loc, "CompleteMultipartUpload", &e)),
+            Err(e) => Err(s3_error_if(&loc, "CompleteMultipartUpload", cond, &e)),
         }
     }
 }
