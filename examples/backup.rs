@@ -11,6 +11,19 @@
 //! The full grammar, the environment, the exit codes and the guarantees
 //! are in docs/CLI.md.
 
+/// `println!` for every module below: std's, except that stdout closed by
+/// its reader (`| head -1`, `| true`) is no panic and no "internal error"
+/// but exit 141, quietly, as for every write to a closed stdout
+/// ([`error::print_stdout`], [`CliError::stdout_closed`]).
+macro_rules! println {
+    () => {
+        $crate::error::print_stdout(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::error::print_stdout(format_args!($($arg)*))
+    };
+}
+
 // The example's modules live in examples/backup/ (a crate root's modules
 // are looked up beside it, hence the paths).
 #[path = "backup/archive.rs"]
@@ -431,6 +444,13 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
 fn main() -> ExitCode {
     // A bug must not print a backtrace at an operator: one line, exit 70.
     std::panic::set_hook(Box::new(|info| {
+        // A task of the S3 runtime that panics is reported by whoever
+        // waits for it, as a failed call in one error line
+        // (s3::spawn_reporting): not a second line here.
+        #[cfg(feature = "s3")]
+        if std::thread::current().name() == Some("s3") {
+            return;
+        }
         let what = info
             .payload()
             .downcast_ref::<&str>()
@@ -458,6 +478,9 @@ fn main() -> ExitCode {
                 eprintln!("backup: {}", e.message);
             }
             ExitCode::from(e.code)
+        }
+        Err(payload) if payload.is::<error::StdoutClosed>() => {
+            ExitCode::from(CliError::stdout_closed().code)
         }
         Err(_) => ExitCode::from(exit::INTERNAL),
     }

@@ -327,6 +327,114 @@ fn open_refuses_a_damaged_tail() {
     assert_eq!(report.gaps[0].line, 5);
 }
 
+/// The gap line that records a torn last line counts exactly the events
+/// the torn write took with it: none for a file's header (written alone),
+/// one for an event line, and for a gap line cut short, the events it was
+/// recording (and the event written with it, for `write-failed`).
+#[test]
+fn a_torn_tail_gap_counts_exactly_the_events_the_torn_line_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let torn_after_three = |name: &str, torn: &str| -> PathBuf {
+        let sub = dir.path().join(name);
+        fs::create_dir(&sub).unwrap();
+        let path = log_with(&sub, 3, Some(key()));
+        let mut text = fs::read_to_string(&path).unwrap();
+        text.push_str(torn);
+        fs::write(&path, text).unwrap();
+        path
+    };
+    let cases: Vec<(&str, PathBuf, u64)> = vec![
+        (
+            "the header of a rotated file",
+            {
+                let sub = dir.path().join("rotated");
+                fs::create_dir(&sub).unwrap();
+                let path = log_with(&sub, 3, Some(key()));
+                fs::write(sub.join("audit.jsonl.000002"), "{\"seq\":4,\"type\":\"hea").unwrap();
+                path
+            },
+            0,
+        ),
+        (
+            "the genesis header",
+            {
+                let sub = dir.path().join("genesis");
+                fs::create_dir(&sub).unwrap();
+                let path = sub.join("audit.jsonl");
+                fs::write(&path, "{\"seq\":0,\"type\":\"header\",\"format\":\"phi-en").unwrap();
+                path
+            },
+            0,
+        ),
+        (
+            "an event line",
+            torn_after_three("event", "{\"seq\":4,\"type\":\"event\",\"event\":{\"timest"),
+            1,
+        ),
+        (
+            "a line cut before its type",
+            torn_after_three("short", "{\"seq\":4,"),
+            1,
+        ),
+        (
+            "a write-failed gap line and its event",
+            torn_after_three(
+                "write-failed",
+                "{\"seq\":4,\"type\":\"gap\",\"lost\":2,\"reason\":\"write-failed\",\"time\":\"2026-",
+            ),
+            3,
+        ),
+        (
+            "a torn-tail gap line",
+            torn_after_three(
+                "torn-tail",
+                "{\"seq\":4,\"type\":\"gap\",\"lost\":1,\"reason\":\"torn-tail\",\"ti",
+            ),
+            1,
+        ),
+    ];
+    for (what, path, lost) in cases {
+        {
+            let log = AuditLog::builder()
+                .audit_key(key())
+                .repair_torn_tail(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            log.append(&ev(9)).unwrap();
+        }
+        let report = Verifier::new().key(key()).verify(&path).unwrap();
+        assert_eq!(report.gaps.len(), 1, "{what}: {:?}", report.gaps);
+        assert_eq!(report.gaps[0].reason, "torn-tail", "{what}");
+        assert_eq!(report.lost_events(), lost, "{what}: {:?}", report.gaps);
+    }
+}
+
+/// Bytes after the last newline longer than any line are no torn write of
+/// a writer: the repair refuses them (too long) and cuts nothing.
+#[test]
+fn a_tail_longer_than_any_line_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    for extra in [70_000usize, 300_000] {
+        let path = log_with(dir.path(), 3, Some(key()));
+        let mut text = fs::read(&path).unwrap();
+        text.extend(std::iter::repeat_n(b'x', extra));
+        fs::write(&path, &text).unwrap();
+        match AuditLog::builder()
+            .audit_key(key())
+            .repair_torn_tail(true)
+            .open(&path)
+        {
+            Err(OpenError::Damaged(b)) => {
+                assert_eq!(b.problem, Problem::TooLong, "{extra}: {b}");
+                assert_eq!(b.line, 5, "{extra}: {b}");
+            }
+            other => panic!("{extra}: expected Damaged, got {other:?}"),
+        }
+        assert_eq!(fs::read(&path).unwrap(), text, "{extra}: nothing cut");
+        fs::remove_file(&path).unwrap();
+    }
+}
+
 #[test]
 fn rotation_keeps_one_chain_across_files() {
     let dir = tempfile::tempdir().unwrap();

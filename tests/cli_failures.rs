@@ -39,6 +39,56 @@ fn dev_full_as_stdout_is_an_io_error() {
     env.fails(&["encrypt", "-o", "no/such/dir/f.phi", "f"], 4);
 }
 
+/// Runs `backup ARGS` with stdout on a pipe whose reader reads `keep`
+/// bytes and then closes it; returns the exit code and stderr.
+fn with_stdout_closed_after(env: &Env, args: &[&str], keep: usize) -> (i32, String) {
+    use std::io::Read;
+    let mut child = env
+        .cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut got = vec![0u8; keep];
+    out.read_exact(&mut got).unwrap();
+    drop(out);
+    let o = child.wait_with_output().unwrap();
+    (code(&o), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// A reader that closes stdout early (`| head -1`, `| true`) is no
+/// internal error: the command stops, says nothing, and exits 141, what a
+/// shell reports for a command killed by SIGPIPE; never 0, so that an
+/// incomplete restore on stdout is not taken for a complete one.
+#[test]
+fn a_stdout_closed_by_its_reader_is_a_quiet_exit_141() {
+    let env = Env::new();
+    let log = "--audit-log=audit.jsonl";
+    env.ok(&[log, "keys", "init"]);
+    for i in 0..3 {
+        env.ok(&["keys", "create", &format!("local:k{i}")]);
+    }
+    fs::write(env.path("f"), vec![7u8; 3_000_000]).unwrap();
+    env.ok(&[log, "encrypt", "--key", "local:k0", "-o", "f.phi", "f"]);
+    for (args, keep) in [
+        (&["keys", "list"][..], 0),
+        (&["audit", "verify", "--json", "audit.jsonl"][..], 0),
+        (&["audit", "report", "audit.jsonl"][..], 0),
+        (&["audit", "report", "--json", "audit.jsonl"][..], 0),
+        (&["decrypt", "-o", "-", "f.phi"][..], 10),
+        (&["encrypt", "--key", "local:k1", "-o", "-", "f"][..], 10),
+    ] {
+        let (status, err) = with_stdout_closed_after(&env, args, keep);
+        assert_eq!(status, 141, "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}: quiet");
+    }
+    // A complete restore still exits 0.
+    env.ok(&["decrypt", "-o", "f.out", "f.phi"]);
+    assert_eq!(fs::read(env.path("f.out")).unwrap().len(), 3_000_000);
+}
+
 /// A small tmpfs, unmounted on drop; `None` where mounting is not allowed
 /// (not root, or no CAP_SYS_ADMIN in the container): the test then fails.
 struct Tmpfs(PathBuf);

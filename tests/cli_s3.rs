@@ -341,9 +341,64 @@ fn an_object_created_during_the_upload_is_not_replaced() {
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(code(&o), 5, "{err}");
+    cli_support::assert_friendly(&err);
+    // What happened, and what the operator can do about it.
     assert!(err.contains("already exists"), "{err}");
+    assert!(err.contains("while this backup was uploaded"), "{err}");
+    assert!(err.contains("left as it is"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert!(err.contains("another name"), "{err}");
     assert_eq!(b.get("race.phi").unwrap(), b"theirs");
     assert_eq!(b.uploads(), Vec::<String>::new());
+}
+
+/// A rewrap whose object was replaced after it was read is refused by
+/// the store with 412 Precondition Failed, on the body's copy
+/// (`x-amz-copy-source-if-match`) or on the completion (`If-Match`). moto
+/// ignores both conditions, so the proxy answers what AWS S3 does. The
+/// message says the object changed and to run the rewrap again (rewrap
+/// has no --force), not that it "already exists"; the object is left as
+/// it is and the upload aborted.
+#[test]
+fn a_rewrap_refused_by_a_precondition_says_the_object_changed() {
+    let b = Bucket::new("rewrap412");
+    let p = Proxy::start();
+    let e = env();
+    std::fs::write(e.path("a"), data(3 * PART + 5, 16)).unwrap();
+    let url = b.url("r.phi");
+    ok(&e, &["encrypt", "-o", &url, "a"]);
+    let before = b.get("r.phi").unwrap();
+    e.ok(&["keys", "rotate", "local:backups"]);
+    for (method, path, op) in [
+        ("PUT", "partNumber=2", "UploadPartCopy 2"),
+        ("POST", "uploadId=", "CompleteMultipartUpload"),
+    ] {
+        p.rules(serde_json::json!([
+            {"action": "error", "protocol": "s3", "error_type": "PreconditionFailed",
+             "message": "At least one of the pre-conditions you specified did not hold",
+             "status": 412, "method": method, "path_contains": path, "count": 1},
+        ]));
+        let o = run_via(&e, &p, &["rewrap", &url]);
+        cli_support::assert_friendly(&String::from_utf8_lossy(&o.stderr));
+        // rewrap reports each input on stdout (FAILED ...).
+        let err = format!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(code(&o), 4, "{op}: {err}");
+        assert!(err.contains(op), "{op}: {err}");
+        assert!(
+            err.contains("changed while it was rewrapped"),
+            "{op}: {err}"
+        );
+        assert!(err.contains("left as it is"), "{op}: {err}");
+        assert!(err.contains("run the rewrap again"), "{op}: {err}");
+        assert!(!err.contains("already exists"), "{op}: {err}");
+        assert!(!err.contains("--force"), "{op}: {err}");
+        assert_eq!(
+            b.get("r.phi").unwrap(),
+            before,
+            "{op}: the object was replaced"
+        );
+        assert_eq!(b.uploads(), Vec::<String>::new(), "{op}");
+    }
 }
 
 #[test]

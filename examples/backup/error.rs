@@ -35,6 +35,11 @@ pub mod exit {
     pub const ALERTS: u8 = 7;
     /// A bug.
     pub const INTERNAL: u8 = 70;
+    /// Stdout was closed by its reader (`| head -1`) before the command
+    /// wrote all of its output: 128 + SIGPIPE, what a shell reports for a
+    /// command that a closed pipe killed, and never success (an output cut
+    /// short is not complete). Nothing is printed.
+    pub const STDOUT_CLOSED: u8 = 141;
     /// Interrupted by SIGINT, SIGTERM, SIGHUP or SIGQUIT (a second signal
     /// exits at once, with 128 + its number).
     pub const INTERRUPTED: u8 = 130;
@@ -54,6 +59,7 @@ Exit codes:
   6  audit log cannot be opened or written (no key was used)
   7  audit monitor: alerts fired
   130 interrupted (Ctrl-C); nothing is left under the output name
+  141 stdout closed by its reader (| head) before the output was complete; nothing printed
 
 Environment:
   PHI_ENVELOPE_KEYSTORE     keystore file (default $XDG_DATA_HOME/phi-envelope/keystore.json)
@@ -95,6 +101,15 @@ impl CliError {
         )
     }
 
+    /// Stdout was closed by its reader before the command wrote all of its
+    /// output: the one way every command ends then, whether the write was
+    /// a `println!` ([`print_stdout`]) or a stream's (a restore to `-`).
+    /// Quiet (whoever reads stdout has gone; the exit code says it was cut
+    /// short), and never success.
+    pub fn stdout_closed() -> CliError {
+        CliError::new(exit::STDOUT_CLOSED, String::new())
+    }
+
     /// The failure was already reported (per input); only the exit code
     /// is left.
     pub fn reported(code: u8) -> CliError {
@@ -127,6 +142,14 @@ impl CliError {
         }
         let p = output::shown(path, "standard input/output");
         match e {
+            // Only stdout, of what this command writes, is a pipe (outputs
+            // are files created beside their final name).
+            E::Io(io)
+                if io.kind() == io::ErrorKind::BrokenPipe
+                    && (p == "stdout" || p == "standard input/output") =>
+            {
+                CliError::stdout_closed()
+            }
             E::Io(io) => {
                 let msg = io.to_string();
                 let p = if p.is_empty() {
@@ -162,6 +185,26 @@ impl CliError {
             self.message = format!("{p}: {}", self.message);
         }
         self
+    }
+}
+
+/// The payload `main` catches when a `println!` found stdout closed by its
+/// reader ([`CliError::stdout_closed`]).
+pub struct StdoutClosed;
+
+/// What this binary's `println!` does (examples/backup.rs): prints as
+/// std's does, but a stdout closed by its reader unwinds to `main` with
+/// [`StdoutClosed`] (without the panic hook: no message), which exits
+/// like every other write to a closed stdout. Any other failure to print
+/// is a bug, as with std's.
+pub fn print_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            std::panic::resume_unwind(Box::new(StdoutClosed));
+        }
+        panic!("failed printing to stdout: {e}");
     }
 }
 

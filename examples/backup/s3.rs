@@ -192,29 +192,34 @@ impl Store {
     pub fn connect() -> Result<Store, CliError> {
         let tuning = Tuning::from_env()?;
         let rt = runtime()?;
-        let client = wait_on(rt.handle(), async {
+        let client = wait_on(rt.handle(), "loading the AWS configuration", async {
             let shared = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             let mut b = aws_sdk_s3::config::Builder::from(&shared);
             if std::env::var("AWS_S3_FORCE_PATH_STYLE").is_ok_and(|v| v == "true" || v == "1") {
                 b = b.force_path_style(true);
             }
             Client::from_conf(b.build())
-        });
+        })?;
         Ok(Store { rt, client, tuning })
     }
 
     /// Runs `f` on the store's runtime and waits for it from any thread
     /// (also one inside another runtime, where `block_on` would panic).
-    fn wait<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
-        wait_on(self.rt.handle(), f)
+    fn wait<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, CliError> {
+        wait_on(self.rt.handle(), what, f)
     }
 
     /// Size and ETag of an object; `None` when there is none.
     pub fn head(&self, loc: &Location) -> Result<Option<(u64, String)>, CliError> {
         let c = self.client.clone();
         let l = loc.clone();
-        let r =
-            self.wait(async move { c.head_object().bucket(&l.bucket).key(&l.key).send().await });
+        let r = self.wait(&format!("{loc}: HeadObject"), async move {
+            c.head_object().bucket(&l.bucket).key(&l.key).send().await
+        })?;
         match r {
             // Every read and replace is pinned to this ETag (If-Match): a
             // store that sends none would silently unpin them all.
@@ -309,6 +314,8 @@ impl Store {
             failed: None,
             finished: false,
             bytes: 0,
+            #[cfg(test)]
+            panic_part: None,
         })
     }
 
@@ -320,14 +327,14 @@ impl Store {
             let c = self.client.clone();
             let l = loc.clone();
             let t = token.clone();
-            let r = self.wait(async move {
+            let r = self.wait(&format!("{loc}: ListObjectsV2"), async move {
                 c.list_objects_v2()
                     .bucket(&l.bucket)
                     .prefix(&l.key)
                     .set_continuation_token(t)
                     .send()
                     .await
-            });
+            })?;
             let page = r.map_err(|e| s3_error(loc, "ListObjectsV2", &e))?;
             for o in page.contents() {
                 out.push((
@@ -453,20 +460,103 @@ fn exists(loc: &Location) -> CliError {
     CliError::new(
         exit::EXISTS,
         format!(
-            "{loc} already exists; refusing to overwrite it (pass --force to replace it once the new one is complete)"
+            "{loc} already exists; refusing to overwrite it (write to another name, or pass --force to replace it once the new one is complete)"
         ),
     )
 }
 
+/// The condition a request carried: what a `412 Precondition Failed`
+/// answer to it means.
+#[derive(Clone, Copy, Debug)]
+enum Cond<'a> {
+    /// None: a 412 is not expected, and is reported as the store said it.
+    None,
+    /// `If-None-Match: *` on the completion of a new object: an object
+    /// appeared under the key while the backup was uploaded.
+    Absent,
+    /// `If-Match` (completion) or `x-amz-copy-source-if-match` (a copied
+    /// part) on the ETag a rewrap read: the object was replaced since.
+    Unchanged(&'a str),
+}
+
+/// [`s3_error`] for a request that carried `cond`: a 412 says what the
+/// condition found and what the operator can do (each command's own
+/// options: `--force` is encrypt's, a rewrap is run again).
+fn s3_error_if<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    loc: &Location,
+    op: &str,
+    cond: Cond<'_>,
+    e: &SdkError<E>,
+) -> CliError {
+    let refused = status(e) == Some(412) || e.code() == Some("PreconditionFailed");
+    match cond {
+        Cond::Absent if refused => CliError::new(
+            exit::EXISTS,
+            format!(
+                "{loc} already exists: another writer created it while this backup was uploaded ({op} refused by the store: 412 Precondition Failed), and it was left as it is; this backup was not stored (its upload was aborted). Write it to another name, or pass --force to replace that object (see what it is first: `backup inspect {loc}`)"
+            ),
+        ),
+        Cond::Unchanged(etag) if refused => CliError::new(
+            exit::IO,
+            format!(
+                "{loc}: {op} refused by the store (412 Precondition Failed): the object changed while it was rewrapped (another writer replaced it; its ETag is no longer {etag}), and it was left as it is; the rewrap's upload was aborted. See what it is now (`backup inspect {loc}`) and run the rewrap again to rewrap it as it is now"
+            ),
+        ),
+        _ => s3_error(loc, op, e),
+    }
+}
+
+/// Runs `f` on the S3 runtime and waits for it from any thread (also one
+/// inside another runtime, where `block_on` would panic). A task that
+/// panicked is an error naming `what` (the call, and its object), never a
+/// panic here ([`spawn_reporting`]).
 fn wait_on<T: Send + 'static>(
     h: &tokio::runtime::Handle,
+    what: &str,
     f: impl Future<Output = T> + Send + 'static,
-) -> T {
+) -> Result<T, CliError> {
     let (tx, rx) = mpsc::sync_channel(1);
-    h.spawn(async move {
-        let _ = tx.send(f.await);
+    spawn_reporting(h, f, move |r| {
+        let _ = tx.send(r);
     });
-    rx.recv().expect("the S3 runtime outlives its calls")
+    rx.recv()
+        .unwrap_or_else(|_| Err(STOPPED.to_owned()))
+        .map_err(|why| CliError::new(exit::IO, format!("{what} failed: {why}")))
+}
+
+/// Why a task gave no answer: its runtime is gone (never dropped, so not
+/// expected).
+const STOPPED: &str = "the S3 runtime stopped";
+
+/// Every task of the S3 runtime is spawned here: `f` runs as a task, and
+/// `done` gets its output, or, when the task panicked (a bug, in this code
+/// or in the SDK; never what an input or a store's answer should cause),
+/// why, as an error to report like any failed call. So a waiter is always
+/// answered: a panicked part of an upload is a failed part (the upload is
+/// then aborted), not a part waited for forever, nor a panic in the
+/// waiting thread. (The panic hook of `main` leaves panics on the runtime's
+/// threads to these reports.)
+fn spawn_reporting<T: Send + 'static>(
+    h: &tokio::runtime::Handle,
+    f: impl Future<Output = T> + Send + 'static,
+    done: impl FnOnce(Result<T, String>) + Send + 'static,
+) {
+    let task = h.spawn(f);
+    h.spawn(async move {
+        done(task.await.map_err(|e| {
+            if e.is_panic() {
+                let p = e.into_panic();
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("its task panicked ({msg}); this is a bug, please report it")
+            } else {
+                "its task was cancelled".to_owned()
+            }
+        }))
+    });
 }
 
 /// The HTTP status of a failed call, when there was an answer.
@@ -483,9 +573,6 @@ fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
 ) -> CliError {
     let code = e.code().unwrap_or_default().to_owned();
     let st = status(e);
-    if st == Some(412) || code == "PreconditionFailed" {
-        return exists(loc);
-    }
     let what = match e {
         SdkError::ServiceError(s) if s.err().code().is_some() => format!(
             "{} {}",
@@ -554,6 +641,10 @@ pub struct Upload {
     finished: bool,
     /// Bytes handed to parts so far.
     pub bytes: u64,
+    /// Tests only: the part whose task panics (there is no way to make a
+    /// real one panic from outside).
+    #[cfg(test)]
+    panic_part: Option<i32>,
 }
 
 impl Upload {
@@ -563,7 +654,8 @@ impl Upload {
             return Ok(());
         }
         let (c, l, retain) = (self.client.clone(), self.loc.clone(), self.retain.clone());
-        let r = wait_on(&self.handle, async move {
+        let what = format!("{}: CreateMultipartUpload", self.loc);
+        let r = wait_on(&self.handle, &what, async move {
             let mut req = c
                 .create_multipart_upload()
                 .bucket(&l.bucket)
@@ -576,7 +668,7 @@ impl Upload {
                     .object_lock_retain_until_date(date);
             }
             req.send().await
-        });
+        })?;
         let id = r
             .map_err(|e| s3_error(&self.loc, "CreateMultipartUpload", &e))?
             .upload_id()
@@ -667,7 +759,14 @@ impl Upload {
             self.tx.clone(),
         );
         self.in_flight += 1;
-        self.handle.spawn(async move {
+        #[cfg(test)]
+        let panic_part = self.panic_part;
+        let what = format!("{l}: UploadPart {n}");
+        let part = async move {
+            #[cfg(test)]
+            if panic_part == Some(n) {
+                panic!("part {n} panics, as the test asked");
+            }
             let r = c
                 .upload_part()
                 .bucket(&l.bucket)
@@ -678,14 +777,17 @@ impl Upload {
                 .body(ByteStream::from(body))
                 .send()
                 .await;
-            let _ = tx.send(match r {
+            match r {
                 Ok(o) => Ok(CompletedPart::builder()
                     .part_number(n)
                     .set_e_tag(o.e_tag().map(str::to_owned))
                     .set_checksum_crc32(o.checksum_crc32().map(str::to_owned))
                     .build()),
                 Err(e) => Err(s3_error(&l, &format!("UploadPart {n}"), &e).message),
-            });
+            }
+        };
+        spawn_reporting(&self.handle, part, move |r| {
+            let _ = tx.send(r.unwrap_or_else(|why| Err(format!("{what} failed: {why}"))));
         });
         Ok(())
     }
@@ -702,7 +804,8 @@ impl Upload {
             etag.to_owned(),
         );
         self.in_flight += 1;
-        self.handle.spawn(async move {
+        let what = format!("{l}: UploadPartCopy {n}");
+        let part = async move {
             let source = format!("{}/{}", l.bucket, url_encode(&l.key));
             let r = c
                 .upload_part_copy()
@@ -712,10 +815,10 @@ impl Upload {
                 .part_number(n)
                 .copy_source(source)
                 .copy_source_range(format!("bytes={from}-{to}"))
-                .copy_source_if_match(etag)
+                .copy_source_if_match(&etag)
                 .send()
                 .await;
-            let _ = tx.send(match r {
+            match r {
                 Ok(o) => {
                     let cp = o.copy_part_result();
                     Ok(CompletedPart::builder()
@@ -724,8 +827,17 @@ impl Upload {
                         .set_checksum_crc32(cp.and_then(|p| p.checksum_crc32()).map(str::to_owned))
                         .build())
                 }
-                Err(e) => Err(s3_error(&l, &format!("UploadPartCopy {n}"), &e).message),
-            });
+                Err(e) => Err(s3_error_if(
+                    &l,
+                    &format!("UploadPartCopy {n}"),
+                    Cond::Unchanged(&etag),
+                    &e,
+                )
+                .message),
+            }
+        };
+        spawn_reporting(&self.handle, part, move |r| {
+            let _ = tx.send(r.unwrap_or_else(|why| Err(format!("{what} failed: {why}"))));
         });
         Ok(())
     }
@@ -751,25 +863,35 @@ impl Upload {
             self.force,
             self.if_match.clone(),
         );
+        let read = if_match.clone().unwrap_or_default();
+        let cond = match (&self.if_match, force) {
+            (Some(_), _) => Cond::Unchanged(&read),
+            (None, false) => Cond::Absent,
+            (None, true) => Cond::None,
+        };
         let l = loc.clone();
-        let r = wait_on(&self.handle, async move {
-            let mut req = c
-                .complete_multipart_upload()
-                .bucket(&l.bucket)
-                .key(&l.key)
-                .upload_id(&id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts))
-                        .build(),
-                );
-            if let Some(m) = if_match {
-                req = req.if_match(m);
-            } else if !force {
-                req = req.if_none_match("*");
-            }
-            req.send().await
-        });
+        let r = wait_on(
+            &self.handle,
+            &format!("{loc}: CompleteMultipartUpload"),
+            async move {
+                let mut req = c
+                    .complete_multipart_upload()
+                    .bucket(&l.bucket)
+                    .key(&l.key)
+                    .upload_id(&id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    );
+                if let Some(m) = if_match {
+                    req = req.if_match(m);
+                } else if !force {
+                    req = req.if_none_match("*");
+                }
+                req.send().await
+            },
+        )?;
         match r {
             Ok(_) => {
                 self.finished = true;
@@ -780,7 +902,7 @@ impl Upload {
                 self.ensure_retention()
             }
             // Dropped unfinished: aborted.
-            Err(e) => Err(s3_error(&loc, "CompleteMultipartUpload", &e)),
+            Err(e) => Err(s3_error_if(&loc, "CompleteMultipartUpload", cond, &e)),
         }
     }
 }
@@ -810,7 +932,8 @@ impl Upload {
             _ => aws_sdk_s3::types::ObjectLockRetentionMode::Governance,
         };
         let (c, l) = (self.client.clone(), self.loc.clone());
-        let put = wait_on(&self.handle, async move {
+        let what = format!("{}: PutObjectRetention", self.loc);
+        let put = wait_on(&self.handle, &what, async move {
             c.put_object_retention()
                 .bucket(&l.bucket)
                 .key(&l.key)
@@ -822,12 +945,15 @@ impl Upload {
                 )
                 .send()
                 .await
-        });
+        })
+        .map_err(|e| unlocked(e.message))?;
         put.map_err(|e| unlocked(s3_error(&self.loc, "PutObjectRetention", &e).message))?;
         let (c, l) = (self.client.clone(), self.loc.clone());
-        let head = wait_on(&self.handle, async move {
+        let what = format!("{}: HeadObject", self.loc);
+        let head = wait_on(&self.handle, &what, async move {
             c.head_object().bucket(&l.bucket).key(&l.key).send().await
         })
+        .map_err(|e| unlocked(e.message))?
         .map_err(|e| unlocked(s3_error(&self.loc, "HeadObject", &e).message))?;
         let locked = head.object_lock_mode() == Some(&mode)
             && head
@@ -877,7 +1003,8 @@ impl Drop for Upload {
             self.in_flight -= 1;
         }
         let (c, l, id) = (self.client.clone(), self.loc.clone(), self.id.clone());
-        let r = wait_on(&self.handle, async move {
+        let what = format!("{}: AbortMultipartUpload {}", self.loc, self.id);
+        let r = wait_on(&self.handle, &what, async move {
             c.abort_multipart_upload()
                 .bucket(&l.bucket)
                 .key(&l.key)
@@ -885,10 +1012,16 @@ impl Drop for Upload {
                 .send()
                 .await
         });
-        if let Err(e) = r {
+        let failed = match r {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                Some(s3_error(&self.loc, &format!("AbortMultipartUpload {}", self.id), &e).message)
+            }
+            Err(e) => Some(e.message),
+        };
+        if let Some(why) = failed {
             eprintln!(
-                "backup: warning: {}; its parts stay billed until a lifecycle rule (AbortIncompleteMultipartUpload) removes them",
-                s3_error(&self.loc, &format!("AbortMultipartUpload {}", self.id), &e).message
+                "backup: warning: {why}; its parts stay billed until a lifecycle rule (AbortIncompleteMultipartUpload) removes them"
             );
         }
     }
@@ -956,7 +1089,8 @@ impl Download {
             self.next = to + 1;
             let (tx, rx) = mpsc::sync_channel(1);
             let (c, l, etag) = (self.client.clone(), self.loc.clone(), self.etag.clone());
-            self.handle.spawn(async move {
+            let what = format!("{l}: GetObject of bytes {from}-{to}");
+            let range = async move {
                 let want = (to - from + 1) as usize;
                 let mut last = String::new();
                 for attempt in 0..BODY_ATTEMPTS {
@@ -979,16 +1113,14 @@ impl Download {
                             } else {
                                 s3_error(&l, "GetObject", &e).message
                             };
-                            let _ = tx.send(Err(msg));
-                            return;
+                            return Err(msg);
                         }
                     };
                     match o.body.collect().await {
                         Ok(b) => {
                             let b = b.into_bytes();
                             if b.len() == want {
-                                let _ = tx.send(Ok(b));
-                                return;
+                                return Ok(b);
                             }
                             last = format!(
                                 "{l}: GetObject of bytes {from}-{to} returned {} bytes",
@@ -1002,7 +1134,10 @@ impl Download {
                         }
                     }
                 }
-                let _ = tx.send(Err(format!("{last}; gave up after {BODY_ATTEMPTS} attempts")));
+                Err(format!("{last}; gave up after {BODY_ATTEMPTS} attempts"))
+            };
+            spawn_reporting(&self.handle, range, move |r| {
+                let _ = tx.send(r.unwrap_or_else(|why| Err(format!("{what} failed: {why}"))));
             });
             self.queue.push_back(rx);
         }
@@ -1049,6 +1184,85 @@ mod tests {
         assert!(p("s3:///key").unwrap().is_err());
         assert!(p("s3://My_Bucket/key").unwrap().is_err());
         assert!(parse(Path::new("s3://my-bucket/"), true).unwrap().is_ok());
+    }
+
+    /// A part task that panics (a bug, here or in the SDK: never what an
+    /// input or a store's answer may cause) is a clear error of the
+    /// upload, never a panic or a hang: the upload is aborted and nothing
+    /// is left under the final name, nor any part. Against moto (run by
+    /// scripts/test.sh).
+    #[test]
+    fn a_panicking_part_task_aborts_the_upload_and_leaves_nothing() {
+        assert!(
+            std::env::var_os("PHI_MOTO_URL").is_some(),
+            "run with scripts/test.sh (it starts moto)"
+        );
+        let store = Store::connect().unwrap();
+        let loc = Location {
+            bucket: format!("phi-panic-part-{}", std::process::id()),
+            key: "x.phi".into(),
+        };
+        let (c, b) = (store.client.clone(), loc.bucket.clone());
+        store
+            .wait("CreateBucket", async move {
+                c.create_bucket().bucket(b).send().await
+            })
+            .unwrap()
+            .unwrap();
+        let part = 5 << 20;
+        let mut up = store
+            .upload(
+                &loc,
+                UploadOptions {
+                    force: false,
+                    retain_until: None,
+                },
+            )
+            .unwrap();
+        up.tuning = Tuning {
+            part_size: part,
+            parallel: 2,
+        };
+        up.panic_part = Some(2);
+        let chunk = vec![7u8; part];
+        let mut failed = None;
+        for _ in 0..4 {
+            if let Err(e) = up.write_all(&chunk) {
+                failed = Some(io_error(&loc, e));
+                break;
+            }
+        }
+        let err = match failed {
+            Some(e) => {
+                drop(up);
+                e
+            }
+            None => up
+                .complete()
+                .expect_err("an upload with a failed part completed"),
+        };
+        assert_eq!(err.code, exit::IO, "{}", err.message);
+        assert!(err.message.contains("UploadPart 2"), "{}", err.message);
+        assert!(err.message.contains("panicked"), "{}", err.message);
+        let (c, l) = (store.client.clone(), loc.clone());
+        let head = store
+            .wait("HeadObject", async move {
+                c.head_object().bucket(&l.bucket).key(&l.key).send().await
+            })
+            .unwrap();
+        assert_eq!(
+            head.err().and_then(|e| status(&e)),
+            Some(404),
+            "an object was left"
+        );
+        let (c, b) = (store.client.clone(), loc.bucket.clone());
+        let uploads = store
+            .wait("ListMultipartUploads", async move {
+                c.list_multipart_uploads().bucket(b).send().await
+            })
+            .unwrap()
+            .unwrap();
+        assert!(uploads.uploads().is_empty(), "{:?}", uploads.uploads());
     }
 
     #[test]

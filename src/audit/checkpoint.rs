@@ -17,7 +17,7 @@
 //! with a committed vector (`tests/vectors/audit-checkpoint-v1.json`).
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Read};
+use std::io::BufReader;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -26,7 +26,7 @@ use ring::signature::{self, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use super::line::{self, MAX_LINE};
+use super::line;
 use crate::json::{format_timestamp, parse_timestamp, push_key, push_str};
 
 /// The `format` member of every checkpoint.
@@ -200,9 +200,7 @@ impl TrailDigest {
             seq,
             problem,
         };
-        if raw.len() >= MAX_LINE {
-            return Err(bad(None, line::Problem::TooLong));
-        }
+        // Refuses a line over `line::MAX_LINE` bytes, as every reader does.
         let (entry, _) = line::decode(raw).map_err(|p| bad(None, p))?;
         let expected = self.last_seq.map_or(0, |s| s + 1);
         if entry.seq != expected {
@@ -443,7 +441,8 @@ where
 
 /// The lines of the file log whose first file is `path` (and its rotated
 /// files), without newlines; an incomplete last line is left out (it is
-/// no entry).
+/// no entry). A line over `line::MAX_LINE` bytes is refused, wherever it
+/// is: it is not taken for the end of the trail.
 pub(crate) fn log_lines(path: &Path) -> Result<Vec<Vec<u8>>, CheckpointError> {
     let io = |e: std::io::Error| CheckpointError::Io(format!("{}: {e}", path.display()));
     let mut out = Vec::new();
@@ -452,15 +451,17 @@ pub(crate) fn log_lines(path: &Path) -> Result<Vec<Vec<u8>>, CheckpointError> {
         let mut r = BufReader::new(f);
         loop {
             let mut buf = Vec::new();
-            let n = (&mut r)
-                .take(MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut buf)
-                .map_err(io)?;
-            if n == 0 || buf.last() != Some(&b'\n') {
-                break;
+            match line::read_line(&mut r, &mut buf).map_err(io)? {
+                line::Framed::Line => out.push(buf),
+                line::Framed::End | line::Framed::Incomplete => break,
+                line::Framed::TooLong => {
+                    return Err(CheckpointError::BadLine {
+                        index: out.len() as u64,
+                        seq: None,
+                        problem: line::Problem::TooLong,
+                    })
+                }
             }
-            buf.pop();
-            out.push(buf);
         }
     }
     Ok(out)

@@ -16,10 +16,12 @@ pub(crate) const FORMAT: &str = "phi-envelope-audit/1";
 const DOMAIN: &[u8] = b"phi-envelope-audit/1\0";
 /// The message whose HMAC names a key.
 pub(crate) const KEY_ID_DOMAIN: &[u8] = b"phi-envelope-audit/1 key-id\0";
-/// The longest line (newline excluded) read; a writer refuses an event
-/// whose JSON, plus 240 bytes for the rest of its line, is longer. Events
-/// are a few hundred bytes; the bound keeps a hostile file from making the
-/// verifier allocate without limit.
+/// The longest line, **newline excluded**: a line of exactly this many
+/// bytes is an entry, one byte more is [`Problem::TooLong`], for every
+/// reader ([`decode`] refuses it, [`read_line`] frames it). A writer
+/// refuses an event whose JSON, plus 240 bytes for the rest of its line,
+/// is longer. Events are a few hundred bytes; the bound keeps a hostile
+/// file from making the verifier allocate without limit.
 pub(crate) const MAX_LINE: usize = 64 * 1024;
 /// `,"hash":"` + 64 hex digits + `"}`.
 const SUFFIX_LEN: usize = 9 + 64 + 2;
@@ -390,11 +392,50 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// How [`read_line`] found the next line of a file.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Framed {
+    /// The end of the file.
+    End,
+    /// A complete line, now in the buffer without its newline: at most
+    /// [`MAX_LINE`] bytes.
+    Line,
+    /// More than `MAX_LINE` bytes without a newline.
+    TooLong,
+    /// The end of the file without a newline: a torn last line.
+    Incomplete,
+}
+
+/// Reads the next line of a file into `buf` (cleared first), reading at
+/// most `MAX_LINE` bytes and its newline, so that every reader of the file
+/// log frames lines the same way at the boundary.
+pub(crate) fn read_line<R: std::io::BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Framed> {
+    use std::io::{BufRead as _, Read as _};
+    buf.clear();
+    let n = r.take(MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
+    Ok(if n == 0 {
+        Framed::End
+    } else if buf.last() == Some(&b'\n') {
+        buf.pop();
+        Framed::Line
+    } else if buf.len() > MAX_LINE {
+        Framed::TooLong
+    } else {
+        Framed::Incomplete
+    })
+}
+
 /// Decodes one line (without its newline). Returns the line and its body
 /// bytes (what the hash covers). Checks structure and canonical form, not
 /// the hash or the chain.
 pub(crate) fn decode(line: &[u8]) -> Result<(Line, &[u8]), Problem> {
     let malformed = |why: &str| Problem::Malformed(why.to_owned());
+    if line.len() > MAX_LINE {
+        return Err(Problem::TooLong);
+    }
     if line.len() < SUFFIX_LEN + 2 {
         return Err(malformed("too short to be an audit entry"));
     }

@@ -7,7 +7,7 @@
 //! rotation and the writer thread is the next step when this file grows.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -124,8 +124,11 @@ impl AuditLogBuilder {
     /// default) the append is refused until the log is reopened with this
     /// set.
     ///
-    /// The cut line is an event whose operation never completed: the
-    /// keyring releases a result only after its event is written.
+    /// The cut line is usually an event whose operation never completed
+    /// (the keyring releases a result only after its event is written);
+    /// the gap line counts exactly the events it held: 1 for an event, 0
+    /// for a file's header, the events a gap line cut short was recording
+    /// (docs/AUDIT-LOG.md section 7).
     pub fn repair_torn_tail(mut self, yes: bool) -> Self {
         self.repair_torn_tail = yes;
         self
@@ -431,6 +434,9 @@ struct Tail {
     len: u64,
     /// Offset and length of an incomplete last line, if any.
     torn: Option<(u64, u64)>,
+    /// The first bytes of that line ([`TORN_HEAD`] at most): enough to
+    /// tell what it was ([`torn_lost`]).
+    torn_head: Vec<u8>,
     /// The last complete line (without its newline) and its offset; empty
     /// if it is longer than any line the log writes.
     last: Option<(u64, Vec<u8>)>,
@@ -467,6 +473,7 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
     let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let torn =
         (complete < buf.len()).then(|| (start + complete as u64, (buf.len() - complete) as u64));
+    let torn_head = buf[complete..buf.len().min(complete + TORN_HEAD)].to_vec();
     // The complete line ending just before `end` (an index of `buf` just
     // past a newline), with its offset; empty when it starts before the
     // window (longer than any line the log writes).
@@ -491,20 +498,58 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
     Ok(Tail {
         len,
         torn,
+        torn_head,
         last: at(last),
         before: at(before),
     })
 }
 
+/// How much of a torn line [`read_tail`] keeps: `{"seq":`, 20 digits,
+/// `,"type":"gap","lost":`, 20 digits, `,"reason":"` and one more byte.
+const TORN_HEAD: usize = 128;
+
+/// How many events the torn last line of a file, starting at `offset`
+/// with `head`, took with it (docs/AUDIT-LOG.md section 7):
+///
+/// - none when it is the file's first line: a header, which is always
+///   written alone (a new log, a rotation, a rotation cut short and
+///   completed);
+/// - for a gap line cut short, the events it was recording (as far as its
+///   `lost` was written), and the event a `write-failed` gap line is
+///   written with; a `torn-tail` gap line is written alone;
+/// - otherwise 1: an event line (alone or after a complete gap line), or a
+///   line cut before it says what it is (most lines a writer starts are
+///   an append's event).
+fn torn_lost(offset: u64, head: &[u8]) -> u64 {
+    if offset == 0 {
+        return 0;
+    }
+    let digits = |b: &[u8]| b.iter().take_while(|c| c.is_ascii_digit()).count();
+    let Some(rest) = head.strip_prefix(b"{\"seq\":") else {
+        return 1;
+    };
+    let Some(rest) = rest[digits(rest)..].strip_prefix(b",\"type\":\"gap\",\"lost\":") else {
+        return 1;
+    };
+    let n = digits(rest);
+    let lost = rest[..n].iter().fold(0u64, |acc, d| {
+        acc.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    });
+    match rest[n..].strip_prefix(b",\"reason\":\"") {
+        Some(reason) if reason.starts_with(b"w") => lost.saturating_add(1),
+        _ => lost,
+    }
+}
+
 /// Reads the first line of `path` (without its newline), at most
-/// `MAX_LINE` bytes.
+/// `MAX_LINE` bytes and its newline read; a longer one comes back longer
+/// than `MAX_LINE`, which `line::decode` refuses.
 fn read_first_line(path: &Path) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    io::BufReader::with_capacity(8 << 10, open_read(path)?.take(MAX_LINE as u64))
-        .read_until(b'\n', &mut buf)?;
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-    }
+    line::read_line(
+        &mut io::BufReader::with_capacity(8 << 10, open_read(path)?),
+        &mut buf,
+    )?;
     Ok(buf)
 }
 
@@ -799,8 +844,18 @@ impl Config {
             )));
         }
         let mut tail = read_tail(last_path).map_err(io_err(last_path))?;
-        let mut repaired = false;
-        if let Some((offset, _)) = tail.torn {
+        let mut repaired = None;
+        if let Some((offset, torn_len)) = tail.torn {
+            if torn_len > MAX_LINE as u64 {
+                // Longer than any line: no write of a writer was torn
+                // here, and nothing is cut (the verifier says the same).
+                return Err(OpenError::Damaged(BadLine {
+                    file: last_path.clone(),
+                    line: line_number_at(last_path, offset),
+                    seq: None,
+                    problem: Problem::TooLong,
+                }));
+            }
             if !repair {
                 return Err(OpenError::Damaged(BadLine {
                     file: last_path.clone(),
@@ -813,8 +868,8 @@ impl Config {
                 open_file(OpenOptions::new().write(true), last_path).map_err(io_err(last_path))?;
             f.set_len(offset).map_err(io_err(last_path))?;
             f.sync_all().map_err(io_err(last_path))?;
+            repaired = Some(torn_lost(offset, &tail.torn_head));
             tail = read_tail(last_path).map_err(io_err(last_path))?;
-            repaired = true;
         }
         let file =
             open_file(OpenOptions::new().append(true), last_path).map_err(io_err(last_path))?;
@@ -855,8 +910,8 @@ impl Config {
             };
             st
         };
-        if repaired {
-            st.lost = 1;
+        if let Some(lost) = repaired {
+            st.lost = lost;
             self.write_gap(&mut st, "torn-tail")
                 .map_err(io_err(last_path))?;
         }
@@ -965,6 +1020,7 @@ impl Config {
         if raw.is_empty() {
             return Err(Problem::TooLong);
         }
+        // Refuses a line over `MAX_LINE` bytes, as every reader does.
         let (line, body) = line::decode(raw)?;
         if !self.mac.matches(&line.prev, body, &line.hash) {
             return Err(Problem::HashMismatch);

@@ -209,6 +209,8 @@
 //!    your ticket which old log and anchor the new one follows.
 
 pub mod checkpoint;
+#[cfg(test)]
+mod limit_tests;
 pub(crate) mod line;
 mod log;
 #[cfg(feature = "postgres")]

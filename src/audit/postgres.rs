@@ -83,7 +83,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::pg_tls::{self, Connector};
 
-use super::line::{self, Body, Header, Mac, Problem, MAX_LINE};
+use super::line::{self, Body, Header, Mac, Problem};
 use super::queue::Queue;
 use super::verify::{BadLine, GapRecord, Verifier, VerifyError, VerifyReport};
 use super::{Anchor, AuditKey};
@@ -118,7 +118,7 @@ CREATE SCHEMA IF NOT EXISTS phi_audit AUTHORIZATION phi_audit_owner;
 REVOKE ALL ON SCHEMA phi_audit FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS phi_audit.entries (
   seq bigint PRIMARY KEY CHECK (seq >= 0),
-  line text NOT NULL CHECK (octet_length(line) < 65536)
+  line text NOT NULL CHECK (octet_length(line) <= 65536)
 );
 ALTER TABLE phi_audit.entries OWNER TO phi_audit_owner;
 REVOKE ALL ON phi_audit.entries FROM PUBLIC;
@@ -473,6 +473,21 @@ pub fn verify_checkpoints(
     super::checkpoint::verify_lines(lines.into_iter().map(Ok), checkpoints, public_key)
 }
 
+/// The table verifier's verdict on `lines` as rows 0, 1, ... (the
+/// boundary tests of `limit_tests`): `None` if they verify.
+#[cfg(test)]
+pub(crate) fn limit_test_verdict(lines: &[String]) -> Option<Problem> {
+    let mut check = ChainCheck::new(None, None);
+    for (seq, text) in lines.iter().enumerate() {
+        match check.row(seq as i64, text) {
+            Ok(()) => {}
+            Err(VerifyError::BadLine(b)) => return Some(b.problem),
+            Err(other) => panic!("not a line problem: {other}"),
+        }
+    }
+    None
+}
+
 /// The verification of rows in `seq` order.
 struct ChainCheck {
     key: Option<AuditKey>,
@@ -511,9 +526,7 @@ impl ChainCheck {
     fn row(&mut self, row_seq: i64, text: &str) -> Result<(), VerifyError> {
         self.rows += 1;
         let col = u64::try_from(row_seq).ok();
-        if text.len() >= MAX_LINE {
-            return Err(self.bad(col, Problem::TooLong));
-        }
+        // Refuses a line over `line::MAX_LINE` bytes, as every reader does.
         let (entry, body) = line::decode(text.as_bytes()).map_err(|p| self.bad(col, p))?;
         let seq = Some(entry.seq);
         match (&entry.body, self.rows) {

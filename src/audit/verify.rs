@@ -2,10 +2,10 @@
 //! first line where it is wrong.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use super::line::{self, Body, Mac, MAX_LINE};
+use super::line::{self, Body, Framed, Mac};
 use super::{segments, Anchor, AuditKey};
 
 // What is wrong with a line is part of the line format (below this module);
@@ -371,12 +371,8 @@ impl Run<'_> {
         let mut line_no = 0u64;
         let first_seq = self.expected_seq;
         loop {
-            buf.clear();
-            let n = (&mut reader)
-                .take(MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut buf)
-                .map_err(io_err)?;
-            if n == 0 {
+            let framed = line::read_line(&mut reader, &mut buf).map_err(io_err)?;
+            if framed == Framed::End {
                 break;
             }
             line_no += 1;
@@ -388,17 +384,12 @@ impl Run<'_> {
                     problem,
                 })
             };
-            if buf.last() != Some(&b'\n') {
-                return Err(bad(
-                    None,
-                    if buf.len() > MAX_LINE {
-                        Problem::TooLong
-                    } else {
-                        Problem::Incomplete
-                    },
-                ));
+            match framed {
+                Framed::TooLong => return Err(bad(None, Problem::TooLong)),
+                Framed::Incomplete => return Err(bad(None, Problem::Incomplete)),
+                Framed::End | Framed::Line => {}
             }
-            let raw = &buf[..buf.len() - 1];
+            let raw = &buf[..];
             let (entry, body) = line::decode(raw).map_err(|p| bad(None, p))?;
             let seq = Some(entry.seq);
             match (&entry.body, line_no) {
